@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Print an Envoy bootstrap shaped like an App Mesh sidecar: an ingress listener routing to the
+# inbound cluster `cds_ingress_<mesh>_<vnode>_http_<app port>`, N egress clusters
+# `cds_egress_<mesh>_<name>_http_<port>` (they only add stats, as a real sidecar's do), and the
+# admin listener. The one place the tests, the demo and the fixture capture get Envoy config.
+set -euo pipefail
+
+admin_port=9901 ingress_port=15000 app_port=9898 mesh=mesh vnode=podinfo-primary egress=0
+flush=5s addr=127.0.0.1 app_addr=127.0.0.1 egress_port=15001
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --admin-port) admin_port=$2; shift 2 ;;
+    --ingress-port) ingress_port=$2; shift 2 ;;
+    --app-port) app_port=$2; shift 2 ;;
+    --app-addr) app_addr=$2; shift 2 ;;
+    --addr) addr=$2; shift 2 ;;
+    --egress-port) egress_port=$2; shift 2 ;;
+    --mesh) mesh=$2; shift 2 ;;
+    --vnode) vnode=$2; shift 2 ;;
+    --egress) egress=$2; shift 2 ;;
+    --flush) flush=$2; shift 2 ;;
+    *) echo "envoy-config.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+inbound="cds_ingress_${mesh}_${vnode}_http_${app_port}"
+
+cat <<YAML
+node: { id: "mesh/${mesh}/virtualNode/${vnode}", cluster: "mesh/${mesh}/virtualNode/${vnode}" }
+stats_flush_interval: ${flush}
+admin:
+  address: { socket_address: { address: ${addr}, port_value: ${admin_port} } }
+static_resources:
+  listeners:
+  - name: lds_ingress_${addr}_${ingress_port}
+    address: { socket_address: { address: ${addr}, port_value: ${ingress_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            name: rds_ingress_${addr}_${ingress_port}
+            virtual_hosts:
+            - name: ingress
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: ${inbound}, timeout: 30s }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+YAML
+if [ "$egress" -gt 0 ]; then
+  # An egress listener with one virtual host per backend, as App Mesh writes for each backend.
+  cat <<YAML
+  - name: lds_egress_${addr}_15001
+    address: { socket_address: { address: ${addr}, port_value: ${egress_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: egress
+          route_config:
+            name: rds_egress_http_15001
+            virtual_hosts:
+YAML
+  for i in $(seq 1 "$egress"); do
+    cat <<YAML
+            - name: backend-${i}
+              domains: ["backend-${i}", "backend-${i}.local"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: cds_egress_${mesh}_backend-${i}_http_$((8000 + i)) }
+YAML
+  done
+  cat <<YAML
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+YAML
+fi
+cat <<YAML
+  clusters:
+  - name: ${inbound}
+    connect_timeout: 1s
+    track_cluster_stats: { timeout_budgets: true, request_response_sizes: true }
+    type: STATIC
+    load_assignment:
+      cluster_name: ${inbound}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: ${app_addr}, port_value: ${app_port} } } }
+YAML
+for i in $(seq 1 "$egress"); do
+  name="cds_egress_${mesh}_backend-${i}_http_$((8000 + i))"
+  cat <<YAML
+  - name: ${name}
+    connect_timeout: 0.25s
+    track_cluster_stats: { timeout_budgets: true, request_response_sizes: true }
+    type: STATIC
+    load_assignment:
+      cluster_name: ${name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $((8000 + i)) } } }
+YAML
+done

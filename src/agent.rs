@@ -1,0 +1,445 @@
+//! The agent: wires discover -> scrape -> parse -> window, and telemetry, for one node.
+//!
+//! Each target runs in its own task with its own schedule (a random phase so a hundred pods
+//! are not scraped in the same millisecond, plus ±2 % jitter per tick), so a slow or dead
+//! sidecar never delays the others. A task owns its pod's previous counters; the shared state
+//! behind one mutex is only the windows and the targets' health, held for microseconds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use regex::Regex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::discover::Target;
+use crate::parse::Parser;
+use crate::scrape::{AdminUrls, ScrapeError, Scraper, Tier};
+use crate::telemetry::{
+    self, lock, Endpoints, ErrorLabels, Metrics, TargetHealth, TierLabels, WorkloadLabels,
+};
+use crate::window::{InboundSnapshot, PodCounters, Summary, WindowConfig, WindowKey, Windows};
+
+/// Everything the agent needs, validated.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub targets: Vec<Target>,
+    pub fast_interval: Duration,
+    /// `None` disables the full tier.
+    pub full_interval: Option<Duration>,
+    pub fast_timeout: Duration,
+    pub full_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub cluster_regex: Regex,
+    pub fast_filter: String,
+    pub window: WindowConfig,
+    pub listen: Option<SocketAddr>,
+    pub grace_period: Duration,
+}
+
+impl AgentConfig {
+    /// Check settings that only make sense together.
+    ///
+    /// ### Errors
+    /// A message naming the conflicting flags.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.fast_interval.is_zero() {
+            return Err("--fast-interval must be greater than 0".into());
+        }
+        if self.fast_timeout >= self.fast_interval {
+            return Err(format!(
+                "--scrape-timeout ({:?}) must be shorter than --fast-interval ({:?})",
+                self.fast_timeout, self.fast_interval
+            ));
+        }
+        if let Some(full) = self.full_interval {
+            if self.full_timeout >= full {
+                return Err(format!(
+                    "--full-timeout ({:?}) must be shorter than --full-interval ({full:?})",
+                    self.full_timeout
+                ));
+            }
+        }
+        if self.window.slots == 0 {
+            return Err("--window must be at least one second".into());
+        }
+        let mut ids: Vec<&str> = self.targets.iter().map(|t| t.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("target {} is given twice", w[0]));
+        }
+        Ok(())
+    }
+}
+
+/// Health of one target as the agent last saw it.
+#[derive(Clone, Debug)]
+pub struct TargetStatus {
+    pub target: Target,
+    pub up: bool,
+    pub scraped_once: bool,
+    /// Why the last scrape failed, if it did.
+    pub last_error: Option<String>,
+    pub last_scrape_ms: Option<u64>,
+}
+
+/// State shared by the target tasks, the telemetry endpoints and the watch view.
+pub struct Shared {
+    pub windows: Mutex<Windows>,
+    pub targets: Mutex<BTreeMap<String, TargetStatus>>,
+    pub metrics: Metrics,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Window summaries at `now_ms`, sorted by key.
+    pub fn summaries(&self, now_ms: u64) -> Vec<(WindowKey, Summary)> {
+        lock(&self.windows).summaries(now_ms)
+    }
+
+    pub fn target_statuses(&self) -> Vec<TargetStatus> {
+        lock(&self.targets).values().cloned().collect()
+    }
+
+    /// The `/metrics` text.
+    pub fn render_metrics(&self) -> String {
+        let windows = self.summaries(unix_ms());
+        let health: Vec<TargetHealth> = self
+            .target_statuses()
+            .into_iter()
+            .map(|s| TargetHealth {
+                key: s.target.key,
+                id: s.target.id,
+                up: s.up,
+            })
+            .collect();
+        self.metrics.render(&windows, &health)
+    }
+
+    fn update_readiness(&self, targets: &BTreeMap<String, TargetStatus>) {
+        let ready = targets.values().all(|t| t.scraped_once);
+        self.ready.store(ready, Ordering::Release);
+    }
+}
+
+/// Wall-clock time in unix milliseconds: the time base of windows (shared across nodes) and
+/// of remote-write samples.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A running agent's handle.
+pub struct Agent {
+    config: AgentConfig,
+    shared: Arc<Shared>,
+    scraper: Scraper,
+}
+
+impl Agent {
+    /// ### Errors
+    /// A target whose admin URL is invalid.
+    pub fn new(config: AgentConfig) -> anyhow::Result<Self> {
+        let mut targets = BTreeMap::new();
+        for t in &config.targets {
+            AdminUrls::new(&t.admin_url, &config.fast_filter)?;
+            targets.insert(
+                t.id.clone(),
+                TargetStatus {
+                    target: t.clone(),
+                    up: false,
+                    scraped_once: false,
+                    last_error: None,
+                    last_scrape_ms: None,
+                },
+            );
+        }
+        let shared = Arc::new(Shared {
+            windows: Mutex::new(Windows::new(config.window)),
+            targets: Mutex::new(targets),
+            metrics: Metrics::new(),
+            ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
+        });
+        let scraper = Scraper::new(config.max_body_bytes, config.fast_timeout);
+        Ok(Agent {
+            config,
+            shared,
+            scraper,
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Run until `shutdown` turns true, then stop scraping and give the telemetry server
+    /// the grace period to finish.
+    ///
+    /// ### Errors
+    /// Binding the telemetry listener.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(addr) = self.config.listen {
+            let listener = telemetry::bind(addr).await?;
+            tracing::info!(%addr, "Serving /metrics, /healthz and /readyz");
+            let shared = self.shared();
+            let endpoints = Endpoints {
+                metrics: Arc::new(move || shared.render_metrics()),
+                ready: Arc::clone(&self.shared.ready),
+            };
+            tasks.spawn(telemetry::serve(listener, endpoints, shutdown.clone()));
+        }
+        for target in &self.config.targets {
+            let task = TargetTask {
+                urls: AdminUrls::new(&target.admin_url, &self.config.fast_filter)?,
+                target: target.clone(),
+                config: self.config.clone(),
+                shared: self.shared(),
+                scraper: self.scraper.clone(),
+                counters: PodCounters::default(),
+            };
+            tasks.spawn(task.run(shutdown.clone()));
+        }
+        tracing::info!(targets = self.config.targets.len(), "Agent started");
+        stopping(&mut shutdown.clone()).await;
+        tracing::info!(grace = ?self.config.grace_period, "Shutting down");
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.config.grace_period, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Grace period over; aborting the remaining tasks");
+        }
+        Ok(())
+    }
+}
+
+/// One target's scrape loop.
+struct TargetTask {
+    target: Target,
+    urls: AdminUrls,
+    config: AgentConfig,
+    shared: Arc<Shared>,
+    scraper: Scraper,
+    counters: PodCounters,
+}
+
+/// `interval` scaled by a random factor in [1 - spread, 1 + spread].
+fn jittered(interval: Duration, spread: f64) -> Duration {
+    interval.mul_f64(1.0 + spread * (2.0 * fastrand::f64() - 1.0))
+}
+
+impl TargetTask {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let start = Instant::now();
+        let mut next_fast = start + self.config.fast_interval.mul_f64(fastrand::f64());
+        let mut next_full = self
+            .config
+            .full_interval
+            .map(|full| start + full.mul_f64(fastrand::f64()));
+        loop {
+            let full_due = next_full.unwrap_or(next_fast + Duration::from_secs(86_400));
+            tokio::select! {
+                biased;
+                () = stopping(&mut shutdown) => return,
+                () = tokio::time::sleep_until(next_fast) => {
+                    self.fast().await;
+                    next_fast = advance(next_fast, jittered(self.config.fast_interval, 0.02));
+                }
+                () = tokio::time::sleep_until(full_due), if next_full.is_some() => {
+                    self.full().await;
+                    let full = self.config.full_interval.unwrap_or_default();
+                    next_full = Some(advance(full_due, jittered(full, 0.02)));
+                }
+            }
+        }
+    }
+
+    async fn fast(&mut self) {
+        let started = std::time::Instant::now();
+        let m = &self.shared.metrics;
+        m.scrapes.get_or_create(&TierLabels { tier: "fast" }).inc();
+        let result = self
+            .scraper
+            .fetch(&self.urls.fast, self.config.fast_timeout)
+            .await;
+        m.record_scrape_duration(Tier::Fast, started.elapsed());
+        let body = match result {
+            Ok(body) => body,
+            Err(e) => return self.mark_down(Tier::Fast, &e),
+        };
+        m.scraped_bytes
+            .get_or_create(&TierLabels { tier: "fast" })
+            .inc_by(body.len() as u64);
+        let now_ms = unix_ms();
+        let parser = Parser::new(&body).filter_map(|r| match r {
+            Ok(s) => Some(s),
+            Err(e) => {
+                m.parse_errors
+                    .get_or_create(&ErrorLabels { tier: "fast", reason: e.kind.reason() })
+                    .inc();
+                tracing::debug!(target_id = %self.target.id, error = %e, "Rejected a line of Envoy output");
+                None
+            }
+        });
+        let snapshot = InboundSnapshot::extract(parser, &self.config.cluster_regex);
+        if !snapshot.matched {
+            tracing::debug!(target_id = %self.target.id, "No inbound cluster matched (no traffic yet, or --cluster-regex does not match)");
+        }
+        let delta = self.counters.advance(snapshot, now_ms);
+        {
+            let mut windows = lock(&self.shared.windows);
+            let window = windows.entry(&self.target.key);
+            match &delta {
+                Some(d) => window.record(d, now_ms),
+                None => window.touch(now_ms),
+            }
+        }
+        if delta.as_ref().is_some_and(|d| d.reset) {
+            m.counter_resets
+                .get_or_create(&WorkloadLabels::from(&self.target.key))
+                .inc();
+            tracing::info!(target_id = %self.target.id, "Envoy counters went down: sidecar restarted; counting from zero");
+        }
+        lock(&m.window_latency_recorder).record(started.elapsed());
+        self.mark_up(now_ms);
+    }
+
+    async fn full(&mut self) {
+        let started = std::time::Instant::now();
+        let m = &self.shared.metrics;
+        m.scrapes.get_or_create(&TierLabels { tier: "full" }).inc();
+        let result = self
+            .scraper
+            .fetch(&self.urls.full, self.config.full_timeout)
+            .await;
+        m.record_scrape_duration(Tier::Full, started.elapsed());
+        let body = match result {
+            Ok(body) => body,
+            Err(e) => {
+                m.scrape_errors
+                    .get_or_create(&ErrorLabels {
+                        tier: "full",
+                        reason: e.reason(),
+                    })
+                    .inc();
+                tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
+                return;
+            }
+        };
+        m.scraped_bytes
+            .get_or_create(&TierLabels { tier: "full" })
+            .inc_by(body.len() as u64);
+        let mut samples = 0u64;
+        for r in Parser::new(&body) {
+            match r {
+                Ok(_) => samples += 1,
+                Err(e) => {
+                    m.parse_errors
+                        .get_or_create(&ErrorLabels {
+                            tier: "full",
+                            reason: e.kind.reason(),
+                        })
+                        .inc();
+                }
+            }
+        }
+        m.full_samples.inc_by(samples);
+    }
+
+    fn mark_up(&self, now_ms: u64) {
+        let mut targets = lock(&self.shared.targets);
+        if let Some(status) = targets.get_mut(&self.target.id) {
+            if !status.up && status.scraped_once {
+                tracing::info!(target_id = %self.target.id, "Target is back up");
+            }
+            status.up = true;
+            status.scraped_once = true;
+            status.last_error = None;
+            status.last_scrape_ms = Some(now_ms);
+        }
+        self.shared.update_readiness(&targets);
+    }
+
+    fn mark_down(&self, tier: Tier, error: &ScrapeError) {
+        self.shared
+            .metrics
+            .scrape_errors
+            .get_or_create(&ErrorLabels {
+                tier: tier.as_str(),
+                reason: error.reason(),
+            })
+            .inc();
+        let mut targets = lock(&self.shared.targets);
+        if let Some(status) = targets.get_mut(&self.target.id) {
+            if status.up || !status.scraped_once && status.last_error.is_none() {
+                tracing::warn!(target_id = %self.target.id, reason = error.reason(), error = %error, "Target is down");
+            }
+            status.up = false;
+            status.last_error = Some(error.to_string());
+        }
+    }
+}
+
+/// Resolve once `shutdown` turns true (or its sender is gone).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&s| s).await;
+}
+
+/// The next deadline after `deadline`, skipping ticks missed while a slow scrape ran.
+fn advance(deadline: Instant, step: Duration) -> Instant {
+    let now = Instant::now();
+    let mut next = deadline + step;
+    if next < now {
+        next = now + step;
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AgentConfig {
+        AgentConfig {
+            targets: vec![],
+            fast_interval: Duration::from_secs(1),
+            full_interval: Some(Duration::from_secs(15)),
+            fast_timeout: Duration::from_millis(800),
+            full_timeout: Duration::from_secs(10),
+            max_body_bytes: 32 << 20,
+            cluster_regex: Regex::new("^cds_ingress_").unwrap(),
+            fast_filter: crate::scrape::fast_filter("^cds_ingress_"),
+            window: WindowConfig::default(),
+            listen: None,
+            grace_period: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn conflicting_settings_are_reported() {
+        assert_eq!(config().validate(), Ok(()));
+        let mut c = config();
+        c.fast_timeout = Duration::from_secs(1);
+        assert!(c.validate().unwrap_err().contains("--scrape-timeout"));
+        let mut c = config();
+        c.full_timeout = Duration::from_secs(20);
+        assert!(c.validate().unwrap_err().contains("--full-timeout"));
+        let mut c = config();
+        let t = crate::discover::parse_static_target("a/canary=http://x:1").unwrap();
+        c.targets = vec![t.clone(), t];
+        assert!(c.validate().unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn jitter_stays_within_its_spread() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(1), 0.02);
+            assert!(d >= Duration::from_millis(980) && d <= Duration::from_millis(1020));
+        }
+    }
+}

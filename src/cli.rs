@@ -1,0 +1,298 @@
+//! The command line: flags with environment fallbacks, parsed once into [`AgentConfig`].
+
+use std::io::{BufWriter, Read as _, Write as _};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use regex::Regex;
+use tokio::sync::watch;
+
+use crate::agent::{Agent, AgentConfig};
+use crate::config::{parse_bytes, parse_duration};
+use crate::discover::parse_static_target;
+use crate::parse::{LineError, Sample};
+use crate::window::WindowConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshcanary",
+    version,
+    about = "Node-local canary analysis and rollback for Envoy meshes"
+)]
+pub struct Cli {
+    /// Log format: `text` or `json`.
+    #[arg(
+        long,
+        env = "MESHCANARY_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: String,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `meshcanary=debug`.
+    #[arg(long, env = "MESHCANARY_LOG", default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: scrape the sidecars, keep the windows, serve /metrics.
+    Agent(AgentArgs),
+    /// Run the same pipeline with a live terminal view of every window, refreshed each second.
+    Watch(AgentArgs),
+    /// Print every sample of a Prometheus text file as one JSON object per line; rejected
+    /// lines go to stderr with their line number. Exits 1 if any line was rejected.
+    Parse {
+        /// The file to read (`-` for standard input).
+        file: String,
+    },
+    /// Print generated reference documentation.
+    Docs {
+        #[command(subcommand)]
+        what: DocsWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DocsWhat {
+    /// The metrics reference table (Markdown), as embedded in the README.
+    Metrics,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// A sidecar to scrape: `[namespace/]workload/role=http://host:admin-port` (role is
+    /// `primary` or `canary`). Repeatable; the environment form is comma-separated.
+    #[arg(
+        long = "target",
+        env = "MESHCANARY_TARGETS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub targets: Vec<String>,
+    /// Fast-tier interval (decisions).
+    #[arg(long, env = "MESHCANARY_FAST_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub fast_interval: Duration,
+    /// Full-tier interval (remote write); `0` disables the full tier.
+    #[arg(long, env = "MESHCANARY_FULL_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub full_interval: Duration,
+    /// Timeout of one fast-tier scrape; must be shorter than the fast interval.
+    #[arg(long, env = "MESHCANARY_SCRAPE_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
+    pub scrape_timeout: Duration,
+    /// Timeout of one full-tier scrape; must be shorter than the full interval.
+    #[arg(long, env = "MESHCANARY_FULL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub full_timeout: Duration,
+    /// Largest scrape body accepted; a larger one is a `body_too_large` error.
+    #[arg(long, env = "MESHCANARY_MAX_BODY_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
+    pub max_body_bytes: usize,
+    /// Regex selecting the inbound cluster by `envoy_cluster_name` (App Mesh default; Istio:
+    /// `^inbound\|`).
+    #[arg(
+        long,
+        env = "MESHCANARY_CLUSTER_REGEX",
+        default_value = "^cds_ingress_"
+    )]
+    pub cluster_regex: String,
+    /// Length of the rolling window (whole seconds).
+    #[arg(long, env = "MESHCANARY_WINDOW", default_value = "30s", value_parser = parse_duration)]
+    pub window: Duration,
+    /// Requests a window needs before it reports a success rate or latency.
+    #[arg(long, env = "MESHCANARY_MIN_REQUESTS", default_value_t = 10)]
+    pub min_requests: u64,
+    /// Address for /metrics, /healthz and /readyz (`agent` default 0.0.0.0:9102; `watch`
+    /// serves nothing unless given).
+    #[arg(long, env = "MESHCANARY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Time allowed to finish in-flight work after SIGTERM.
+    #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+}
+
+/// Default telemetry address of `meshcanary agent`.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9102";
+
+impl AgentArgs {
+    /// Validate the flags into an [`AgentConfig`].
+    ///
+    /// ### Errors
+    /// A message naming the flag and what it expects.
+    pub fn into_config(self, default_listen: Option<SocketAddr>) -> anyhow::Result<AgentConfig> {
+        let targets = self
+            .targets
+            .iter()
+            .filter(|t| !t.is_empty())
+            .map(|t| parse_static_target(t).map_err(|e| anyhow::anyhow!("--target: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let cluster_regex = Regex::new(&self.cluster_regex).with_context(|| {
+            format!(
+                "--cluster-regex {:?} is not a valid regex",
+                self.cluster_regex
+            )
+        })?;
+        let slots = self.window.as_secs() as usize;
+        let config = AgentConfig {
+            targets,
+            fast_interval: self.fast_interval,
+            full_interval: (!self.full_interval.is_zero()).then_some(self.full_interval),
+            fast_timeout: self.scrape_timeout,
+            full_timeout: self.full_timeout,
+            max_body_bytes: self.max_body_bytes,
+            fast_filter: crate::scrape::fast_filter(&self.cluster_regex),
+            cluster_regex,
+            window: WindowConfig {
+                slot_ms: 1_000,
+                slots,
+                min_requests: self.min_requests,
+            },
+            listen: self.listen.or(default_listen),
+            grace_period: self.grace_period,
+        };
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+}
+
+/// Start `tracing` with the chosen format and filter.
+pub fn init_logging(format: &str, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Run a parsed command line.
+///
+/// ### Errors
+/// Bad configuration, or I/O at startup; the message says what to fix.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Parse { file } => parse_file(&file),
+        Command::Docs {
+            what: DocsWhat::Metrics,
+        } => {
+            print!("{}", crate::telemetry::Metrics::new().reference_table());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            let default: SocketAddr = DEFAULT_LISTEN.parse().expect("valid constant");
+            let config = args.into_config(Some(default))?;
+            runtime()?.block_on(run_agent(config, false))
+        }
+        Command::Watch(args) => {
+            let config = args.into_config(None)?;
+            runtime()?.block_on(run_agent(config, true))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitCode> {
+    let window_s = config.window.slots as u64;
+    let agent = Agent::new(config)?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    if with_view {
+        tokio::spawn(crate::watch::run(agent.shared(), window_s, rx.clone()));
+    }
+    agent.run(rx).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolve on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn parse_file(file: &str) -> anyhow::Result<ExitCode> {
+    let mut body = Vec::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .context("reading standard input")?;
+    } else {
+        body = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+    }
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let mut rejected = 0usize;
+    for result in crate::parse::Parser::new(&body) {
+        match result {
+            Ok(sample) => {
+                serde_json::to_writer(&mut out, &sample_json(&sample))?;
+                out.write_all(b"\n")?;
+            }
+            Err(LineError { line, kind }) => {
+                rejected += 1;
+                eprintln!("{file}:{line}: {kind}");
+            }
+        }
+    }
+    out.flush()?;
+    Ok(if rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One sample as JSON; non-finite values as the strings `"NaN"`, `"+Inf"`, `"-Inf"`.
+pub fn sample_json(sample: &Sample<'_>) -> serde_json::Value {
+    let labels: serde_json::Map<String, serde_json::Value> = sample
+        .labels
+        .iter()
+        .map(|l| {
+            (
+                l.name.to_owned(),
+                serde_json::Value::String(l.value().into_owned()),
+            )
+        })
+        .collect();
+    let value = serde_json::Number::from_f64(sample.value).map_or_else(
+        || serde_json::Value::String(crate::parse::format_value(sample.value)),
+        serde_json::Value::Number,
+    );
+    serde_json::json!({
+        "name": sample.name,
+        "labels": labels,
+        "value": value,
+        "timestamp_ms": sample.timestamp_ms,
+    })
+}

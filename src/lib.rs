@@ -1,0 +1,17 @@
+//! meshcanary: node-local canary analysis and rollback for Envoy meshes.
+//!
+//! One module per stage of the data flow (see `docs/architecture.md`):
+//! [`discover`] -> [`scrape`] -> [`parse`] -> [`window`], wired by [`agent`], observed through
+//! [`telemetry`] and [`watch`]. [`config`] holds the small value parsers and [`cli`] the
+//! command line.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod discover;
+pub mod parse;
+pub mod scrape;
+pub mod telemetry;
+pub mod watch;
+pub mod window;

@@ -1,0 +1,256 @@
+//! Stage 2, scrape: fetch `/stats/prometheus` from Envoy admin endpoints.
+//!
+//! One keep-alive HTTP/1 client serves every target. Each fetch has a deadline and a body cap;
+//! every way it can fail is a [`ScrapeError`] variant with a fixed `reason()` for metrics.
+//! Two tiers share the client: `fast` asks Envoy to filter down to the inbound cluster's
+//! request and latency stats (a few KB, every second, feeds decisions), `full` takes
+//! everything (every 15 s, feeds remote write).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+/// Which of the two scrape schedules a request belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    Fast,
+    Full,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fast => "fast",
+            Tier::Full => "full",
+        }
+    }
+}
+
+/// Why a scrape produced no body.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("invalid admin URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("connecting to {uri}: {source}")]
+    Connect {
+        uri: Uri,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("no complete answer from {uri} within {timeout:?}")]
+    Timeout { uri: Uri, timeout: Duration },
+    #[error("{uri} answered HTTP {status}")]
+    Status { uri: Uri, status: StatusCode },
+    #[error("body from {uri} is larger than the {limit}-byte cap (raise --max-body-bytes)")]
+    BodyTooLarge { uri: Uri, limit: usize },
+    #[error("reading the body from {uri}: {message}")]
+    Body { uri: Uri, message: String },
+}
+
+impl ScrapeError {
+    /// A fixed, bounded name for metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ScrapeError::InvalidUrl { .. } => "invalid_url",
+            ScrapeError::Connect { .. } => "connect",
+            ScrapeError::Timeout { .. } => "timeout",
+            ScrapeError::Status { .. } => "http_status",
+            ScrapeError::BodyTooLarge { .. } => "body_too_large",
+            ScrapeError::Body { .. } => "body_read",
+        }
+    }
+}
+
+/// The two URLs scraped for one Envoy admin endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminUrls {
+    pub fast: Uri,
+    pub full: Uri,
+}
+
+impl AdminUrls {
+    /// Build the tier URLs from an admin base URL such as `http://10.1.2.3:9901` and the
+    /// fast tier's Envoy stats filter (an RE2 regex on dotted stat names).
+    ///
+    /// ### Errors
+    /// `InvalidUrl` when `base` is not an absolute `http://host:port` URL.
+    pub fn new(base: &str, fast_filter: &str) -> Result<Self, ScrapeError> {
+        let invalid = |reason: &str| ScrapeError::InvalidUrl {
+            url: base.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let base = base.trim_end_matches('/');
+        let uri: Uri = base
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(invalid("expected http://host:port"));
+        }
+        if uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+        {
+            return Err(invalid("give the admin base URL only, without a path"));
+        }
+        let parse = |s: String| s.parse::<Uri>().map_err(|e| invalid(&e.to_string()));
+        Ok(AdminUrls {
+            fast: parse(format!(
+                "{base}/stats/prometheus?usedonly&filter={}",
+                percent_encode(fast_filter)
+            ))?,
+            full: parse(format!("{base}/stats/prometheus"))?,
+        })
+    }
+
+    pub fn for_tier(&self, tier: Tier) -> &Uri {
+        match tier {
+            Tier::Fast => &self.fast,
+            Tier::Full => &self.full,
+        }
+    }
+}
+
+/// Envoy's filter for the fast tier, derived from the inbound cluster regex so the two cannot
+/// disagree: the per-code request counters and the request-time histogram of matching
+/// clusters. A cluster regex anchored with `^` stays anchored after `cluster.`.
+pub fn fast_filter(cluster_regex: &str) -> String {
+    let cluster = match cluster_regex.strip_prefix('^') {
+        Some(rest) => format!("^cluster\\.{rest}"),
+        None => format!("^cluster\\..*{cluster_regex}"),
+    };
+    format!("{cluster}.*\\.upstream_rq_([0-9][0-9][0-9]|time)$")
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Shared HTTP client for all targets.
+#[derive(Clone, Debug)]
+pub struct Scraper {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    max_body_bytes: usize,
+}
+
+impl Scraper {
+    pub fn new(max_body_bytes: usize, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(2)
+            .build(connector);
+        Scraper {
+            client,
+            max_body_bytes,
+        }
+    }
+
+    /// GET `uri` and return its body, within `timeout` for the whole exchange.
+    ///
+    /// ### Errors
+    /// A `ScrapeError` naming the URI and what went wrong; the caller marks the target down.
+    pub async fn fetch(&self, uri: &Uri, timeout: Duration) -> Result<Bytes, ScrapeError> {
+        let limit = self.max_body_bytes;
+        let exchange = async {
+            let resp =
+                self.client
+                    .get(uri.clone())
+                    .await
+                    .map_err(|source| ScrapeError::Connect {
+                        uri: uri.clone(),
+                        source,
+                    })?;
+            if !resp.status().is_success() {
+                return Err(ScrapeError::Status {
+                    uri: uri.clone(),
+                    status: resp.status(),
+                });
+            }
+            let too_large = || ScrapeError::BodyTooLarge {
+                uri: uri.clone(),
+                limit,
+            };
+            let declared = resp
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return Err(too_large());
+            }
+            match Limited::new(resp.into_body(), limit).collect().await {
+                Ok(body) => Ok(body.to_bytes()),
+                Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+                Err(e) => Err(ScrapeError::Body {
+                    uri: uri.clone(),
+                    message: e.to_string(),
+                }),
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ScrapeError::Timeout {
+                    uri: uri.clone(),
+                    timeout,
+                })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier_urls() {
+        let urls = AdminUrls::new("http://127.0.0.1:9901/", "^a|b$").unwrap();
+        assert_eq!(
+            urls.full.to_string(),
+            "http://127.0.0.1:9901/stats/prometheus"
+        );
+        assert_eq!(
+            urls.fast.to_string(),
+            "http://127.0.0.1:9901/stats/prometheus?usedonly&filter=%5Ea%7Cb%24"
+        );
+        for bad in [
+            "127.0.0.1:9901",
+            "https://x:1",
+            "http://x:1/stats",
+            "not a url",
+        ] {
+            assert!(
+                matches!(
+                    AdminUrls::new(bad, "x"),
+                    Err(ScrapeError::InvalidUrl { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_filter_follows_the_cluster_regex() {
+        let f = fast_filter("^cds_ingress_");
+        let re = regex::Regex::new(&f).unwrap();
+        assert!(re.is_match("cluster.cds_ingress_m_app_http_9898.upstream_rq_503"));
+        assert!(re.is_match("cluster.cds_ingress_m_app_http_9898.upstream_rq_time"));
+        assert!(!re.is_match("cluster.cds_ingress_m_app_http_9898.upstream_rq_total"));
+        assert!(!re.is_match("cluster.cds_egress_m_db_http_1.upstream_rq_200"));
+        let istio = regex::Regex::new(&fast_filter(r"inbound\|")).unwrap();
+        assert!(istio.is_match("cluster.inbound|9080||.upstream_rq_200"));
+    }
+}

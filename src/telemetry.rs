@@ -1,0 +1,576 @@
+//! Stage 10, telemetry: the agent's own metrics, `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Every metric is registered once in [`Metrics::new`] through one helper that also records
+//! its documentation (name, type, labels, help), so the reference table in the README is
+//! generated from the same call that registers the metric ([`Metrics::reference_table`]) and a
+//! test fails if the two drift. Labels are bounded: tiers, fixed error reasons, and the
+//! workloads and pods of this node.
+//!
+//! The agent measures its own latencies (scrape duration, scrape-to-window) with
+//! `hdrhistogram` over a rolling minute and exports quantiles as gauges, refreshed at each
+//! `/metrics` render together with the window gauges.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::scrape::Tier;
+use crate::window::{Summary, WindowKey};
+
+/// Quantiles exported for latency gauges.
+pub const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99")];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub tier: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierQuantileLabels {
+    pub tier: &'static str,
+    pub quantile: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuantileLabels {
+    pub quantile: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub role: &'static str,
+}
+
+impl From<&WindowKey> for WorkloadLabels {
+    fn from(k: &WindowKey) -> Self {
+        WorkloadLabels {
+            namespace: k.namespace.clone(),
+            workload: k.workload.clone(),
+            role: k.role.as_str(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadQuantileLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub role: &'static str,
+    pub quantile: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub role: &'static str,
+    pub target: String,
+}
+
+/// Documentation of one metric, recorded where it is registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricDoc {
+    /// Exposed name (counters carry `_total`).
+    pub name: String,
+    pub kind: &'static str,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+/// Latency recorder over a rolling window of one to two periods.
+#[derive(Debug)]
+pub struct RollingLatency {
+    current: hdrhistogram::Histogram<u64>,
+    previous: hdrhistogram::Histogram<u64>,
+    rotated: Instant,
+    period: Duration,
+}
+
+impl RollingLatency {
+    pub fn new(period: Duration) -> Self {
+        let h = || {
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 2)
+                .expect("static bounds are valid")
+        };
+        RollingLatency {
+            current: h(),
+            previous: h(),
+            rotated: Instant::now(),
+            period,
+        }
+    }
+
+    fn rotate(&mut self) {
+        if self.rotated.elapsed() >= self.period {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.reset();
+            self.rotated = Instant::now();
+        }
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        self.rotate();
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.current.saturating_record(us);
+    }
+
+    /// Quantile in seconds over the last one to two periods, `None` with no data.
+    pub fn quantile(&mut self, q: f64) -> Option<f64> {
+        self.rotate();
+        let mut both = self.previous.clone();
+        both.add(&self.current).ok()?;
+        (!both.is_empty()).then(|| both.value_at_quantile(q) as f64 / 1e6)
+    }
+}
+
+/// Per-target state the metrics report.
+#[derive(Clone, Debug)]
+pub struct TargetHealth {
+    pub key: WindowKey,
+    pub id: String,
+    pub up: bool,
+}
+
+/// All metrics of the agent, registered at construction.
+pub struct Metrics {
+    registry: Registry,
+    docs: Vec<MetricDoc>,
+    pub scrapes: Family<TierLabels, Counter>,
+    pub scrape_errors: Family<ErrorLabels, Counter>,
+    pub parse_errors: Family<ErrorLabels, Counter>,
+    pub scraped_bytes: Family<TierLabels, Counter>,
+    pub full_samples: Counter,
+    pub counter_resets: Family<WorkloadLabels, Counter>,
+    scrape_duration: Family<TierQuantileLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    scrape_to_window: Family<QuantileLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    targets: Gauge,
+    targets_up: Gauge,
+    target_up: Family<TargetLabels, Gauge>,
+    window_requests: Family<WorkloadLabels, Gauge>,
+    window_rps: Family<WorkloadLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    window_success: Family<WorkloadLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    window_latency: Family<WorkloadQuantileLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    window_age: Family<WorkloadLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// hdrhistogram recorders behind the quantile gauges.
+    pub fast_latency: Mutex<RollingLatency>,
+    pub full_latency: Mutex<RollingLatency>,
+    pub window_latency_recorder: Mutex<RollingLatency>,
+}
+
+type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let mut docs = Vec::new();
+        let mut reg = |name: &str,
+                       help: &'static str,
+                       labels: &'static [&'static str],
+                       metric: Box<dyn RegisterAs>| {
+            let kind = metric.kind();
+            let exposed = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            docs.push(MetricDoc {
+                name: exposed,
+                kind,
+                labels,
+                help,
+            });
+            metric.register(&mut registry, name, help);
+        };
+        let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        let m = Metrics {
+            registry: Registry::default(),
+            docs: Vec::new(),
+            scrapes: Family::default(),
+            scrape_errors: Family::default(),
+            parse_errors: Family::default(),
+            scraped_bytes: Family::default(),
+            full_samples: Counter::default(),
+            counter_resets: Family::default(),
+            scrape_duration: Family::default(),
+            scrape_to_window: Family::default(),
+            targets: Gauge::default(),
+            targets_up: Gauge::default(),
+            target_up: Family::default(),
+            window_requests: Family::default(),
+            window_rps: Family::default(),
+            window_success: Family::default(),
+            window_latency: Family::default(),
+            window_age: Family::default(),
+            fast_latency: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
+            full_latency: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
+            window_latency_recorder: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
+        };
+        reg(
+            "meshcanary_build_info",
+            "Always 1; the version label says which build runs.",
+            &["version"],
+            Box::new(build_info),
+        );
+        reg(
+            "meshcanary_scrapes",
+            "Scrapes attempted, by tier (fast feeds decisions, full feeds remote write).",
+            &["tier"],
+            Box::new(m.scrapes.clone()),
+        );
+        reg("meshcanary_scrape_errors", "Scrapes that produced no body, by tier and reason (connect, timeout, http_status, body_too_large, body_read, invalid_url).", &["tier", "reason"], Box::new(m.scrape_errors.clone()));
+        reg("meshcanary_parse_errors", "Lines of Envoy output rejected by the parser, by tier and reason; the rest of the scrape is kept.", &["tier", "reason"], Box::new(m.parse_errors.clone()));
+        reg(
+            "meshcanary_scraped_bytes",
+            "Bytes of Envoy output read, by tier.",
+            &["tier"],
+            Box::new(m.scraped_bytes.clone()),
+        );
+        reg(
+            "meshcanary_full_scrape_samples",
+            "Samples parsed from full-tier scrapes (the input of remote write).",
+            &[],
+            Box::new(m.full_samples.clone()),
+        );
+        reg("meshcanary_counter_resets", "Envoy counter resets seen (a sidecar restarted); counted as a restart, never as a negative rate.", &["namespace", "workload", "role"], Box::new(m.counter_resets.clone()));
+        reg(
+            "meshcanary_scrape_duration_seconds",
+            "Scrape duration quantiles over the last one to two minutes (hdrhistogram), by tier.",
+            &["tier", "quantile"],
+            Box::new(m.scrape_duration.clone()),
+        );
+        reg("meshcanary_scrape_to_window_seconds", "Time from the start of a fast scrape to its window update, quantiles over the last one to two minutes.", &["quantile"], Box::new(m.scrape_to_window.clone()));
+        reg(
+            "meshcanary_targets",
+            "Envoy sidecars this agent scrapes.",
+            &[],
+            Box::new(m.targets.clone()),
+        );
+        reg(
+            "meshcanary_targets_up",
+            "Envoy sidecars whose last fast scrape succeeded.",
+            &[],
+            Box::new(m.targets_up.clone()),
+        );
+        reg(
+            "meshcanary_target_up",
+            "1 if the last fast scrape of this sidecar succeeded, else 0.",
+            &["namespace", "workload", "role", "target"],
+            Box::new(m.target_up.clone()),
+        );
+        reg(
+            "meshcanary_window_requests",
+            "Inbound requests in the rolling window.",
+            &["namespace", "workload", "role"],
+            Box::new(m.window_requests.clone()),
+        );
+        reg(
+            "meshcanary_window_requests_per_second",
+            "Inbound request rate over the rolling window.",
+            &["namespace", "workload", "role"],
+            Box::new(m.window_rps.clone()),
+        );
+        reg(
+            "meshcanary_window_success_ratio",
+            "Share of non-5xx responses in the window (absent below the minimum request count).",
+            &["namespace", "workload", "role"],
+            Box::new(m.window_success.clone()),
+        );
+        reg("meshcanary_window_latency_seconds", "Inbound latency quantiles over the window, from Envoy's histogram (absent below the minimum).", &["namespace", "workload", "role", "quantile"], Box::new(m.window_latency.clone()));
+        reg(
+            "meshcanary_window_age_seconds",
+            "Time since the window last received a scrape; large means stale data.",
+            &["namespace", "workload", "role"],
+            Box::new(m.window_age.clone()),
+        );
+        Metrics {
+            registry,
+            docs,
+            ..m
+        }
+    }
+
+    /// The documentation of every registered metric, in registration order.
+    pub fn docs(&self) -> &[MetricDoc] {
+        &self.docs
+    }
+
+    /// The Markdown reference table of every metric (the README embeds it verbatim).
+    pub fn reference_table(&self) -> String {
+        let mut out = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+        for d in &self.docs {
+            let labels = if d.labels.is_empty() {
+                "-".to_owned()
+            } else {
+                d.labels
+                    .iter()
+                    .map(|l| format!("`{l}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            out += &format!("| `{}` | {} | {} | {} |\n", d.name, d.kind, labels, d.help);
+        }
+        out
+    }
+
+    pub fn record_scrape_duration(&self, tier: Tier, d: Duration) {
+        let rec = match tier {
+            Tier::Fast => &self.fast_latency,
+            Tier::Full => &self.full_latency,
+        };
+        lock(rec).record(d);
+    }
+
+    /// Refresh the gauges derived from state, then encode everything.
+    pub fn render(&self, windows: &[(WindowKey, Summary)], targets: &[TargetHealth]) -> String {
+        for (tier, rec) in [
+            (Tier::Fast, &self.fast_latency),
+            (Tier::Full, &self.full_latency),
+        ] {
+            let mut rec = lock(rec);
+            for (q, label) in QUANTILES {
+                if let Some(v) = rec.quantile(q) {
+                    self.scrape_duration
+                        .get_or_create(&TierQuantileLabels {
+                            tier: tier.as_str(),
+                            quantile: label,
+                        })
+                        .set(v);
+                }
+            }
+        }
+        {
+            let mut rec = lock(&self.window_latency_recorder);
+            for (q, label) in QUANTILES {
+                if let Some(v) = rec.quantile(q) {
+                    self.scrape_to_window
+                        .get_or_create(&QuantileLabels { quantile: label })
+                        .set(v);
+                }
+            }
+        }
+        self.targets.set(targets.len() as i64);
+        self.targets_up
+            .set(targets.iter().filter(|t| t.up).count() as i64);
+        self.target_up.clear();
+        for t in targets {
+            self.target_up
+                .get_or_create(&TargetLabels {
+                    namespace: t.key.namespace.clone(),
+                    workload: t.key.workload.clone(),
+                    role: t.key.role.as_str(),
+                    target: t.id.clone(),
+                })
+                .set(i64::from(t.up));
+        }
+        self.window_requests.clear();
+        self.window_rps.clear();
+        self.window_success.clear();
+        self.window_latency.clear();
+        self.window_age.clear();
+        for (key, s) in windows {
+            let l = WorkloadLabels::from(key);
+            self.window_requests
+                .get_or_create(&l)
+                .set(s.requests as i64);
+            set_some(&self.window_rps, &l, s.rps);
+            set_some(&self.window_success, &l, s.success_rate);
+            set_some(&self.window_age, &l, s.age_ms.map(|ms| ms as f64 / 1000.0));
+            for (q, v) in [("0.5", s.p50_ms), ("0.9", s.p90_ms), ("0.99", s.p99_ms)] {
+                let ql = WorkloadQuantileLabels {
+                    namespace: l.namespace.clone(),
+                    workload: l.workload.clone(),
+                    role: l.role,
+                    quantile: q,
+                };
+                set_some(&self.window_latency, &ql, v.map(|ms| ms / 1000.0));
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn set_some<L>(family: &Family<L, GaugeF>, labels: &L, v: Option<f64>)
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    if let Some(v) = v {
+        family.get_or_create(labels).set(v);
+    }
+}
+
+/// Lock a mutex, recovering the data if a holder panicked (metrics are best effort).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Object-safe registration, so one helper can register metrics of every type.
+trait RegisterAs {
+    fn kind(&self) -> &'static str;
+    fn register(self: Box<Self>, registry: &mut Registry, name: &str, help: &str);
+}
+
+impl<M> RegisterAs for M
+where
+    M: TypedMetric + EncodeMetric + Send + Sync + std::fmt::Debug + 'static,
+{
+    fn kind(&self) -> &'static str {
+        use prometheus_client::metrics::MetricType;
+        match M::TYPE {
+            MetricType::Counter => "counter",
+            MetricType::Gauge => "gauge",
+            MetricType::Histogram => "histogram",
+            _ => "unknown",
+        }
+    }
+    fn register(self: Box<Self>, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, *self);
+    }
+}
+
+/// What the HTTP endpoints read: a metrics renderer and the readiness flag.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    endpoints: Endpoints,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = crate::agent::stopping(&mut shutdown) => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "Accepting a telemetry connection failed");
+                continue;
+            }
+        };
+        let endpoints = endpoints.clone();
+        conns.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let endpoints = endpoints.clone();
+                async move { Ok::<_, Infallible>(route(&req, &endpoints)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    conns.abort_all();
+}
+
+fn route(req: &Request<Incoming>, endpoints: &Endpoints) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    match req.uri().path() {
+        "/metrics" => Response::builder()
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from((endpoints.metrics)())))
+            .unwrap_or_default(),
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" if endpoints.ready.load(Ordering::Acquire) => {
+            text(StatusCode::OK, "ready\n".into())
+        }
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not every target has been scraped once\n".into(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Bind the telemetry listener.
+///
+/// ### Errors
+/// The bind error, naming the address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the telemetry listener on {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registered_metric_is_documented_and_encoded() {
+        let m = Metrics::new();
+        let text = m.render(&[], &[]);
+        for d in m.docs() {
+            let family = d.name.strip_suffix("_total").unwrap_or(&d.name);
+            assert!(
+                text.contains(&format!("# TYPE {family} {}", d.kind)),
+                "{} missing from:\n{text}",
+                d.name
+            );
+            assert!(d.name.starts_with("meshcanary_"));
+        }
+        let types = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(types, m.docs().len(), "a metric registered without docs");
+    }
+
+    #[test]
+    fn rolling_latency_quantiles() {
+        let mut r = RollingLatency::new(Duration::from_secs(60));
+        assert_eq!(r.quantile(0.5), None);
+        for ms in 1..=100 {
+            r.record(Duration::from_millis(ms));
+        }
+        let p50 = r.quantile(0.5).unwrap();
+        assert!((0.049..0.052).contains(&p50), "{p50}");
+    }
+}

@@ -1,0 +1,450 @@
+//! Stage 4, window: rolling per-(namespace, workload, role) windows of inbound traffic.
+//!
+//! A [`Window`] is a fixed ring of time slots (1 s by default). Each slot is stamped with the
+//! absolute slot number it holds, so reading skips slots left over from an earlier lap without
+//! a clearing pass, and a gap in scraping simply reads as slots with no data. Deltas from
+//! [`inbound::PodCounters`] of every pod of the same workload and role fold into the same slot.
+//!
+//! Derived values ([`Summary`]) are `None` below a minimum request count: a window with three
+//! requests has no meaningful success rate, and saying "100 %" would be a lie the judge could
+//! act on. Latency quantiles use only histogram deltas, which arrive at Envoy's stats flush
+//! (every 5 s by default), and interpolate linearly inside a bucket as PromQL's
+//! `histogram_quantile` does. Time is always an argument (`now_ms`, unix milliseconds), so all
+//! of this is tested without clocks.
+
+pub mod inbound;
+
+use std::collections::HashMap;
+use std::fmt;
+
+pub use inbound::{Delta, InboundSnapshot, PodCounters};
+
+/// Which side of the rollout a pod serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Primary,
+    Canary,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Canary => "canary",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "primary" => Ok(Role::Primary),
+            "canary" => Ok(Role::Canary),
+            other => Err(format!("role must be 'primary' or 'canary', got '{other}'")),
+        }
+    }
+}
+
+/// What a window is kept for: one role of one workload.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowKey {
+    pub namespace: String,
+    pub workload: String,
+    pub role: Role,
+}
+
+impl fmt::Display for WindowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}",
+            self.namespace,
+            self.workload,
+            self.role.as_str()
+        )
+    }
+}
+
+/// Shape of every window: slot width, number of slots, minimum requests for derived values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowConfig {
+    pub slot_ms: u64,
+    pub slots: usize,
+    pub min_requests: u64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            slot_ms: 1_000,
+            slots: 30,
+            min_requests: 10,
+        }
+    }
+}
+
+/// One time slot's totals.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Slot {
+    /// Absolute slot number (`unix_ms / slot_ms`) these counts belong to.
+    pub index: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// Per-bucket latency counts, aligned with the window's edges.
+    pub buckets: Vec<u64>,
+}
+
+impl Slot {
+    fn clear(&mut self, index: u64) {
+        self.index = index;
+        self.requests = 0;
+        self.errors = 0;
+        self.buckets.iter_mut().for_each(|b| *b = 0);
+    }
+}
+
+/// Values derived from a window at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub requests: u64,
+    pub errors: u64,
+    /// Latency observations in the window (histogram deltas).
+    pub latency_count: u64,
+    pub rps: Option<f64>,
+    /// Fraction of non-5xx responses, in 0..=1.
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Time since the window last received data from any pod.
+    pub age_ms: Option<u64>,
+}
+
+/// A ring of slots for one [`WindowKey`].
+#[derive(Clone, Debug)]
+pub struct Window {
+    config: WindowConfig,
+    ring: Vec<Slot>,
+    edges_ms: Vec<f64>,
+    /// Earliest instant the window has data for (start of the first delta folded in).
+    covered_from_ms: Option<u64>,
+    last_update_ms: Option<u64>,
+}
+
+impl Window {
+    pub fn new(config: WindowConfig) -> Self {
+        Window {
+            config,
+            ring: vec![Slot::default(); config.slots.max(1)],
+            edges_ms: Vec::new(),
+            covered_from_ms: None,
+            last_update_ms: None,
+        }
+    }
+
+    /// Length of the window in milliseconds.
+    pub fn span_ms(&self) -> u64 {
+        self.config.slot_ms * self.ring.len() as u64
+    }
+
+    /// Record that a pod was scraped at `now_ms` (even with no traffic): data is fresh.
+    pub fn touch(&mut self, now_ms: u64) {
+        self.last_update_ms = Some(self.last_update_ms.map_or(now_ms, |t| t.max(now_ms)));
+    }
+
+    /// Fold one pod's delta, observed at `now_ms`, into the slot of `now_ms`.
+    pub fn record(&mut self, delta: &Delta, now_ms: u64) {
+        self.touch(now_ms);
+        self.covered_from_ms = Some(
+            self.covered_from_ms
+                .map_or(delta.since_ms, |t| t.min(delta.since_ms)),
+        );
+        if let Some(latency) = &delta.latency {
+            if self.edges_ms != delta.edges_ms {
+                // First histogram, or Envoy's buckets changed: older slots cannot be summed
+                // with the new layout, so latency restarts (requests are unaffected).
+                self.edges_ms.clone_from(&delta.edges_ms);
+                for slot in &mut self.ring {
+                    slot.buckets = vec![0; latency.len()];
+                }
+            }
+        }
+        let slot = self.slot_mut(now_ms);
+        slot.requests = slot.requests.saturating_add(delta.requests);
+        slot.errors = slot.errors.saturating_add(delta.errors);
+        if let Some(latency) = &delta.latency {
+            for (b, d) in slot.buckets.iter_mut().zip(latency) {
+                *b = b.saturating_add(*d);
+            }
+        }
+    }
+
+    fn slot_mut(&mut self, now_ms: u64) -> &mut Slot {
+        let index = now_ms / self.config.slot_ms;
+        let len = self.ring.len() as u64;
+        let slot = &mut self.ring[(index % len) as usize];
+        if slot.index != index {
+            slot.clear(index);
+        }
+        slot
+    }
+
+    /// Forget everything, e.g. when a rollout step starts and only new traffic may count.
+    pub fn reset(&mut self, now_ms: u64) {
+        for slot in &mut self.ring {
+            slot.clear(0);
+        }
+        self.covered_from_ms = Some(now_ms);
+    }
+
+    /// The slots inside the window at `now_ms`, in ring order (not time order). Slot number 0
+    /// marks a cleared slot; no real instant maps to it.
+    pub fn live_slots(&self, now_ms: u64) -> impl Iterator<Item = &Slot> {
+        let newest = now_ms / self.config.slot_ms;
+        let oldest = (newest + 1).saturating_sub(self.ring.len() as u64).max(1);
+        self.ring
+            .iter()
+            .filter(move |s| s.index >= oldest && s.index <= newest)
+    }
+
+    /// Bucket upper bounds (ms) of the latency histogram, empty before the first flush.
+    pub fn edges_ms(&self) -> &[f64] {
+        &self.edges_ms
+    }
+
+    /// Derived values at `now_ms`.
+    pub fn summary(&self, now_ms: u64) -> Summary {
+        let mut requests = 0u64;
+        let mut errors = 0u64;
+        let mut buckets = vec![0u64; self.edges_ms.len() + 1];
+        for slot in self.live_slots(now_ms) {
+            requests = requests.saturating_add(slot.requests);
+            errors = errors.saturating_add(slot.errors);
+            for (b, d) in buckets.iter_mut().zip(&slot.buckets) {
+                *b = b.saturating_add(*d);
+            }
+        }
+        let latency_count: u64 = buckets.iter().sum();
+        let min = self.config.min_requests.max(1);
+        let enough = requests >= min;
+        let covered_ms = self.covered_from_ms.map(|from| {
+            now_ms
+                .saturating_sub(from)
+                .clamp(self.config.slot_ms, self.span_ms())
+        });
+        let quantile = |q| {
+            (latency_count >= min)
+                .then(|| histogram_quantile(q, &self.edges_ms, &buckets))
+                .flatten()
+        };
+        Summary {
+            requests,
+            errors,
+            latency_count,
+            rps: covered_ms.map(|ms| requests as f64 * 1000.0 / ms as f64),
+            success_rate: enough.then(|| 1.0 - errors as f64 / requests as f64),
+            p50_ms: quantile(0.50),
+            p90_ms: quantile(0.90),
+            p99_ms: quantile(0.99),
+            age_ms: self.last_update_ms.map(|t| now_ms.saturating_sub(t)),
+        }
+    }
+}
+
+/// The `q`-quantile of per-bucket counts with upper bounds `edges` (plus a final `+Inf`
+/// bucket), interpolated linearly inside the bucket as PromQL's `histogram_quantile` does:
+/// the first bucket starts at 0, and a rank in the `+Inf` bucket answers the highest finite
+/// bound. `None` with no observations.
+pub fn histogram_quantile(q: f64, edges: &[f64], counts: &[u64]) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 || edges.is_empty() || !(0.0..=1.0).contains(&q) {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0u64;
+    for (i, &n) in counts.iter().enumerate() {
+        if n > 0 && (below + n) as f64 >= rank {
+            let Some(&upper) = edges.get(i) else {
+                return edges.last().copied(); // the +Inf bucket
+            };
+            let lower = if i == 0 {
+                0.0_f64.min(upper)
+            } else {
+                edges[i - 1]
+            };
+            return Some(lower + (upper - lower) * (rank - below as f64) / n as f64);
+        }
+        below += n;
+    }
+    edges.last().copied()
+}
+
+/// All windows of this agent, keyed by workload and role.
+#[derive(Debug)]
+pub struct Windows {
+    config: WindowConfig,
+    by_key: HashMap<WindowKey, Window>,
+}
+
+impl Windows {
+    pub fn new(config: WindowConfig) -> Self {
+        Windows {
+            config,
+            by_key: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> WindowConfig {
+        self.config
+    }
+
+    /// The window for `key`, created empty on first use.
+    pub fn entry(&mut self, key: &WindowKey) -> &mut Window {
+        if !self.by_key.contains_key(key) {
+            self.by_key.insert(key.clone(), Window::new(self.config));
+        }
+        self.by_key.get_mut(key).expect("inserted above")
+    }
+
+    pub fn get(&self, key: &WindowKey) -> Option<&Window> {
+        self.by_key.get(key)
+    }
+
+    /// Drop the window of a workload role that has no targets left.
+    pub fn remove(&mut self, key: &WindowKey) {
+        self.by_key.remove(key);
+    }
+
+    /// Every window's summary at `now_ms`, sorted by key.
+    pub fn summaries(&self, now_ms: u64) -> Vec<(WindowKey, Summary)> {
+        let mut out: Vec<_> = self
+            .by_key
+            .iter()
+            .map(|(k, w)| (k.clone(), w.summary(now_ms)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EDGES: [f64; 4] = [10.0, 100.0, 250.0, 500.0];
+
+    fn cfg() -> WindowConfig {
+        WindowConfig {
+            slot_ms: 1_000,
+            slots: 10,
+            min_requests: 10,
+        }
+    }
+
+    fn delta(requests: u64, errors: u64, since_ms: u64) -> Delta {
+        Delta {
+            requests,
+            errors,
+            since_ms,
+            ..Delta::default()
+        }
+    }
+
+    #[test]
+    fn sums_slots_inside_the_window_only() {
+        let mut w = Window::new(cfg());
+        for t in 0..20u64 {
+            w.record(&delta(10, 1, t * 1_000 + 1_000), t * 1_000 + 2_000);
+        }
+        let s = w.summary(21_000);
+        assert_eq!(
+            (s.requests, s.errors),
+            (100, 10),
+            "10 slots of the last 10 s"
+        );
+        assert_eq!(s.success_rate, Some(0.9));
+        assert_eq!(s.rps, Some(10.0));
+        // 25 s of silence later everything has aged out.
+        let s = w.summary(46_000);
+        assert_eq!((s.requests, s.success_rate), (0, None));
+        assert_eq!(s.age_ms, Some(25_000));
+    }
+
+    #[test]
+    fn below_the_minimum_nothing_is_derived() {
+        let mut w = Window::new(cfg());
+        w.record(&delta(9, 0, 1_000), 2_000);
+        let s = w.summary(2_500);
+        assert_eq!(s.requests, 9);
+        assert_eq!(s.success_rate, None);
+        assert_eq!(s.p99_ms, None);
+    }
+
+    #[test]
+    fn rps_over_a_young_window_uses_the_covered_time() {
+        let mut w = Window::new(cfg());
+        w.record(&delta(20, 0, 1_000), 2_000);
+        w.record(&delta(20, 0, 2_000), 3_000);
+        assert_eq!(w.summary(3_000).rps, Some(20.0));
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_promql() {
+        // 100 observations: 50 in (0,10], 40 in (10,100], 9 in (100,250], 1 in (250,500].
+        let counts = [50, 40, 9, 1, 0];
+        assert_eq!(histogram_quantile(0.5, &EDGES, &counts), Some(10.0));
+        assert_eq!(histogram_quantile(0.9, &EDGES, &counts), Some(100.0));
+        let p99 = histogram_quantile(0.99, &EDGES, &counts).unwrap();
+        assert!((p99 - 250.0).abs() < 1e-9, "{p99}");
+        assert_eq!(histogram_quantile(0.25, &EDGES, &counts), Some(5.0));
+        // All in +Inf: PromQL answers the highest finite bound.
+        assert_eq!(
+            histogram_quantile(0.5, &EDGES, &[0, 0, 0, 0, 7]),
+            Some(500.0)
+        );
+        assert_eq!(histogram_quantile(0.5, &EDGES, &[0; 5]), None);
+    }
+
+    #[test]
+    fn latency_comes_from_histogram_deltas() {
+        let mut w = Window::new(cfg());
+        let mut d = delta(100, 0, 1_000);
+        d.latency = Some(vec![0, 0, 0, 100, 0]);
+        d.edges_ms = EDGES.to_vec();
+        w.record(&d, 2_000);
+        let s = w.summary(2_000);
+        assert_eq!(s.latency_count, 100);
+        assert_eq!(s.p99_ms, Some(497.5));
+        assert_eq!(s.p50_ms, Some(375.0));
+    }
+
+    #[test]
+    fn reset_forgets_old_slots() {
+        let mut w = Window::new(cfg());
+        w.record(&delta(50, 50, 1_000), 2_000);
+        w.reset(2_500);
+        w.record(&delta(10, 0, 2_500), 3_000);
+        let s = w.summary(3_000);
+        assert_eq!((s.requests, s.errors), (10, 0));
+    }
+
+    #[test]
+    fn windows_are_kept_per_key() {
+        let mut ws = Windows::new(cfg());
+        let key = |role| WindowKey {
+            namespace: "test".into(),
+            workload: "podinfo".into(),
+            role,
+        };
+        ws.entry(&key(Role::Primary))
+            .record(&delta(10, 0, 0), 1_000);
+        ws.entry(&key(Role::Canary)).record(&delta(10, 5, 0), 1_000);
+        let all = ws.summaries(1_000);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].0.role, Role::Primary);
+        assert_eq!(all[1].1.success_rate, Some(0.5));
+        ws.remove(&key(Role::Canary));
+        assert_eq!(ws.summaries(1_000).len(), 1);
+    }
+}
