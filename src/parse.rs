@@ -118,15 +118,15 @@ impl<'a> Iterator for LabelIter<'a> {
             return None;
         }
         let name_start = i;
-        while i < b.len() && is_name_continue(b[i]) {
-            i += 1;
-        }
-        let name = &self.src[name_start..i];
-        // Validated input: optional blanks, '=', optional blanks, '"'.
-        while b[i] != b'"' {
-            i += 1;
-        }
-        let value_start = i + 1;
+        // Validated input: name, optional blanks, '=', optional blanks, '"'.
+        let eq = name_start + memchr::memchr(b'=', &b[name_start..])?;
+        let name = self.src[name_start..eq].trim_end_matches([' ', '\t']);
+        let quote = if b.get(eq + 1) == Some(&b'"') {
+            eq + 1 // the usual `name="value"`, no blanks
+        } else {
+            eq + memchr::memchr(b'"', &b[eq..])?
+        };
+        let value_start = quote + 1;
         let value_end = find_closing_quote(b, value_start).unwrap_or(b.len());
         self.pos = value_end + 1;
         Some(Label {
@@ -382,7 +382,8 @@ impl<'a> Iterator for Parser<'a> {
                 }
                 continue;
             }
-            return match parse_sample(line) {
+            let family = self.family.map(|(name, _)| name);
+            return match parse_sample(line, family) {
                 Ok((name, labels, value, timestamp_ms)) => Some(Ok(Sample {
                     name,
                     labels,
@@ -398,13 +399,17 @@ impl<'a> Iterator for Parser<'a> {
 
 type Parsed<'a> = (&'a str, Labels<'a>, f64, Option<i64>);
 
-/// Parse one non-blank, non-comment line with leading blanks already removed.
-fn parse_sample(line: &str) -> Result<Parsed<'_>, LineErrorKind> {
+/// Parse one non-blank, non-comment line with leading blanks already removed. `family` is
+/// the name from the last `# TYPE` line (already validated), a prefix of most sample names.
+fn parse_sample<'a>(line: &'a str, family: Option<&str>) -> Result<Parsed<'a>, LineErrorKind> {
     let b = line.as_bytes();
-    let mut i = 0;
     if !is_name_start(b[0]) {
         return Err(LineErrorKind::InvalidName);
     }
+    let mut i = match family {
+        Some(f) if b.starts_with(f.as_bytes()) => f.len(),
+        _ => name_end_fast(b, 0, b"{ \t", all_name_chars),
+    };
     while i < b.len() && is_name_continue(b[i]) {
         i += 1;
     }
@@ -451,7 +456,7 @@ fn parse_sample(line: &str) -> Result<Parsed<'_>, LineErrorKind> {
 
 /// Validate label text starting just after `{`; returns the index of the closing `}`.
 fn scan_labels(b: &[u8], mut i: usize) -> Result<usize, LineErrorKind> {
-    let mut names: [&[u8]; MAX_LABELS] = [&[]; MAX_LABELS];
+    let open = i;
     let mut count = 0;
     loop {
         i = skip_blanks(b, i);
@@ -462,6 +467,7 @@ fn scan_labels(b: &[u8], mut i: usize) -> Result<usize, LineErrorKind> {
             Some(_) => return Err(LineErrorKind::InvalidLabelName),
         }
         let start = i;
+        i = name_end_fast(b, i, b"= \t", all_label_chars);
         while i < b.len() && is_name_continue(b[i]) && b[i] != b':' {
             i += 1;
         }
@@ -469,10 +475,11 @@ fn scan_labels(b: &[u8], mut i: usize) -> Result<usize, LineErrorKind> {
         if count == MAX_LABELS {
             return Err(LineErrorKind::TooManyLabels);
         }
-        if names[..count].contains(&name) {
+        // Duplicates: re-scan the labels already validated on this line. Envoy lines carry
+        // one or two, so this beats keeping a table of names for every sample.
+        if count > 0 && previous_names(b, open, start).any(|n| n == name) {
             return Err(LineErrorKind::DuplicateLabel);
         }
-        names[count] = name;
         count += 1;
         i = skip_blanks(b, i);
         match b.get(i) {
@@ -506,6 +513,55 @@ fn scan_labels(b: &[u8], mut i: usize) -> Result<usize, LineErrorKind> {
             _ => return Err(LineErrorKind::ExpectedCommaOrBrace),
         }
     }
+}
+
+/// Where a name starting at `from` ends, found the fast way: the first of `stops` (one SIMD
+/// search), provided every byte before it passes `valid` (a branch-free fold the compiler
+/// vectorises). If not, `from` is returned and the caller's exact byte loop finds the end and
+/// reports the error precisely.
+fn name_end_fast(b: &[u8], from: usize, stops: &[u8; 3], valid: fn(&[u8]) -> bool) -> usize {
+    let rest = &b[from..];
+    let end = memchr::memchr3(stops[0], stops[1], stops[2], rest).unwrap_or(rest.len());
+    if valid(&rest[..end]) {
+        from + end
+    } else {
+        from
+    }
+}
+
+fn name_char(c: u8, colon: bool) -> bool {
+    let lower = c | 0x20;
+    (lower.wrapping_sub(b'a') < 26)
+        | (c.wrapping_sub(b'0') < 10)
+        | (c == b'_')
+        | (colon & (c == b':'))
+}
+
+fn all_name_chars(s: &[u8]) -> bool {
+    s.iter().fold(true, |ok, &c| ok & name_char(c, true))
+}
+
+fn all_label_chars(s: &[u8]) -> bool {
+    s.iter().fold(true, |ok, &c| ok & name_char(c, false))
+}
+
+/// Names of the labels in `b[from..to]`, text that `scan_labels` already validated.
+fn previous_names(b: &[u8], from: usize, to: usize) -> impl Iterator<Item = &[u8]> {
+    let mut i = from;
+    std::iter::from_fn(move || {
+        i = skip_label_separators(b, i);
+        if i >= to {
+            return None;
+        }
+        let start = i;
+        while is_name_continue(b[i]) {
+            i += 1;
+        }
+        let name = &b[start..i];
+        let quote = i + memchr::memchr(b'"', &b[i..to])?;
+        i = find_closing_quote(b, quote + 1)? + 1;
+        Some(name)
+    })
 }
 
 /// Parse a sample value: plain integers on a fast path (Envoy counters are integers), else
@@ -550,16 +606,40 @@ fn token_end(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Character classes as one table lookup each (the name scans are the hottest loops).
+const NAME_START: u8 = 1;
+const LABEL_START: u8 = 2;
+const NAME_CONTINUE: u8 = 4;
+const CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        let alpha = b.is_ascii_alphabetic() || b == b'_';
+        if alpha || b == b':' {
+            t[c] |= NAME_START | NAME_CONTINUE;
+        }
+        if alpha {
+            t[c] |= LABEL_START;
+        }
+        if b.is_ascii_digit() {
+            t[c] |= NAME_CONTINUE;
+        }
+        c += 1;
+    }
+    t
+};
+
 fn is_name_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c == b':'
+    CLASSES[c as usize] & NAME_START != 0
 }
 
 fn is_label_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_'
+    CLASSES[c as usize] & LABEL_START != 0
 }
 
 fn is_name_continue(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b':'
+    CLASSES[c as usize] & NAME_CONTINUE != 0
 }
 
 /// Whether `name` is a valid metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`).

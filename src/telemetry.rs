@@ -202,7 +202,8 @@ impl Metrics {
                 labels,
                 help,
             });
-            metric.register(&mut registry, name, help);
+            // The encoder ends help with a period itself.
+            metric.register(&mut registry, name, help.trim_end_matches('.'));
         };
         let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         build_info

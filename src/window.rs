@@ -228,10 +228,16 @@ impl Window {
         let latency_count: u64 = buckets.iter().sum();
         let min = self.config.min_requests.max(1);
         let enough = requests >= min;
+        // A full window covers its span; a young one only from its first delta to the last
+        // scrape (dividing by "now" would understate the rate by the data's age).
         let covered_ms = self.covered_from_ms.map(|from| {
-            now_ms
-                .saturating_sub(from)
-                .clamp(self.config.slot_ms, self.span_ms())
+            if from + self.span_ms() <= now_ms {
+                self.span_ms()
+            } else {
+                let end = self.last_update_ms.unwrap_or(now_ms).min(now_ms);
+                end.saturating_sub(from)
+                    .clamp(self.config.slot_ms, self.span_ms())
+            }
         });
         let quantile = |q| {
             (latency_count >= min)

@@ -1,0 +1,206 @@
+//! The agent against real Envoy 1.40 sidecars: known traffic in, exact numbers out.
+
+mod support;
+
+use std::time::Duration;
+
+use meshcanary::window::{Role, Summary, WindowKey};
+use support::{eventually, App, RunningAgent, Sidecar};
+
+fn key(role: Role) -> WindowKey {
+    WindowKey {
+        namespace: "test".into(),
+        workload: "podinfo".into(),
+        role,
+    }
+}
+
+fn summary(agent: &RunningAgent, role: Role) -> Summary {
+    let now = meshcanary::agent::unix_ms();
+    agent
+        .shared
+        .summaries(now)
+        .into_iter()
+        .find(|(k, _)| *k == key(role))
+        .map(|(_, s)| s)
+        .unwrap_or_default()
+}
+
+async fn ready(agent: &RunningAgent) {
+    let ready = agent.shared.ready.clone();
+    eventually(Duration::from_secs(10), "every target scraped once", || {
+        ready.load(std::sync::atomic::Ordering::Acquire)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_rate_equals_the_injected_ratio_exactly() {
+    let app = App::start().await;
+    let sidecar = Sidecar::start(app.port, "podinfo-canary", "1s").await;
+    let agent = RunningAgent::start(
+        &[format!("test/podinfo/canary={}", sidecar.admin_url())],
+        32 << 20,
+    )
+    .await;
+    ready(&agent).await;
+
+    // Per-code series do not exist yet (usedonly): the first 500 must still count from zero.
+    let ok = sidecar.drive("/", 54).await;
+    let failed = sidecar.drive("/status/500", 46).await;
+    assert!(ok.iter().all(|&s| s == 200) && failed.iter().all(|&s| s == 500));
+
+    eventually(
+        Duration::from_secs(10),
+        "100 requests in the window",
+        || summary(&agent, Role::Canary).requests == 100,
+    )
+    .await;
+    let s = summary(&agent, Role::Canary);
+    assert_eq!(s.errors, 46);
+    assert_eq!(s.success_rate, Some(0.54));
+    assert!(s.age_ms.unwrap() < 2_000);
+
+    let metrics = agent.metrics().await;
+    assert!(metrics.contains(r#"meshcanary_window_success_ratio{namespace="test",workload="podinfo",role="canary"} 0.54"#), "{metrics}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p99_falls_in_the_right_bucket_after_a_flush() {
+    let app = App::start().await;
+    app.fault.set(0.0, 500, Duration::from_millis(120));
+    let sidecar = Sidecar::start(app.port, "podinfo-canary", "1s").await;
+    let agent = RunningAgent::start(
+        &[format!("test/podinfo/canary={}", sidecar.admin_url())],
+        32 << 20,
+    )
+    .await;
+    ready(&agent).await;
+
+    // 20 requests of ~120 ms, 4 at a time: every observation lands in Envoy's (100, 250] bucket.
+    tokio::join!(
+        sidecar.drive("/", 5),
+        sidecar.drive("/", 5),
+        sidecar.drive("/", 5),
+        sidecar.drive("/", 5)
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the histogram flush to reach the window",
+        || summary(&agent, Role::Canary).latency_count == 20,
+    )
+    .await;
+    let s = summary(&agent, Role::Canary);
+    let p99 = s.p99_ms.expect("p99 with 20 observations");
+    assert!(
+        p99 > 100.0 && p99 <= 250.0,
+        "p99 {p99} ms outside (100, 250]"
+    );
+    let p50 = s.p50_ms.unwrap();
+    assert!(
+        p50 > 100.0 && p50 <= 250.0,
+        "p50 {p50} ms outside (100, 250]"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_restart_is_no_negative_rate_and_no_error_spike() {
+    let app = App::start().await;
+    let mut sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
+    let agent = RunningAgent::start(
+        &[format!("test/podinfo/primary={}", sidecar.admin_url())],
+        32 << 20,
+    )
+    .await;
+    ready(&agent).await;
+
+    sidecar.drive("/", 50).await;
+    eventually(Duration::from_secs(10), "50 requests", || {
+        summary(&agent, Role::Primary).requests == 50
+    })
+    .await;
+    sidecar.restart().await;
+    // The agent must see the reset (fresh Envoy, no series) before the new traffic.
+    let shared = agent.shared.clone();
+    eventually(Duration::from_secs(10), "the restart to be noticed", || {
+        shared
+            .metrics
+            .counter_resets
+            .get_or_create(&meshcanary::telemetry::WorkloadLabels {
+                namespace: "test".into(),
+                workload: "podinfo".into(),
+                role: "primary",
+            })
+            .get()
+            >= 1
+    })
+    .await;
+    sidecar.drive("/", 30).await;
+    eventually(Duration::from_secs(10), "80 requests", || {
+        summary(&agent, Role::Primary).requests == 80
+    })
+    .await;
+    let s = summary(&agent, Role::Primary);
+    assert_eq!(s.errors, 0, "a restart is not an error spike");
+    assert_eq!(s.success_rate, Some(1.0));
+    assert!(s.rps.unwrap() >= 0.0);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_envoy_is_down_with_a_reason_and_metrics_keep_serving() {
+    let app = App::start().await;
+    let mut sidecar = Sidecar::start(app.port, "podinfo-canary", "1s").await;
+    let other = Sidecar::start(app.port, "podinfo-primary", "1s").await;
+    let agent = RunningAgent::start(
+        &[
+            format!("test/podinfo/canary={}", sidecar.admin_url()),
+            format!("test/podinfo/primary={}", other.admin_url()),
+        ],
+        32 << 20,
+    )
+    .await;
+    ready(&agent).await;
+    sidecar.stop();
+
+    let shared = agent.shared.clone();
+    eventually(
+        Duration::from_secs(10),
+        "the canary target to be marked down",
+        || {
+            shared
+                .target_statuses()
+                .iter()
+                .any(|t| t.target.key.role == Role::Canary && !t.up)
+        },
+    )
+    .await;
+    let down = agent
+        .shared
+        .target_statuses()
+        .into_iter()
+        .find(|t| !t.up)
+        .unwrap();
+    assert!(
+        down.last_error.unwrap().contains("connecting to"),
+        "the reason names the failure"
+    );
+    // The other target keeps being scraped.
+    other.drive("/", 12).await;
+    eventually(
+        Duration::from_secs(10),
+        "the primary to keep updating",
+        || summary(&agent, Role::Primary).requests == 12,
+    )
+    .await;
+    let metrics = agent.metrics().await;
+    assert!(metrics.contains(&format!(
+        "meshcanary_target_up{{namespace=\"test\",workload=\"podinfo\",role=\"canary\",target=\"127.0.0.1:{}\"}} 0",
+        sidecar.admin_port
+    )), "{metrics}");
+    assert!(metrics.contains(r#"meshcanary_scrape_errors_total{tier="fast",reason="connect"}"#));
+    assert!(metrics.contains("meshcanary_targets_up 1"));
+    agent.shutdown().await;
+}

@@ -1,0 +1,344 @@
+//! Shared pieces of the integration tests: a real Envoy sidecar process, the test app, an
+//! in-process agent, and polling helpers (no fixed sleeps: every wait is for a condition,
+//! bounded by a deadline).
+#![allow(dead_code)]
+
+pub mod testapp;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshcanary::agent::{Agent, AgentConfig, Shared};
+use meshcanary::discover::parse_static_target;
+use meshcanary::window::WindowConfig;
+use regex::Regex;
+use tokio::sync::watch;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Envoy 1.40 as installed by `scripts/testenv.sh`. Missing Envoy fails the test: these
+/// tests are the point, they are never skipped.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let p = Path::new(&home).join(".cache/meshcanary/venv/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy not found: run scripts/testenv.sh (or set ENVOY_BIN)"
+    );
+    p
+}
+
+/// A free loopback port (bound then released; tests pick distinct ones through the OS).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Poll `cond` every 50 ms until it holds or `within` passes.
+pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut cond: F) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real Envoy configured like an App Mesh sidecar by `scripts/envoy-config.sh`.
+pub struct Sidecar {
+    pub admin_port: u16,
+    pub ingress_port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+    _dir: TempDir,
+}
+
+impl Sidecar {
+    pub async fn start(app_port: u16, vnode: &str, flush: &str) -> Sidecar {
+        let dir = TempDir::new("sidecar");
+        let admin_port = free_port();
+        let ingress_port = free_port();
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/envoy-config.sh"))
+            .args(["--admin-port", &admin_port.to_string()])
+            .args(["--ingress-port", &ingress_port.to_string()])
+            .args(["--app-port", &app_port.to_string()])
+            .args(["--vnode", vnode, "--flush", flush])
+            .output()
+            .expect("running scripts/envoy-config.sh");
+        assert!(
+            out.status.success(),
+            "envoy-config.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = dir.path.join("envoy.yaml");
+        std::fs::write(&config, out.stdout).expect("writing the Envoy config");
+        let mut sidecar = Sidecar {
+            admin_port,
+            ingress_port,
+            config,
+            child: None,
+            _dir: dir,
+        };
+        sidecar.spawn().await;
+        sidecar
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&self.config)
+            // A distinct base id per instance: several Envoys share this machine.
+            .args(["--base-id", &self.admin_port.to_string(), "-l", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting Envoy");
+        self.child = Some(child);
+        let ready = format!("http://127.0.0.1:{}/ready", self.admin_port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if get(&ready).await.is_ok_and(|(status, _)| status == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "Envoy did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill Envoy and start it again with the same config: its counters start from zero.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// Send `n` requests to `path` through the ingress listener, one after another, and
+    /// return how many got each status.
+    pub async fn drive(&self, path: &str, n: usize) -> Vec<u16> {
+        let url = format!("http://127.0.0.1:{}{path}", self.ingress_port);
+        let mut statuses = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (status, _) = get(&url).await.expect("request through Envoy");
+            statuses.push(status);
+        }
+        statuses
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The test app on a free loopback port, in this process.
+pub struct App {
+    pub port: u16,
+    pub fault: Arc<testapp::Fault>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    pub async fn start() -> App {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind app");
+        let port = listener.local_addr().expect("local addr").port();
+        let fault = Arc::new(testapp::Fault::default());
+        let task = tokio::spawn(testapp::serve(listener, Arc::clone(&fault)));
+        App { port, fault, task }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A one-shot GET on a fresh connection: (status, body).
+pub async fn get(url: &str) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| "timeout".to_owned())?
+        .map_err(|e| format!("{e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// An agent running in this process.
+pub struct RunningAgent {
+    pub shared: Arc<Shared>,
+    pub listen: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningAgent {
+    /// Start an agent scraping `targets` (`ns/workload/role=url`) every 200 ms.
+    pub async fn start(targets: &[String], max_body_bytes: usize) -> RunningAgent {
+        let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = AgentConfig {
+            targets: targets
+                .iter()
+                .map(|t| parse_static_target(t).unwrap())
+                .collect(),
+            fast_interval: Duration::from_millis(200),
+            full_interval: Some(Duration::from_secs(2)),
+            fast_timeout: Duration::from_millis(150),
+            full_timeout: Duration::from_secs(1),
+            max_body_bytes,
+            cluster_regex: Regex::new("^cds_ingress_").unwrap(),
+            fast_filter: meshcanary::scrape::fast_filter("^cds_ingress_"),
+            window: WindowConfig {
+                slot_ms: 1_000,
+                slots: 60,
+                min_requests: 10,
+            },
+            listen: Some(listen),
+            grace_period: Duration::from_secs(2),
+        };
+        config.validate().unwrap();
+        let agent = Agent::new(config).expect("agent config");
+        let shared = agent.shared();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(agent.run(rx));
+        RunningAgent {
+            shared,
+            listen,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(&format!("http://{}/metrics", self.listen))
+            .await
+            .expect("GET /metrics")
+            .1
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(5), task).await;
+            assert!(result.is_ok(), "agent did not stop within its grace period");
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "meshcanary-{prefix}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&path).expect("creating a temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A raw TCP server that answers every connection with fixed bytes (after `delay`), to play
+/// a broken or hostile admin endpoint.
+pub struct FakeAdmin {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeAdmin {
+    pub async fn start(response: Vec<u8>, delay: Duration) -> FakeAdmin {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        let response = Arc::new(response);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let response = Arc::clone(&response);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    let _ = stream.write_all(&response).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        FakeAdmin { port, task }
+    }
+
+    /// An HTTP/1.1 200 response with `body`, with or without a Content-Length header.
+    pub fn ok(body: &[u8], content_length: bool) -> Vec<u8> {
+        let mut r = b"HTTP/1.1 200 OK\r\nConnection: close\r\n".to_vec();
+        if content_length {
+            r.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+        }
+        r.extend_from_slice(b"\r\n");
+        r.extend_from_slice(body);
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FakeAdmin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
