@@ -61,6 +61,8 @@ pub enum Command {
 pub enum DocsWhat {
     /// The metrics reference table (Markdown), as embedded in the README.
     Metrics,
+    /// The `agent`/`watch` flags reference table (Markdown), as embedded in the README.
+    Flags,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +158,43 @@ impl AgentArgs {
     }
 }
 
+/// The Markdown reference of every `agent`/`watch` flag, generated from the clap definitions
+/// (so the README cannot drift from the code).
+pub fn flags_table() -> String {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let agent = cli
+        .find_subcommand("agent")
+        .expect("the agent subcommand exists");
+    let mut out = String::from("| flag | environment | default | meaning |\n|---|---|---|---|\n");
+    let globals = cli.get_arguments().filter(|a| a.is_global_set());
+    for arg in agent.get_arguments().chain(globals) {
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(long, "help" | "version") {
+            continue;
+        }
+        let env = arg
+            .get_env()
+            .map_or_else(|| "-".to_owned(), |e| format!("`{}`", e.to_string_lossy()));
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let default = if defaults.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("`{}`", defaults.join(","))
+        };
+        let help = arg
+            .get_help()
+            .map(|h| h.to_string().replace('\n', " ").replace('|', "\\|"))
+            .unwrap_or_default();
+        out += &format!("| `--{long}` | {env} | {default} | {help} |\n");
+    }
+    out
+}
+
 /// Start `tracing` with the chosen format and filter.
 pub fn init_logging(format: &str, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
@@ -181,6 +220,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             what: DocsWhat::Metrics,
         } => {
             print!("{}", crate::telemetry::Metrics::new().reference_table());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Docs {
+            what: DocsWhat::Flags,
+        } => {
+            print!("{}", flags_table());
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => {

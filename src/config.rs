@@ -7,6 +7,13 @@ use std::time::Duration;
 /// Parse a duration written as one or more `<number><unit>` parts, units `ms`, `s`, `m`, `h`
 /// (`"1s"`, `"250ms"`, `"1m30s"`, `"1.5s"`). A bare `0` is zero.
 ///
+/// ```
+/// use std::time::Duration;
+/// use meshcanary::config::parse_duration;
+/// assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+/// assert!(parse_duration("30").is_err()); // a unit is required
+/// ```
+///
 /// ### Errors
 /// A message quoting the input and the expected form.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -267,6 +267,19 @@ impl fmt::Display for LineError {
 impl std::error::Error for LineError {}
 
 /// Iterator over the samples of one exposition body.
+///
+/// ```
+/// use meshcanary::parse::Parser;
+/// let body = b"# TYPE rq counter\nrq{code=\"503\",cluster=\"a,b\"} 7\nrq_sum{} 1.5\nbroken{ 1\n";
+/// let mut samples = Parser::new(body);
+/// let first = samples.next().unwrap().unwrap();
+/// assert_eq!(first.name, "rq");
+/// assert_eq!(first.labels.get("cluster").unwrap().value(), "a,b");
+/// assert_eq!(first.value, 7.0);
+/// assert!(samples.next().unwrap().unwrap().labels.is_empty()); // `name{} value` is a sample
+/// assert_eq!(samples.next().unwrap().unwrap_err().line, 4); // reported, then skipped
+/// assert!(samples.next().is_none());
+/// ```
 pub struct Parser<'a> {
     body: &'a [u8],
     /// The body as text when it is valid UTF-8 as a whole (the common case, checked once);

@@ -39,7 +39,7 @@ pub enum ScrapeError {
     Connect {
         uri: Uri,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Box<hyper_util::client::legacy::Error>,
     },
     #[error("no complete answer from {uri} within {timeout:?}")]
     Timeout { uri: Uri, timeout: Duration },
@@ -172,7 +172,7 @@ impl Scraper {
                     .await
                     .map_err(|source| ScrapeError::Connect {
                         uri: uri.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             if !resp.status().is_success() {
                 return Err(ScrapeError::Status {

@@ -93,11 +93,14 @@ pub struct Slot {
     pub errors: u64,
     /// Per-bucket latency counts, aligned with the window's edges.
     pub buckets: Vec<u64>,
+    /// Earliest start (unix ms) of the intervals folded into this slot; `u64::MAX` if none.
+    pub since_ms: u64,
 }
 
 impl Slot {
     fn clear(&mut self, index: u64) {
         self.index = index;
+        self.since_ms = u64::MAX;
         self.requests = 0;
         self.errors = 0;
         self.buckets.iter_mut().for_each(|b| *b = 0);
@@ -127,8 +130,6 @@ pub struct Window {
     config: WindowConfig,
     ring: Vec<Slot>,
     edges_ms: Vec<f64>,
-    /// Earliest instant the window has data for (start of the first delta folded in).
-    covered_from_ms: Option<u64>,
     last_update_ms: Option<u64>,
 }
 
@@ -138,7 +139,6 @@ impl Window {
             config,
             ring: vec![Slot::default(); config.slots.max(1)],
             edges_ms: Vec::new(),
-            covered_from_ms: None,
             last_update_ms: None,
         }
     }
@@ -156,10 +156,6 @@ impl Window {
     /// Fold one pod's delta, observed at `now_ms`, into the slot of `now_ms`.
     pub fn record(&mut self, delta: &Delta, now_ms: u64) {
         self.touch(now_ms);
-        self.covered_from_ms = Some(
-            self.covered_from_ms
-                .map_or(delta.since_ms, |t| t.min(delta.since_ms)),
-        );
         if let Some(latency) = &delta.latency {
             if self.edges_ms != delta.edges_ms {
                 // First histogram, or Envoy's buckets changed: older slots cannot be summed
@@ -171,6 +167,7 @@ impl Window {
             }
         }
         let slot = self.slot_mut(now_ms);
+        slot.since_ms = slot.since_ms.min(delta.since_ms);
         slot.requests = slot.requests.saturating_add(delta.requests);
         slot.errors = slot.errors.saturating_add(delta.errors);
         if let Some(latency) = &delta.latency {
@@ -191,11 +188,10 @@ impl Window {
     }
 
     /// Forget everything, e.g. when a rollout step starts and only new traffic may count.
-    pub fn reset(&mut self, now_ms: u64) {
+    pub fn reset(&mut self) {
         for slot in &mut self.ring {
             slot.clear(0);
         }
-        self.covered_from_ms = Some(now_ms);
     }
 
     /// The slots inside the window at `now_ms`, in ring order (not time order). Slot number 0
@@ -218,7 +214,9 @@ impl Window {
         let mut requests = 0u64;
         let mut errors = 0u64;
         let mut buckets = vec![0u64; self.edges_ms.len() + 1];
+        let mut since_ms = u64::MAX;
         for slot in self.live_slots(now_ms) {
+            since_ms = since_ms.min(slot.since_ms);
             requests = requests.saturating_add(slot.requests);
             errors = errors.saturating_add(slot.errors);
             for (b, d) in buckets.iter_mut().zip(&slot.buckets) {
@@ -228,16 +226,13 @@ impl Window {
         let latency_count: u64 = buckets.iter().sum();
         let min = self.config.min_requests.max(1);
         let enough = requests >= min;
-        // A full window covers its span; a young one only from its first delta to the last
-        // scrape (dividing by "now" would understate the rate by the data's age).
-        let covered_ms = self.covered_from_ms.map(|from| {
-            if from + self.span_ms() <= now_ms {
-                self.span_ms()
-            } else {
-                let end = self.last_update_ms.unwrap_or(now_ms).min(now_ms);
-                end.saturating_sub(from)
-                    .clamp(self.config.slot_ms, self.span_ms())
-            }
+        // The rate divides by the time the counted deltas really cover: from the start of the
+        // oldest one to the last scrape. Dividing by the window's span instead would understate
+        // it while the newest slot is still filling, or while the window is young.
+        let covered_ms = (since_ms != u64::MAX).then(|| {
+            let end = self.last_update_ms.unwrap_or(now_ms).min(now_ms);
+            end.saturating_sub(since_ms)
+                .clamp(self.config.slot_ms, self.span_ms() + self.config.slot_ms)
         });
         let quantile = |q| {
             (latency_count >= min)
@@ -396,6 +391,16 @@ mod tests {
     }
 
     #[test]
+    fn rps_is_exact_while_the_newest_slot_fills() {
+        // 20 requests per second, scraped at x.5 s; read at x.9 s, the rate is still 20.
+        let mut w = Window::new(cfg());
+        for t in 1..=30u64 {
+            w.record(&delta(20, 0, t * 1_000 - 500), t * 1_000 + 500);
+        }
+        assert_eq!(w.summary(30_900).rps, Some(20.0));
+    }
+
+    #[test]
     fn quantiles_interpolate_like_promql() {
         // 100 observations: 50 in (0,10], 40 in (10,100], 9 in (100,250], 1 in (250,500].
         let counts = [50, 40, 9, 1, 0];
@@ -429,7 +434,7 @@ mod tests {
     fn reset_forgets_old_slots() {
         let mut w = Window::new(cfg());
         w.record(&delta(50, 50, 1_000), 2_000);
-        w.reset(2_500);
+        w.reset();
         w.record(&delta(10, 0, 2_500), 3_000);
         let s = w.summary(3_000);
         assert_eq!((s.requests, s.errors), (10, 0));
