@@ -2,10 +2,40 @@
 # Benchmarks, each against a baseline measured in the same run (medians from criterion).
 #   scripts/bench.sh parse    parser vs prometheus-parse on real Envoy captures
 #   scripts/bench.sh window   per-scrape window update vs parsing alone
-#   scripts/bench.sh          both
+#   scripts/bench.sh agent    CPU and peak RSS of `meshcanary agent` watching 2 real Envoys
+#                             under load (release build; 60 s after a 10 s warm-up)
+#   scripts/bench.sh judge    one judge call with the sequential tests vs threshold-only
+#   scripts/bench.sh          parse, window and judge
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
+if [ "$what" = agent ]; then
+  eval "$(scripts/testenv.sh)"
+  cargo build --release --locked --bin meshcanary --example testapp >&2
+  work=$(mktemp -d)
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work"' EXIT
+  base=${BENCH_PORT_BASE:-19500}
+  for i in 1 2; do
+    target/release/examples/testapp "127.0.0.1:$((base + i))" 2>/dev/null &
+    scripts/envoy-config.sh --vnode "podinfo-$i" --app-port $((base + i)) --admin-port $((base + 100 + i)) \
+      --ingress-port $((base + 200 + i)) --egress 10 --egress-port $((base + 300 + i)) >"$work/e$i.yaml"
+    "$ENVOY_BIN" -c "$work/e$i.yaml" --base-id $((base + 100 + i)) -l error >/dev/null 2>&1 &
+  done
+  sleep 2
+  "$HEY_BIN" -z 75s -c 2 -q 10 "http://127.0.0.1:$((base + 201))/" >/dev/null &
+  "$HEY_BIN" -z 75s -c 1 -q 10 "http://127.0.0.1:$((base + 202))/" >/dev/null &
+  target/release/meshcanary agent --listen "127.0.0.1:$((base + 400))" \
+    --target "test/podinfo/primary=http://127.0.0.1:$((base + 101))" \
+    --target "test/podinfo/canary=http://127.0.0.1:$((base + 102))" 2>"$work/agent.log" &
+  pid=$!
+  sleep 10
+  ticks() { awk '{ print $14 + $15 }' "/proc/$pid/stat"; }
+  t0=$(ticks); s0=$(date +%s.%N); sleep 60; t1=$(ticks); s1=$(date +%s.%N)
+  hz=$(getconf CLK_TCK)
+  rss=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
+  python3 -c "import sys; t0,t1,s0,s1,hz,rss=map(float,sys.argv[1:]); print(f'agent: {(t1-t0)/hz/(s1-s0):.4f} cores, peak RSS {rss/1024:.1f} MiB (2 Envoys, fast tier 1 s, full tier 15 s)')" "$t0" "$t1" "$s0" "$s1" "$hz" "$rss"
+  exit 0
+fi
 median_ns() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["median"]["point_estimate"])' "target/criterion/$1/new/estimates.json"; }
 
 if [ "$what" = parse ] || [ "$what" = all ]; then
@@ -32,4 +62,9 @@ if [ "$what" = window ] || [ "$what" = all ]; then
   cargo bench --bench window -- --noplot >&2
   p=$(median_ns window/parse-only); w=$(median_ns window/scrape-to-window); s=$(median_ns window/summary)
   python3 -c "import sys; p,w,s=map(float,sys.argv[1:]); print(f'window: scrape-to-window {w/1e3:.2f} us per scrape (parse alone {p/1e3:.2f} us, ratio {w/p:.2f}); summary {s/1e3:.2f} us')" "$p" "$w" "$s"
+fi
+if [ "$what" = judge ] || [ "$what" = all ]; then
+  cargo bench --bench judge -- --noplot >&2
+  t=$(median_ns judge/threshold-only); b=$(median_ns judge/both)
+  python3 -c "import sys; t,b=map(float,sys.argv[1:]); print(f'judge: {b:.0f} ns per call with the sequential tests (threshold-only {t:.0f} ns, ratio {b/t:.1f})')" "$t" "$b"
 fi

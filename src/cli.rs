@@ -50,6 +50,22 @@ pub enum Command {
         /// The file to read (`-` for standard input).
         file: String,
     },
+    /// Monte Carlo comparison of the judge with Flagger's rule and an oracle SPRT on the same
+    /// simulated traffic; prints the table of docs/judge.md and a closing summary line.
+    Simulate {
+        /// Seed of the random traffic: the same seed prints the same table.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Runs per A/A (healthy canary) scenario.
+        #[arg(long, default_value_t = 1000)]
+        aa_runs: usize,
+        /// Runs per A/B (faulty canary) scenario.
+        #[arg(long, default_value_t = 200)]
+        ab_runs: usize,
+        /// False-rollback budget of the sequential tests.
+        #[arg(long, default_value_t = 0.01)]
+        alpha: f64,
+    },
     /// Print generated reference documentation.
     Docs {
         #[command(subcommand)]
@@ -216,18 +232,36 @@ pub fn init_logging(format: &str, filter: &str) {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Parse { file } => parse_file(&file),
+        Command::Simulate {
+            seed,
+            aa_runs,
+            ab_runs,
+            alpha,
+        } => {
+            if !(alpha > 0.0 && alpha < 1.0) {
+                anyhow::bail!("--alpha must be between 0 and 1, got {alpha}");
+            }
+            let cfg = crate::simulate::SimConfig {
+                seed,
+                aa_runs,
+                ab_runs,
+                alpha,
+                ..Default::default()
+            };
+            let results = crate::simulate::simulate(&cfg);
+            let headline =
+                crate::simulate::headline_line(&crate::simulate::headline(&results), alpha);
+            out(&format!(
+                "{}{headline}\n",
+                crate::simulate::table(&results, &cfg)
+            ))
+        }
         Command::Docs {
             what: DocsWhat::Metrics,
-        } => {
-            print!("{}", crate::telemetry::Metrics::new().reference_table());
-            Ok(ExitCode::SUCCESS)
-        }
+        } => out(&crate::telemetry::Metrics::new().reference_table()),
         Command::Docs {
             what: DocsWhat::Flags,
-        } => {
-            print!("{}", flags_table());
-            Ok(ExitCode::SUCCESS)
-        }
+        } => out(&flags_table()),
         Command::Agent(args) => {
             let default: SocketAddr = DEFAULT_LISTEN.parse().expect("valid constant");
             let config = args.into_config(Some(default))?;
@@ -237,6 +271,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = args.into_config(None)?;
             runtime()?.block_on(run_agent(config, true))
         }
+    }
+}
+
+/// Write `text` to stdout; a reader that went away (`| head`) is not an error.
+fn out(text: &str) -> anyhow::Result<ExitCode> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
     }
 }
 
