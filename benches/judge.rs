@@ -2,8 +2,9 @@
 //! threshold-only (Flagger-style) call in the same run.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use meshcanary::judge::{ArmTotals, JudgeState, Mode, Observation, Policy, WindowValues};
+use meshcanary::judge::{JudgeState, Mode, Observation, Policy, WindowValues};
 use meshcanary::simulate::ENVOY_EDGES_MS;
+use meshcanary::window::Totals;
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("judge");
@@ -14,9 +15,9 @@ fn bench(c: &mut Criterion) {
         };
         group.bench_function(name, |b| {
             let mut judge = JudgeState::new(&policy);
-            let mut canary = ArmTotals {
+            let mut canary = Totals {
                 buckets: vec![0; ENVOY_EDGES_MS.len() + 1],
-                ..ArmTotals::default()
+                ..Totals::default()
             };
             let mut primary = canary.clone();
             let w = WindowValues {

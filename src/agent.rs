@@ -16,12 +16,15 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::discover::Target;
+use crate::judge::{JudgeState, Judgement, Observation, Policy, WindowValues};
 use crate::parse::Parser;
 use crate::scrape::{AdminUrls, ScrapeError, Scraper, Tier};
 use crate::telemetry::{
     self, lock, Endpoints, ErrorLabels, Metrics, TargetHealth, TierLabels, WorkloadLabels,
 };
-use crate::window::{InboundSnapshot, PodCounters, Summary, WindowConfig, WindowKey, Windows};
+use crate::window::{
+    InboundSnapshot, PodCounters, Role, Summary, WindowConfig, WindowKey, Windows,
+};
 
 /// Everything the agent needs, validated.
 #[derive(Clone, Debug)]
@@ -38,6 +41,8 @@ pub struct AgentConfig {
     pub window: WindowConfig,
     pub listen: Option<SocketAddr>,
     pub grace_period: Duration,
+    /// How the judge compares each workload's canary with its primary.
+    pub policy: Policy,
 }
 
 impl AgentConfig {
@@ -62,6 +67,15 @@ impl AgentConfig {
                     self.full_timeout
                 ));
             }
+        }
+        if !(self.policy.alpha > 0.0 && self.policy.alpha < 1.0) {
+            return Err(format!(
+                "--alpha must be between 0 and 1, got {}",
+                self.policy.alpha
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.policy.success_rate_min) {
+            return Err("--success-rate-min must be a percentage from 0 to 100".into());
         }
         if self.window.slots == 0 {
             return Err("--window must be at least one second".into());
@@ -92,6 +106,9 @@ pub struct Shared {
     pub targets: Mutex<BTreeMap<String, TargetStatus>>,
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
+    /// The judge's latest verdict per (namespace, workload) that has both a primary and a
+    /// canary window.
+    pub judgements: Mutex<BTreeMap<(String, String), Judgement>>,
 }
 
 impl Shared {
@@ -116,7 +133,11 @@ impl Shared {
                 up: s.up,
             })
             .collect();
-        self.metrics.render(&windows, &health)
+        let judgements: Vec<_> = lock(&self.judgements)
+            .iter()
+            .map(|(k, j)| (k.clone(), j.clone()))
+            .collect();
+        self.metrics.render(&windows, &health, &judgements)
     }
 
     fn update_readiness(&self, targets: &BTreeMap<String, TargetStatus>) {
@@ -163,6 +184,7 @@ impl Agent {
             targets: Mutex::new(targets),
             metrics: Metrics::new(),
             ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
+            judgements: Mutex::new(BTreeMap::new()),
         });
         let scraper = Scraper::new(config.max_body_bytes, config.fast_timeout);
         Ok(Agent {
@@ -204,6 +226,11 @@ impl Agent {
             };
             tasks.spawn(task.run(shutdown.clone()));
         }
+        tasks.spawn(judge_loop(
+            self.shared(),
+            self.config.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(targets = self.config.targets.len(), "Agent started");
         stopping(&mut shutdown.clone()).await;
         tracing::info!(grace = ?self.config.grace_period, "Shutting down");
@@ -385,6 +412,103 @@ impl TargetTask {
     }
 }
 
+/// Judge every workload that has both a primary and a canary window, once per fast
+/// interval, and publish the verdicts. Judge state lives here, one per workload, and is
+/// dropped with the workload.
+async fn judge_loop(shared: Arc<Shared>, config: AgentConfig, mut shutdown: watch::Receiver<bool>) {
+    let mut states: BTreeMap<(String, String), JudgeState> = BTreeMap::new();
+    let mut tick = tokio::time::interval(config.fast_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Data older than three fast scrapes is stale: a sidecar stopped answering.
+    let stale_after = (config.fast_interval * 3).max(Duration::from_secs(3));
+    loop {
+        tokio::select! {
+            () = stopping(&mut shutdown) => return,
+            _ = tick.tick() => {}
+        }
+        let now_ms = unix_ms();
+        let mut fresh_judgements = BTreeMap::new();
+        {
+            let windows = lock(&shared.windows);
+            let mut workloads: Vec<(String, String)> = windows
+                .keys()
+                .into_iter()
+                .filter(|k| k.role == Role::Canary)
+                .map(|k| (k.namespace.clone(), k.workload.clone()))
+                .collect();
+            workloads.dedup();
+            for (namespace, workload) in workloads {
+                let key = |role| WindowKey {
+                    namespace: namespace.clone(),
+                    workload: workload.clone(),
+                    role,
+                };
+                let (Some(canary), Some(primary)) = (
+                    windows.get(&key(Role::Canary)),
+                    windows.get(&key(Role::Primary)),
+                ) else {
+                    continue;
+                };
+                let (cs, ps) = (canary.summary(now_ms), primary.summary(now_ms));
+                let fresh = [cs.age_ms, ps.age_ms]
+                    .iter()
+                    .all(|age| age.is_some_and(|a| a <= stale_after.as_millis() as u64));
+                let edges = if canary.edges_ms() == primary.edges_ms() {
+                    canary.edges_ms()
+                } else {
+                    &[]
+                };
+                let obs = Observation {
+                    canary_window: WindowValues::from(&cs),
+                    primary_window: WindowValues::from(&ps),
+                    canary: canary.totals(),
+                    primary: primary.totals(),
+                    edges_ms: edges,
+                    fresh,
+                    now_ms,
+                };
+                let id = (namespace.clone(), workload.clone());
+                let state = states
+                    .entry(id.clone())
+                    .or_insert_with(|| JudgeState::new(&config.policy));
+                fresh_judgements.insert(id, state.judge(&obs, &config.policy));
+            }
+        }
+        states.retain(|k, _| fresh_judgements.contains_key(k));
+        let mut published = lock(&shared.judgements);
+        for ((namespace, workload), j) in &fresh_judgements {
+            let before = published
+                .get(&(namespace.clone(), workload.clone()))
+                .map(|p| p.verdict.as_str());
+            if before != Some(j.verdict.as_str()) {
+                let target = format!("{workload}.{namespace}");
+                let message = crate::judge::Message {
+                    target: &target,
+                    judgement: j,
+                }
+                .to_string();
+                match j.verdict {
+                    crate::judge::Verdict::Rollback(_) | crate::judge::Verdict::Failed(_) => {
+                        tracing::warn!(
+                            namespace,
+                            workload,
+                            verdict = j.verdict.as_str(),
+                            "{message}"
+                        );
+                    }
+                    _ => tracing::info!(
+                        namespace,
+                        workload,
+                        verdict = j.verdict.as_str(),
+                        "{message}"
+                    ),
+                }
+            }
+        }
+        *published = fresh_judgements;
+    }
+}
+
 /// Resolve once `shutdown` turns true (or its sender is gone).
 pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|&s| s).await;
@@ -417,6 +541,7 @@ mod tests {
             window: WindowConfig::default(),
             listen: None,
             grace_period: Duration::from_secs(5),
+            policy: Policy::default(),
         }
     }
 

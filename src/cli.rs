@@ -125,6 +125,19 @@ pub struct AgentArgs {
     /// serves nothing unless given).
     #[arg(long, env = "MESHCANARY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Which checks may fail a step: `threshold` (Flagger's rule), `sequential` (the
+    /// anytime-valid tests) or `both`.
+    #[arg(long, env = "MESHCANARY_JUDGE", default_value = "both")]
+    pub judge: crate::judge::Mode,
+    /// Minimum canary success rate over the window, in percent (Flagger's `thresholdRange.min`).
+    #[arg(long, env = "MESHCANARY_SUCCESS_RATE_MIN", default_value_t = 99.0)]
+    pub success_rate_min: f64,
+    /// Maximum canary p99 over the window; `0` disables the latency checks.
+    #[arg(long, env = "MESHCANARY_LATENCY_P99_MAX", default_value = "500ms", value_parser = parse_duration)]
+    pub latency_p99_max: Duration,
+    /// False-rollback budget of the sequential tests over a whole rollout.
+    #[arg(long, env = "MESHCANARY_ALPHA", default_value_t = 0.01)]
+    pub alpha: f64,
     /// Time allowed to finish in-flight work after SIGTERM.
     #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub grace_period: Duration,
@@ -168,6 +181,15 @@ impl AgentArgs {
             },
             listen: self.listen.or(default_listen),
             grace_period: self.grace_period,
+            policy: crate::judge::Policy {
+                mode: self.judge,
+                success_rate_min: self.success_rate_min / 100.0,
+                latency_p99_max_ms: (!self.latency_p99_max.is_zero())
+                    .then_some(self.latency_p99_max.as_secs_f64() * 1000.0),
+                min_requests: self.min_requests,
+                alpha: self.alpha,
+                advance_early: false,
+            },
         };
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)

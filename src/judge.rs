@@ -34,6 +34,8 @@
 
 use std::fmt;
 
+use crate::window::Totals;
+
 /// Which families of checks may fail a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -86,26 +88,6 @@ impl Default for Policy {
     }
 }
 
-/// Monotone totals of one arm since the analysis started: requests, 5xx, and latency
-/// observations per histogram bucket (aligned with [`Observation::edges_ms`] plus `+Inf`).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ArmTotals {
-    pub requests: u64,
-    pub errors: u64,
-    pub buckets: Vec<u64>,
-}
-
-impl ArmTotals {
-    /// Observations slower than `edges[k]` (in buckets above it).
-    fn slower_than(&self, k: usize) -> u64 {
-        self.buckets.iter().skip(k + 1).sum()
-    }
-
-    fn latency_count(&self) -> u64 {
-        self.buckets.iter().sum()
-    }
-}
-
 /// What the judge is shown at one instant.
 #[derive(Clone, Copy, Debug)]
 pub struct Observation<'a> {
@@ -113,8 +95,8 @@ pub struct Observation<'a> {
     pub canary_window: WindowValues,
     pub primary_window: WindowValues,
     /// Totals for the sequential tests.
-    pub canary: &'a ArmTotals,
-    pub primary: &'a ArmTotals,
+    pub canary: &'a Totals,
+    pub primary: &'a Totals,
     /// Histogram bucket upper bounds (ms) of both arms' `buckets`.
     pub edges_ms: &'a [f64],
     /// False when a source of data is stale (a peer or pod not answering): the judge then
@@ -179,6 +161,19 @@ pub enum Verdict {
     Failed(FailedCheck),
     /// A sequential test rejected its null: roll back now.
     Rollback(Test),
+}
+
+impl Verdict {
+    /// A fixed, bounded name for metric labels.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::NoData { .. } => "no_data",
+            Verdict::Pass { early: false } => "pass",
+            Verdict::Pass { early: true } => "advance_early",
+            Verdict::Failed(_) => "failed_check",
+            Verdict::Rollback(_) => "rollback",
+        }
+    }
 }
 
 /// The numbers behind a verdict.
@@ -327,10 +322,10 @@ fn mean_exp(logs: &[f64]) -> f64 {
 /// The judge's memory for one workload's analysis. Start a new one for a new revision.
 #[derive(Clone, Debug)]
 pub struct JudgeState {
-    canary_prev: ArmTotals,
-    primary_prev: ArmTotals,
-    canary_total: ArmTotals,
-    primary_total: ArmTotals,
+    canary_prev: Totals,
+    primary_prev: Totals,
+    canary_total: Totals,
+    primary_total: Totals,
     started: bool,
     errors: TwoArm,
     latency: Vec<TwoArm>,
@@ -354,10 +349,10 @@ impl JudgeState {
     pub fn new(policy: &Policy) -> Self {
         let slo = 1.0 - policy.success_rate_min;
         JudgeState {
-            canary_prev: ArmTotals::default(),
-            primary_prev: ArmTotals::default(),
-            canary_total: ArmTotals::default(),
-            primary_total: ArmTotals::default(),
+            canary_prev: Totals::default(),
+            primary_prev: Totals::default(),
+            canary_total: Totals::default(),
+            primary_total: Totals::default(),
             started: false,
             errors: TwoArm::default(),
             latency: Vec::new(),
@@ -382,10 +377,9 @@ impl JudgeState {
     }
 
     fn fold(&mut self, obs: &Observation<'_>, policy: &Policy) {
-        if !self.started {
-            self.started = true;
-            self.canary_prev = obs.canary.clone();
-            self.primary_prev = obs.primary.clone();
+        // Latency tests start with the first histogram (Envoy flushes it after the counters
+        // are already moving); until then their e-values stay neutral.
+        if self.latency.is_empty() && !obs.edges_ms.is_empty() {
             if let Some(max) = policy.latency_p99_max_ms {
                 if let Some(k) = obs.edges_ms.iter().position(|&e| e >= max) {
                     self.latency_slo = Some((k, OneArm::above(P99_TAIL)));
@@ -395,6 +389,11 @@ impl JudgeState {
             self.latency = latency_test_edges(obs.edges_ms)
                 .map(|_| TwoArm::default())
                 .collect();
+        }
+        if !self.started {
+            self.started = true;
+            self.canary_prev = obs.canary.clone();
+            self.primary_prev = obs.primary.clone();
             return;
         }
         let d = |now: u64, prev: u64| now.saturating_sub(prev);
@@ -438,15 +437,12 @@ impl JudgeState {
         self.primary_prev = p.clone();
     }
 
-    /// Per test: its boundary `1 / (alpha * share)`, with the shares of tests that do not
-    /// run handed to the others in proportion.
-    fn boundaries(&self, alpha: f64) -> [f64; 4] {
-        let active = [
-            true,
-            !self.latency.is_empty(),
-            true,
-            self.latency_slo.is_some(),
-        ];
+    /// Per test: its boundary `1 / (alpha * share)`. Without a latency maximum the latency
+    /// SLO test does not run and its share goes to the others in proportion. The split
+    /// depends on the policy only, never on the data, so the union bound holds.
+    fn boundaries(policy: &Policy) -> [f64; 4] {
+        let alpha = policy.alpha;
+        let active = [true, true, true, policy.latency_p99_max_ms.is_some()];
         let total: f64 = ALPHA_SHARES
             .iter()
             .zip(active)
@@ -475,7 +471,7 @@ impl JudgeState {
             e_error_slo: self.error_slo.e_value(),
             e_latency_slo: self.latency_slo.as_ref().map_or(0.0, |(_, t)| t.e_value()),
             e_not_worse: self.not_worse.e_value(),
-            boundaries: self.boundaries(policy.alpha),
+            boundaries: Self::boundaries(policy),
             canary_requests: self.canary_total.requests,
             canary_errors: self.canary_total.errors,
             primary_requests: self.primary_total.requests,
@@ -567,7 +563,7 @@ fn go_float(v: f64) -> String {
 }
 
 /// Scientific notation for e-values in messages (`4.1e6`).
-fn sci(v: f64) -> String {
+pub fn sci(v: f64) -> String {
     if v.is_infinite() {
         return "inf".into();
     }
@@ -618,20 +614,24 @@ impl fmt::Display for Message<'_> {
                 go_duration(*max_ms)
             ),
             Verdict::Rollback(test) => {
-                let (e, b, what) = match test {
-                    Test::Errors => (ev.e_errors, ev.boundaries[0], "5xx"),
-                    Test::Latency => (ev.e_latency, ev.boundaries[1], "slower responses"),
-                    Test::ErrorSlo => (ev.e_error_slo, ev.boundaries[2], "5xx above the SLO"),
-                    Test::LatencySlo => (ev.e_latency_slo, ev.boundaries[3], "p99 above the maximum"),
+                let (c, p) = (ev.canary_error_rate() * 100.0, ev.primary_error_rate() * 100.0);
+                let (e, b) = match test {
+                    Test::Errors => (ev.e_errors, ev.boundaries[0]),
+                    Test::Latency => (ev.e_latency, ev.boundaries[1]),
+                    Test::ErrorSlo => (ev.e_error_slo, ev.boundaries[2]),
+                    Test::LatencySlo => (ev.e_latency_slo, ev.boundaries[3]),
                 };
-                write!(
-                    f,
-                    "Rolling back {t}: canary {what}: canary 5xx {:.1}% vs primary {:.1}% (e-value {} >= {})",
-                    ev.canary_error_rate() * 100.0,
-                    ev.primary_error_rate() * 100.0,
-                    sci(e),
-                    sci(b)
-                )
+                match test {
+                    Test::Errors => write!(f, "Rolling back {t}: canary 5xx {c:.1}% vs primary {p:.1}%")?,
+                    Test::ErrorSlo => write!(f, "Rolling back {t}: canary 5xx {c:.1}% above the SLO")?,
+                    Test::Latency => write!(f, "Rolling back {t}: canary responses slower than the primary's")?,
+                    Test::LatencySlo => write!(
+                        f,
+                        "Rolling back {t}: canary p99 above {}",
+                        go_duration(ev.slo_edge_ms.unwrap_or(f64::NAN))
+                    )?,
+                }
+                write!(f, " (e-value {} >= {})", sci(e), sci(b))
             }
         }
     }
@@ -643,15 +643,15 @@ mod tests {
 
     const EDGES: [f64; 5] = [10.0, 100.0, 250.0, 500.0, 1000.0];
 
-    fn arm(requests: u64, errors: u64, buckets: &[u64]) -> ArmTotals {
-        ArmTotals {
+    fn arm(requests: u64, errors: u64, buckets: &[u64]) -> Totals {
+        Totals {
             requests,
             errors,
             buckets: buckets.to_vec(),
         }
     }
 
-    fn obs<'a>(c: &'a ArmTotals, p: &'a ArmTotals, cw: WindowValues) -> Observation<'a> {
+    fn obs<'a>(c: &'a Totals, p: &'a Totals, cw: WindowValues) -> Observation<'a> {
         Observation {
             canary_window: cw,
             primary_window: WindowValues::default(),
@@ -765,7 +765,10 @@ mod tests {
             msg.starts_with("Rolling back podinfo.test: canary"),
             "{msg}"
         );
-        assert!(msg.contains("canary 5xx 50.0% vs primary 0.0%"), "{msg}");
+        assert!(
+            msg.contains("canary 5xx 50.0% vs primary 0.0% (e-value "),
+            "{msg}"
+        );
     }
 
     #[test]

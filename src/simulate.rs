@@ -18,8 +18,8 @@
 
 use std::fmt::Write as _;
 
-use crate::judge::{ArmTotals, JudgeState, Mode, Observation, Policy, Verdict, WindowValues};
-use crate::window::histogram_quantile;
+use crate::judge::{JudgeState, Mode, Observation, Policy, Verdict, WindowValues};
+use crate::window::{histogram_quantile, Totals};
 
 /// Envoy's default histogram bucket upper bounds, in ms.
 pub const ENVOY_EDGES_MS: [f64; 19] = [
@@ -263,7 +263,7 @@ fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [O
         Fault::Errors(p) => p,
         _ => cfg.primary_error,
     };
-    let (mut c_tot, mut p_tot) = (ArmTotals::default(), ArmTotals::default());
+    let (mut c_tot, mut p_tot) = (Totals::default(), Totals::default());
     c_tot.buckets = vec![0; ENVOY_EDGES_MS.len() + 1];
     p_tot.buckets = vec![0; ENVOY_EDGES_MS.len() + 1];
     // Histogram counts wait for the next flush.

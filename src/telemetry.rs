@@ -29,6 +29,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::judge::Judgement;
 use crate::scrape::Tier;
 use crate::window::{Summary, WindowKey};
 
@@ -88,6 +89,26 @@ pub struct TargetLabels {
     pub workload: String,
     pub role: &'static str,
     pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JudgeLabels {
+    pub namespace: String,
+    pub workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TestLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub test: &'static str,
 }
 
 /// Documentation of one metric, recorded where it is registered.
@@ -174,6 +195,10 @@ pub struct Metrics {
     window_success: Family<WorkloadLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     window_latency: Family<WorkloadQuantileLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     window_age: Family<WorkloadLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    judge_verdict: Family<VerdictLabels, Gauge>,
+    judge_e_value: Family<TestLabels, GaugeF>,
+    judge_boundary: Family<TestLabels, GaugeF>,
+    judge_share: Family<JudgeLabels, GaugeF>,
     /// hdrhistogram recorders behind the quantile gauges.
     pub fast_latency: Mutex<RollingLatency>,
     pub full_latency: Mutex<RollingLatency>,
@@ -228,6 +253,10 @@ impl Metrics {
             window_success: Family::default(),
             window_latency: Family::default(),
             window_age: Family::default(),
+            judge_verdict: Family::default(),
+            judge_e_value: Family::default(),
+            judge_boundary: Family::default(),
+            judge_share: Family::default(),
             fast_latency: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
             full_latency: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
             window_latency_recorder: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
@@ -309,6 +338,30 @@ impl Metrics {
             &["namespace", "workload", "role"],
             Box::new(m.window_age.clone()),
         );
+        reg(
+            "meshcanary_judge_verdict",
+            "1 for the judge's current verdict on a workload (no_data, pass, advance_early, failed_check, rollback).",
+            &["namespace", "workload", "verdict"],
+            Box::new(m.judge_verdict.clone()),
+        );
+        reg(
+            "meshcanary_judge_e_value",
+            "Evidence of each sequential test (errors, latency, error_slo, latency_slo, not_worse); a rollback when it reaches the boundary.",
+            &["namespace", "workload", "test"],
+            Box::new(m.judge_e_value.clone()),
+        );
+        reg(
+            "meshcanary_judge_boundary",
+            "The value each sequential test's e-value must reach (1 / its share of alpha).",
+            &["namespace", "workload", "test"],
+            Box::new(m.judge_boundary.clone()),
+        );
+        reg(
+            "meshcanary_judge_canary_share",
+            "The canary's observed share of requests since the judge started on the workload.",
+            &["namespace", "workload"],
+            Box::new(m.judge_share.clone()),
+        );
         Metrics {
             registry,
             docs,
@@ -348,7 +401,12 @@ impl Metrics {
     }
 
     /// Refresh the gauges derived from state, then encode everything.
-    pub fn render(&self, windows: &[(WindowKey, Summary)], targets: &[TargetHealth]) -> String {
+    pub fn render(
+        &self,
+        windows: &[(WindowKey, Summary)],
+        targets: &[TargetHealth],
+        judgements: &[((String, String), Judgement)],
+    ) -> String {
         for (tier, rec) in [
             (Tier::Fast, &self.fast_latency),
             (Tier::Full, &self.full_latency),
@@ -411,6 +469,45 @@ impl Metrics {
                 };
                 set_some(&self.window_latency, &ql, v.map(|ms| ms / 1000.0));
             }
+        }
+        self.judge_verdict.clear();
+        self.judge_e_value.clear();
+        self.judge_boundary.clear();
+        self.judge_share.clear();
+        for ((namespace, workload), j) in judgements {
+            let (namespace, workload) = (namespace.clone(), workload.clone());
+            self.judge_verdict
+                .get_or_create(&VerdictLabels {
+                    namespace: namespace.clone(),
+                    workload: workload.clone(),
+                    verdict: j.verdict.as_str(),
+                })
+                .set(1);
+            let ev = &j.evidence;
+            let tests = [
+                ("errors", ev.e_errors, ev.boundaries[0]),
+                ("latency", ev.e_latency, ev.boundaries[1]),
+                ("error_slo", ev.e_error_slo, ev.boundaries[2]),
+                ("latency_slo", ev.e_latency_slo, ev.boundaries[3]),
+                ("not_worse", ev.e_not_worse, ev.boundaries[2]),
+            ];
+            for (test, e, boundary) in tests {
+                let l = TestLabels {
+                    namespace: namespace.clone(),
+                    workload: workload.clone(),
+                    test,
+                };
+                self.judge_e_value.get_or_create(&l).set(e);
+                if boundary.is_finite() {
+                    self.judge_boundary.get_or_create(&l).set(boundary);
+                }
+            }
+            self.judge_share
+                .get_or_create(&JudgeLabels {
+                    namespace,
+                    workload,
+                })
+                .set(ev.canary_share);
         }
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -550,7 +647,7 @@ mod tests {
     #[test]
     fn every_registered_metric_is_documented_and_encoded() {
         let m = Metrics::new();
-        let text = m.render(&[], &[]);
+        let text = m.render(&[], &[], &[]);
         for d in m.docs() {
             let family = d.name.strip_suffix("_total").unwrap_or(&d.name);
             assert!(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::agent::{unix_ms, Shared, TargetStatus};
+use crate::judge::{sci, Judgement};
 use crate::window::{Summary, WindowKey};
 
 fn pct(v: Option<f64>) -> String {
@@ -20,7 +21,12 @@ fn ms(v: Option<f64>) -> String {
 }
 
 /// The view at one instant: one row per workload role, then the targets that are down.
-pub fn render(windows: &[(WindowKey, Summary)], targets: &[TargetStatus], window_s: u64) -> String {
+pub fn render(
+    windows: &[(WindowKey, Summary)],
+    targets: &[TargetStatus],
+    judgements: &[((String, String), Judgement)],
+    window_s: u64,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -46,6 +52,22 @@ pub fn render(windows: &[(WindowKey, Summary)], targets: &[TargetStatus], window
                 .map_or_else(|| "-".to_owned(), |a| format!("{:.1}s", a as f64 / 1000.0)),
         );
     }
+    for ((namespace, workload), j) in judgements {
+        let target = format!("{workload}.{namespace}");
+        let message = crate::judge::Message {
+            target: &target,
+            judgement: j,
+        };
+        let ev = &j.evidence;
+        let _ = writeln!(
+            out,
+            "judge {target}: {message} | e-values: errors {} latency {} (rollback at {}, {})",
+            sci(ev.e_errors),
+            sci(ev.e_latency),
+            sci(ev.boundaries[0]),
+            sci(ev.boundaries[1])
+        );
+    }
     for t in targets.iter().filter(|t| !t.up) {
         let why = t.last_error.as_deref().unwrap_or("not scraped yet");
         let _ = writeln!(out, "target {} ({}) DOWN: {why}", t.target.id, t.target.key);
@@ -63,9 +85,14 @@ pub async fn run(shared: Arc<Shared>, window_s: u64, mut shutdown: watch::Receiv
             _ = tick.tick() => {}
             () = crate::agent::stopping(&mut shutdown) => return,
         }
+        let judgements: Vec<_> = crate::telemetry::lock(&shared.judgements)
+            .iter()
+            .map(|(k, j)| (k.clone(), j.clone()))
+            .collect();
         let frame = render(
             &shared.summaries(unix_ms()),
             &shared.target_statuses(),
+            &judgements,
             window_s,
         );
         let mut stdout = std::io::stdout().lock();
@@ -107,7 +134,7 @@ mod tests {
             last_error: Some("connecting: refused".into()),
             last_scrape_ms: None,
         };
-        let text = render(&[(key, s)], &[target], 30);
+        let text = render(&[(key, s)], &[target], &[], 30);
         assert!(text.contains("test/podinfo/canary"));
         assert!(text.contains("54.00%"));
         assert!(text.contains("480.0ms"));

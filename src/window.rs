@@ -124,6 +124,27 @@ pub struct Summary {
     pub age_ms: Option<u64>,
 }
 
+/// Monotone totals of one window since it was created: requests, 5xx, and latency
+/// observations per histogram bucket (aligned with the window's edges plus `+Inf`). The
+/// judge differences consecutive totals; they never go down.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    pub buckets: Vec<u64>,
+}
+
+impl Totals {
+    /// Observations slower than `edges[k]` (in buckets above it).
+    pub fn slower_than(&self, k: usize) -> u64 {
+        self.buckets.iter().skip(k + 1).sum()
+    }
+
+    pub fn latency_count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
 /// A ring of slots for one [`WindowKey`].
 #[derive(Clone, Debug)]
 pub struct Window {
@@ -131,6 +152,7 @@ pub struct Window {
     ring: Vec<Slot>,
     edges_ms: Vec<f64>,
     last_update_ms: Option<u64>,
+    totals: Totals,
 }
 
 impl Window {
@@ -140,6 +162,7 @@ impl Window {
             ring: vec![Slot::default(); config.slots.max(1)],
             edges_ms: Vec::new(),
             last_update_ms: None,
+            totals: Totals::default(),
         }
     }
 
@@ -164,6 +187,14 @@ impl Window {
                 for slot in &mut self.ring {
                     slot.buckets = vec![0; latency.len()];
                 }
+                self.totals.buckets = vec![0; latency.len()];
+            }
+        }
+        self.totals.requests = self.totals.requests.saturating_add(delta.requests);
+        self.totals.errors = self.totals.errors.saturating_add(delta.errors);
+        if let Some(latency) = &delta.latency {
+            for (t, d) in self.totals.buckets.iter_mut().zip(latency) {
+                *t = t.saturating_add(*d);
             }
         }
         let slot = self.slot_mut(now_ms);
@@ -202,6 +233,11 @@ impl Window {
         self.ring
             .iter()
             .filter(move |s| s.index >= oldest && s.index <= newest)
+    }
+
+    /// Running totals since the window was created (never reset, never down).
+    pub fn totals(&self) -> &Totals {
+        &self.totals
     }
 
     /// Bucket upper bounds (ms) of the latency histogram, empty before the first flush.
@@ -315,6 +351,13 @@ impl Windows {
     /// Drop the window of a workload role that has no targets left.
     pub fn remove(&mut self, key: &WindowKey) {
         self.by_key.remove(key);
+    }
+
+    /// The keys of every window, sorted.
+    pub fn keys(&self) -> Vec<&WindowKey> {
+        let mut keys: Vec<&WindowKey> = self.by_key.keys().collect();
+        keys.sort();
+        keys
     }
 
     /// Every window's summary at `now_ms`, sorted by key.

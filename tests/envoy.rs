@@ -204,3 +204,64 @@ async fn a_stopped_envoy_is_down_with_a_reason_and_metrics_keep_serving() {
     assert!(metrics.contains("meshcanary_targets_up 1"));
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_judge_passes_a_healthy_canary_and_calls_for_rolling_back_a_failing_one() {
+    let primary_app = App::start().await;
+    let canary_app = App::start().await;
+    let primary = Sidecar::start(primary_app.port, "podinfo-primary", "1s").await;
+    let canary = Sidecar::start(canary_app.port, "podinfo-canary", "1s").await;
+    let agent = RunningAgent::start(
+        &[
+            format!("test/podinfo/primary={}", primary.admin_url()),
+            format!("test/podinfo/canary={}", canary.admin_url()),
+        ],
+        32 << 20,
+    )
+    .await;
+    ready(&agent).await;
+    let verdict = |agent: &RunningAgent| {
+        meshcanary::telemetry::lock(&agent.shared.judgements)
+            .get(&("test".to_owned(), "podinfo".to_owned()))
+            .map(|j| j.verdict.clone())
+    };
+
+    // Healthy: 90 % of the traffic to the primary, 10 % to the canary.
+    for _ in 0..3 {
+        primary.drive("/", 45).await;
+        canary.drive("/", 5).await;
+    }
+    eventually(Duration::from_secs(10), "a pass verdict", || {
+        matches!(
+            verdict(&agent),
+            Some(meshcanary::judge::Verdict::Pass { .. })
+        )
+    })
+    .await;
+
+    // Now the canary fails every other request.
+    canary_app.fault.set(50.0, 500, Duration::ZERO);
+    let mut rounds = 0;
+    while !matches!(
+        verdict(&agent),
+        Some(meshcanary::judge::Verdict::Rollback(_))
+    ) {
+        rounds += 1;
+        assert!(
+            rounds <= 40,
+            "no rollback verdict after {rounds} rounds: {:?}",
+            verdict(&agent)
+        );
+        primary.drive("/", 45).await;
+        canary.drive("/", 5).await;
+        tokio::time::sleep(Duration::from_millis(250)).await; // let a fast scrape and a judge tick pass
+    }
+    let metrics = agent.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"meshcanary_judge_verdict{namespace="test",workload="podinfo",verdict="rollback"} 1"#
+        ),
+        "{metrics}"
+    );
+    agent.shutdown().await;
+}

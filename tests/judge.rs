@@ -7,7 +7,8 @@
 //! only lower the expectation), and the share of paths whose e-value *ever* reached `k` is
 //! at most `1/k` (Ville's inequality). Both with a three-standard-error allowance.
 
-use meshcanary::judge::{ArmTotals, JudgeState, Mode, Observation, Policy, WindowValues};
+use meshcanary::judge::{JudgeState, Mode, Observation, Policy, WindowValues};
+use meshcanary::window::Totals;
 
 const TESTS: [&str; 4] = ["errors", "latency", "error_slo", "latency_slo"];
 
@@ -26,7 +27,7 @@ fn simulate(paths: usize, steps: usize, p: f64, seed: u64) -> Vec<([f64; 4], [f6
     (0..paths)
         .map(|_| {
             let mut judge = JudgeState::new(&policy);
-            let (mut c, mut pr) = (ArmTotals::default(), ArmTotals::default());
+            let (mut c, mut pr) = (Totals::default(), Totals::default());
             c.buckets = vec![0; edges.len() + 1];
             pr.buckets = vec![0; edges.len() + 1];
             let mut last = [0.0; 4];

@@ -229,6 +229,7 @@ impl RunningAgent {
             },
             listen: Some(listen),
             grace_period: Duration::from_secs(2),
+            policy: meshcanary::judge::Policy::default(),
         };
         config.validate().unwrap();
         let agent = Agent::new(config).expect("agent config");
