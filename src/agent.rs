@@ -18,9 +18,11 @@ use tokio::time::Instant;
 use crate::discover::Target;
 use crate::judge::{JudgeState, Judgement, Observation, Policy, WindowValues};
 use crate::parse::Parser;
+use crate::remote_write::{self, SeriesSender};
 use crate::scrape::{AdminUrls, ScrapeError, Scraper, Tier};
 use crate::telemetry::{
-    self, lock, Endpoints, ErrorLabels, Metrics, TargetHealth, TierLabels, WorkloadLabels,
+    self, lock, Endpoints, ErrorLabels, Metrics, OutcomeLabels, TargetHealth, TierLabels,
+    WorkloadLabels,
 };
 use crate::window::{
     InboundSnapshot, PodCounters, Role, Summary, WindowConfig, WindowKey, Windows,
@@ -43,6 +45,8 @@ pub struct AgentConfig {
     pub grace_period: Duration,
     /// How the judge compares each workload's canary with its primary.
     pub policy: Policy,
+    /// Where full-tier samples and the agent's own metrics go, if anywhere.
+    pub remote_write: Option<crate::remote_write::RemoteWriteConfig>,
 }
 
 impl AgentConfig {
@@ -104,7 +108,7 @@ pub struct TargetStatus {
 pub struct Shared {
     pub windows: Mutex<Windows>,
     pub targets: Mutex<BTreeMap<String, TargetStatus>>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
     /// The judge's latest verdict per (namespace, workload) that has both a primary and a
     /// canary window.
@@ -182,7 +186,7 @@ impl Agent {
         let shared = Arc::new(Shared {
             windows: Mutex::new(Windows::new(config.window)),
             targets: Mutex::new(targets),
-            metrics: Metrics::new(),
+            metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
             judgements: Mutex::new(BTreeMap::new()),
         });
@@ -215,8 +219,37 @@ impl Agent {
             };
             tasks.spawn(telemetry::serve(listener, endpoints, shutdown.clone()));
         }
+        let remote_write = match &self.config.remote_write {
+            Some(rw) => {
+                let tx = remote_write::start(
+                    rw.clone(),
+                    Arc::clone(&self.shared.metrics),
+                    shutdown.clone(),
+                    &mut tasks,
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "opening the remote-write queue in {}: {e}",
+                        rw.queue_dir.display()
+                    )
+                })?;
+                tracing::info!(url = %rw.endpoint.url, queue = %rw.queue_dir.display(), "Remote write enabled");
+                if let Some(every) = self.config.full_interval {
+                    tasks.spawn(self_scrape(
+                        self.shared(),
+                        rw.clone(),
+                        tx.clone(),
+                        every,
+                        shutdown.clone(),
+                    ));
+                }
+                Some(tx)
+            }
+            None => None,
+        };
         for target in &self.config.targets {
             let task = TargetTask {
+                remote_write: remote_write.clone(),
                 urls: AdminUrls::new(&target.admin_url, &self.config.fast_filter)?,
                 target: target.clone(),
                 config: self.config.clone(),
@@ -247,6 +280,7 @@ impl Agent {
 
 /// One target's scrape loop.
 struct TargetTask {
+    remote_write: Option<SeriesSender>,
     target: Target,
     urls: AdminUrls,
     config: AgentConfig,
@@ -361,21 +395,58 @@ impl TargetTask {
         m.scraped_bytes
             .get_or_create(&TierLabels { tier: "full" })
             .inc_by(body.len() as u64);
-        let mut samples = 0u64;
-        for r in Parser::new(&body) {
-            match r {
-                Ok(_) => samples += 1,
-                Err(e) => {
-                    m.parse_errors
-                        .get_or_create(&ErrorLabels {
-                            tier: "full",
-                            reason: e.kind.reason(),
-                        })
-                        .inc();
+        let count_error = |e: &crate::parse::LineError| {
+            m.parse_errors
+                .get_or_create(&ErrorLabels {
+                    tier: "full",
+                    reason: e.kind.reason(),
+                })
+                .inc();
+        };
+        let Some((rw, rw_config)) = self
+            .remote_write
+            .as_ref()
+            .zip(self.config.remote_write.as_ref())
+        else {
+            // No remote write configured: parse to count, so the tier is still observable.
+            let mut samples = 0u64;
+            for r in Parser::new(&body) {
+                match r {
+                    Ok(_) => samples += 1,
+                    Err(e) => count_error(&e),
                 }
             }
+            m.full_samples.inc_by(samples);
+            return;
+        };
+        let key = &self.target.key;
+        let mut labels = vec![
+            ("instance".to_owned(), self.target.id.clone()),
+            ("job".to_owned(), rw_config.job.clone()),
+            ("kubernetes_namespace".to_owned(), key.namespace.clone()),
+            ("kubernetes_pod_name".to_owned(), self.target.id.clone()),
+        ];
+        labels.extend(rw_config.external_labels.iter().cloned());
+        let mut series = Vec::new();
+        let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+        let counts = remote_write::relabel::convert(
+            &body,
+            &labels,
+            &rw_config.drop,
+            ts,
+            &mut series,
+            count_error,
+        );
+        m.full_samples.inc_by((counts.kept + counts.dropped) as u64);
+        m.rw_samples
+            .get_or_create(&OutcomeLabels {
+                outcome: "dropped_by_rules",
+            })
+            .inc_by(counts.dropped as u64);
+        // Waits only for the local batcher (a bounded channel), never for the network.
+        if rw.send(series).await.is_err() {
+            tracing::debug!("Remote write has stopped; full-tier samples not queued");
         }
-        m.full_samples.inc_by(samples);
     }
 
     fn mark_up(&self, now_ms: u64) {
@@ -408,6 +479,34 @@ impl TargetTask {
             }
             status.up = false;
             status.last_error = Some(error.to_string());
+        }
+    }
+}
+
+/// Remote-write the agent's own metrics every full interval, as a collector scraping it
+/// would (`job="meshcanary"`).
+async fn self_scrape(
+    shared: Arc<Shared>,
+    config: crate::remote_write::RemoteWriteConfig,
+    tx: SeriesSender,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut labels = vec![("job".to_owned(), "meshcanary".to_owned())];
+    labels.extend(config.external_labels.iter().cloned());
+    loop {
+        tokio::select! {
+            () = stopping(&mut shutdown) => return,
+            _ = tick.tick() => {}
+        }
+        let text = shared.render_metrics();
+        let mut series = Vec::new();
+        let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+        let none = crate::remote_write::relabel::DropRules::none();
+        remote_write::relabel::convert(text.as_bytes(), &labels, &none, ts, &mut series, |_| {});
+        if tx.send(series).await.is_err() {
+            return;
         }
     }
 }
@@ -542,6 +641,7 @@ mod tests {
             listen: None,
             grace_period: Duration::from_secs(5),
             policy: Policy::default(),
+            remote_write: None,
         }
     }
 

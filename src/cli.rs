@@ -138,6 +138,73 @@ pub struct AgentArgs {
     /// False-rollback budget of the sequential tests over a whole rollout.
     #[arg(long, env = "MESHCANARY_ALPHA", default_value_t = 0.01)]
     pub alpha: f64,
+    /// Prometheus remote-write endpoint (Remote Write 1.0) for full-tier samples and the
+    /// agent's own metrics, e.g. `http://prometheus:9090/api/v1/write`. Unset: no remote write.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_URL")]
+    pub remote_write_url: Option<String>,
+    /// Directory of the durable remote-write queue (an emptyDir or hostPath in Kubernetes).
+    #[arg(
+        long,
+        env = "MESHCANARY_REMOTE_WRITE_QUEUE_DIR",
+        default_value = "/var/lib/meshcanary/queue"
+    )]
+    pub remote_write_queue_dir: std::path::PathBuf,
+    /// Disk the queue may use; past it the oldest batches are dropped and counted.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_MAX_DISK", default_value = "1GiB", value_parser = parse_bytes)]
+    pub remote_write_max_disk: usize,
+    /// Samples per remote-write request at most.
+    #[arg(
+        long,
+        env = "MESHCANARY_REMOTE_WRITE_BATCH_SAMPLES",
+        default_value_t = 2000
+    )]
+    pub remote_write_batch_samples: usize,
+    /// A batch is sent after this long even if not full.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_BATCH_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    pub remote_write_batch_deadline: Duration,
+    /// Concurrent senders; each series always goes through the same one, in order.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_SHARDS", default_value_t = 2)]
+    pub remote_write_shards: usize,
+    /// First retry delay (exponential backoff with full jitter).
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_MIN_BACKOFF", default_value = "30ms", value_parser = parse_duration)]
+    pub remote_write_min_backoff: Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub remote_write_max_backoff: Duration,
+    /// Timeout of one remote-write POST.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub remote_write_timeout: Duration,
+    /// `job` label of Envoy series (the reference collector's job name).
+    #[arg(
+        long,
+        env = "MESHCANARY_REMOTE_WRITE_JOB",
+        default_value = "appmesh-envoy"
+    )]
+    pub remote_write_job: String,
+    /// A label added to every written series, `name=value` (repeatable), e.g. `cluster=prod`.
+    #[arg(
+        long = "external-label",
+        env = "MESHCANARY_EXTERNAL_LABELS",
+        value_delimiter = ','
+    )]
+    pub external_labels: Vec<String>,
+    /// An extra metric-name regex to drop before writing (anchored; repeatable), on top of
+    /// the reference setup's drops.
+    #[arg(
+        long = "drop-metric",
+        env = "MESHCANARY_DROP_METRICS",
+        value_delimiter = ','
+    )]
+    pub drop_metrics: Vec<String>,
+    /// File with a bearer token for the endpoint (read at startup; never logged).
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_BEARER_TOKEN_FILE")]
+    pub remote_write_bearer_token_file: Option<std::path::PathBuf>,
+    /// Basic-auth user for the endpoint (with --remote-write-basic-auth-password-file).
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_BASIC_AUTH_USER")]
+    pub remote_write_basic_auth_user: Option<String>,
+    /// File with the basic-auth password (read at startup; never logged).
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_BASIC_AUTH_PASSWORD_FILE")]
+    pub remote_write_basic_auth_password_file: Option<std::path::PathBuf>,
     /// Time allowed to finish in-flight work after SIGTERM.
     #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub grace_period: Duration,
@@ -165,7 +232,9 @@ impl AgentArgs {
             )
         })?;
         let slots = self.window.as_secs() as usize;
+        let remote_write = self.remote_write_config()?;
         let config = AgentConfig {
+            remote_write,
             targets,
             fast_interval: self.fast_interval,
             full_interval: (!self.full_interval.is_zero()).then_some(self.full_interval),
@@ -231,6 +300,106 @@ pub fn flags_table() -> String {
         out += &format!("| `--{long}` | {env} | {default} | {help} |\n");
     }
     out
+}
+
+impl AgentArgs {
+    fn remote_write_config(
+        &self,
+    ) -> anyhow::Result<Option<crate::remote_write::RemoteWriteConfig>> {
+        use crate::remote_write::{relabel, send::Endpoint, RemoteWriteConfig};
+        let Some(url) = &self.remote_write_url else {
+            return Ok(None);
+        };
+        let url: http::Uri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--remote-write-url {url:?}: {e}"))?;
+        if url.scheme_str() != Some("http") {
+            anyhow::bail!("--remote-write-url: only http:// endpoints are supported so far (https and SigV4 for AMP are not built yet)");
+        }
+        let read_secret = |flag: &str, path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .with_context(|| format!("{flag}: reading {}", path.display()))
+        };
+        let authorization = match (
+            &self.remote_write_bearer_token_file,
+            &self.remote_write_basic_auth_user,
+            &self.remote_write_basic_auth_password_file,
+        ) {
+            (Some(_), Some(_), _) => {
+                anyhow::bail!("give either a bearer token or basic auth, not both")
+            }
+            (Some(path), None, _) => Some(format!(
+                "Bearer {}",
+                read_secret("--remote-write-bearer-token-file", path)?
+            )),
+            (None, Some(user), Some(path)) => {
+                let password = read_secret("--remote-write-basic-auth-password-file", path)?;
+                Some(format!(
+                    "Basic {}",
+                    crate::remote_write::send::base64(format!("{user}:{password}").as_bytes())
+                ))
+            }
+            (None, Some(_), None) => anyhow::bail!(
+                "--remote-write-basic-auth-user needs --remote-write-basic-auth-password-file"
+            ),
+            (None, None, _) => None,
+        };
+        let authorization = authorization
+            .map(|v| {
+                let mut v = http::HeaderValue::from_str(&v).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the remote-write credential contains characters not allowed in a header"
+                    )
+                })?;
+                v.set_sensitive(true);
+                Ok::<_, anyhow::Error>(v)
+            })
+            .transpose()?;
+        let external_labels = self
+            .external_labels
+            .iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--external-label {l:?}: expected name=value")
+                })?;
+                if !crate::parse::valid_label_name(k.as_bytes()) {
+                    anyhow::bail!("--external-label {l:?}: {k:?} is not a valid label name");
+                }
+                Ok((k.to_owned(), v.to_owned()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mut names = own(relabel::DEFAULT_DROP_NAMES);
+        names.extend(self.drop_metrics.iter().filter(|d| !d.is_empty()).cloned());
+        let drop = relabel::DropRules::new(
+            &names,
+            &own(relabel::DEFAULT_DROP_VALUE_LABELS),
+            &[relabel::DEFAULT_DROP_VALUES.to_owned()],
+            &own(relabel::DEFAULT_DROP_IF_PRESENT),
+        )
+        .map_err(|e| anyhow::anyhow!("--drop-metric: {e}"))?;
+        let config = RemoteWriteConfig {
+            endpoint: Endpoint {
+                url,
+                authorization,
+                timeout: self.remote_write_timeout,
+            },
+            queue_dir: self.remote_write_queue_dir.clone(),
+            max_disk_bytes: self.remote_write_max_disk as u64,
+            batch_samples: self.remote_write_batch_samples,
+            batch_deadline: self.remote_write_batch_deadline,
+            shards: self.remote_write_shards,
+            min_backoff: self.remote_write_min_backoff,
+            max_backoff: self.remote_write_max_backoff,
+            external_labels,
+            job: self.remote_write_job.clone(),
+            drop,
+        };
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(Some(config))
+    }
 }
 
 /// Start `tracing` with the chosen format and filter.

@@ -12,6 +12,7 @@ pub mod config;
 pub mod discover;
 pub mod judge;
 pub mod parse;
+pub mod remote_write;
 pub mod scrape;
 pub mod simulate;
 pub mod telemetry;

@@ -111,6 +111,26 @@ pub struct TestLabels {
     pub test: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusClassLabels {
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: String,
+}
+
 /// Documentation of one metric, recorded where it is registered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetricDoc {
@@ -199,10 +219,18 @@ pub struct Metrics {
     judge_e_value: Family<TestLabels, GaugeF>,
     judge_boundary: Family<TestLabels, GaugeF>,
     judge_share: Family<JudgeLabels, GaugeF>,
+    pub rw_samples: Family<OutcomeLabels, Counter>,
+    pub rw_retries: Family<ReasonLabels, Counter>,
+    pub rw_batches: Family<StatusClassLabels, Counter>,
+    rw_queue_bytes: Family<ShardLabels, Gauge>,
+    rw_queue_samples: Family<ShardLabels, Gauge>,
+    rw_send_seconds: Family<QuantileLabels, GaugeF>,
+    pub rw_newest_sent: GaugeF,
     /// hdrhistogram recorders behind the quantile gauges.
     pub fast_latency: Mutex<RollingLatency>,
     pub full_latency: Mutex<RollingLatency>,
     pub window_latency_recorder: Mutex<RollingLatency>,
+    pub rw_send_latency: Mutex<RollingLatency>,
 }
 
 type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -257,6 +285,14 @@ impl Metrics {
             judge_e_value: Family::default(),
             judge_boundary: Family::default(),
             judge_share: Family::default(),
+            rw_samples: Family::default(),
+            rw_retries: Family::default(),
+            rw_batches: Family::default(),
+            rw_queue_bytes: Family::default(),
+            rw_queue_samples: Family::default(),
+            rw_send_seconds: Family::default(),
+            rw_newest_sent: GaugeF::default(),
+            rw_send_latency: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
             fast_latency: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
             full_latency: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
             window_latency_recorder: Mutex::new(RollingLatency::new(Duration::from_secs(60))),
@@ -362,6 +398,48 @@ impl Metrics {
             &["namespace", "workload"],
             Box::new(m.judge_share.clone()),
         );
+        reg(
+            "meshcanary_remote_write_samples",
+            "Remote-write samples by outcome: queued (on disk), sent, dropped_http_4xx (rejected by the receiver), dropped_disk_cap, dropped_corrupt, dropped_queue_error.",
+            &["outcome"],
+            Box::new(m.rw_samples.clone()),
+        );
+        reg(
+            "meshcanary_remote_write_retries",
+            "Remote-write batch attempts that will be retried, by reason (429, 5xx, connect, timeout, body_read).",
+            &["reason"],
+            Box::new(m.rw_retries.clone()),
+        );
+        reg(
+            "meshcanary_remote_write_batches",
+            "Remote-write POSTs by answer (2xx, 4xx, 429, 5xx, error for no answer).",
+            &["status_class"],
+            Box::new(m.rw_batches.clone()),
+        );
+        reg(
+            "meshcanary_remote_write_queue_bytes",
+            "Bytes of the remote-write queue on disk, by shard.",
+            &["shard"],
+            Box::new(m.rw_queue_bytes.clone()),
+        );
+        reg(
+            "meshcanary_remote_write_queue_samples",
+            "Samples waiting in the remote-write queue, by shard.",
+            &["shard"],
+            Box::new(m.rw_queue_samples.clone()),
+        );
+        reg(
+            "meshcanary_remote_write_send_seconds",
+            "Remote-write POST duration quantiles over the last one to two minutes (hdrhistogram).",
+            &["quantile"],
+            Box::new(m.rw_send_seconds.clone()),
+        );
+        reg(
+            "meshcanary_remote_write_newest_sample_sent_timestamp_seconds",
+            "Timestamp of the newest sample the endpoint accepted; now minus this is the remote-write lag.",
+            &[],
+            Box::new(m.rw_newest_sent.clone()),
+        );
         Metrics {
             registry,
             docs,
@@ -390,6 +468,19 @@ impl Metrics {
             out += &format!("| `{}` | {} | {} | {} |\n", d.name, d.kind, labels, d.help);
         }
         out
+    }
+
+    /// Publish one shard's queue backlog.
+    pub fn set_queue_backlog(&self, shard: usize, bytes: u64, samples: u64) {
+        let l = ShardLabels {
+            shard: shard.to_string(),
+        };
+        self.rw_queue_bytes
+            .get_or_create(&l)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.rw_queue_samples
+            .get_or_create(&l)
+            .set(i64::try_from(samples).unwrap_or(i64::MAX));
     }
 
     pub fn record_scrape_duration(&self, tier: Tier, d: Duration) {
@@ -428,6 +519,16 @@ impl Metrics {
             for (q, label) in QUANTILES {
                 if let Some(v) = rec.quantile(q) {
                     self.scrape_to_window
+                        .get_or_create(&QuantileLabels { quantile: label })
+                        .set(v);
+                }
+            }
+        }
+        {
+            let mut rec = lock(&self.rw_send_latency);
+            for (q, label) in QUANTILES {
+                if let Some(v) = rec.quantile(q) {
+                    self.rw_send_seconds
                         .get_or_create(&QuantileLabels { quantile: label })
                         .set(v);
                 }

@@ -209,8 +209,17 @@ pub struct RunningAgent {
 impl RunningAgent {
     /// Start an agent scraping `targets` (`ns/workload/role=url`) every 200 ms.
     pub async fn start(targets: &[String], max_body_bytes: usize) -> RunningAgent {
+        Self::start_with(targets, max_body_bytes, |_| {}).await
+    }
+
+    /// The same, with a last say on the configuration.
+    pub async fn start_with(
+        targets: &[String],
+        max_body_bytes: usize,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> RunningAgent {
         let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = AgentConfig {
+        let mut config = AgentConfig {
             targets: targets
                 .iter()
                 .map(|t| parse_static_target(t).unwrap())
@@ -218,7 +227,7 @@ impl RunningAgent {
             fast_interval: Duration::from_millis(200),
             full_interval: Some(Duration::from_secs(2)),
             fast_timeout: Duration::from_millis(150),
-            full_timeout: Duration::from_secs(1),
+            full_timeout: Duration::from_millis(500),
             max_body_bytes,
             cluster_regex: Regex::new("^cds_ingress_").unwrap(),
             fast_filter: meshcanary::scrape::fast_filter("^cds_ingress_"),
@@ -230,7 +239,9 @@ impl RunningAgent {
             listen: Some(listen),
             grace_period: Duration::from_secs(2),
             policy: meshcanary::judge::Policy::default(),
+            remote_write: None,
         };
+        adjust(&mut config);
         config.validate().unwrap();
         let agent = Agent::new(config).expect("agent config");
         let shared = agent.shared();
@@ -341,5 +352,198 @@ impl FakeAdmin {
 impl Drop for FakeAdmin {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// One request a [`Receiver`] got: when, what it answered, and the decoded body.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub at: Instant,
+    pub status: u16,
+    pub request: meshcanary::remote_write::proto::WriteRequest,
+    pub headers: http::HeaderMap,
+}
+
+/// A remote-write receiver that answers from a script (then 204 forever) and keeps every
+/// request, decoded, so tests assert on what a receiver actually got.
+pub struct Receiver {
+    pub port: u16,
+    pub log: Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    /// `script`: (status, Retry-After seconds) for the first requests.
+    pub async fn start(port: u16, script: Vec<(u16, Option<u64>)>) -> Receiver {
+        use http_body_util::BodyExt as _;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind receiver");
+        let port = listener.local_addr().unwrap().port();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let script = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
+            script,
+        )));
+        let (log2, script2) = (Arc::clone(&log), Arc::clone(&script));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (log, script) = (Arc::clone(&log2), Arc::clone(&script2));
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (log, script) = (Arc::clone(&log), Arc::clone(&script));
+                            async move {
+                                let headers = req.headers().clone();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let (status, retry_after) =
+                                    script.lock().unwrap().pop_front().unwrap_or((204, None));
+                                let request = meshcanary::remote_write::proto::decode(&body)
+                                    .expect("a valid remote-write body");
+                                log.lock().unwrap().push(Received {
+                                    at: Instant::now(),
+                                    status,
+                                    request,
+                                    headers,
+                                });
+                                let mut resp = http::Response::builder().status(status);
+                                if let Some(s) = retry_after {
+                                    resp = resp.header("Retry-After", s.to_string());
+                                }
+                                Ok::<_, std::convert::Infallible>(
+                                    resp.body(http_body_util::Full::new(
+                                        bytes::Bytes::from_static(b"scripted"),
+                                    ))
+                                    .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Receiver { port, log, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A remote-write config for tests: fast batches and retries, queue in `dir`.
+pub fn remote_write_config(url: &str, dir: &Path) -> meshcanary::remote_write::RemoteWriteConfig {
+    meshcanary::remote_write::RemoteWriteConfig {
+        endpoint: meshcanary::remote_write::send::Endpoint {
+            url: url.parse().unwrap(),
+            authorization: None,
+            timeout: Duration::from_secs(2),
+        },
+        queue_dir: dir.to_owned(),
+        max_disk_bytes: 1 << 30,
+        batch_samples: 2000,
+        batch_deadline: Duration::from_millis(200),
+        shards: 2,
+        min_backoff: Duration::from_millis(30),
+        max_backoff: Duration::from_millis(500),
+        external_labels: vec![("cluster".to_owned(), "lab".to_owned())],
+        job: "appmesh-envoy".to_owned(),
+        drop: meshcanary::remote_write::relabel::DropRules::reference(),
+    }
+}
+
+/// A real Prometheus with the remote-write receiver on, storing into a temp dir.
+pub struct Prometheus {
+    pub port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    pub async fn start() -> Prometheus {
+        let bin = std::env::var_os("PROMETHEUS_BIN")
+            .map_or_else(|| PathBuf::from("/usr/bin/prometheus"), PathBuf::from);
+        assert!(
+            bin.exists(),
+            "Prometheus not found: run scripts/testenv.sh (or set PROMETHEUS_BIN)"
+        );
+        let dir = TempDir::new("prometheus");
+        let config = dir.path.join("prometheus.yml");
+        std::fs::write(&config, "global: {}\n").unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.enable-remote-write-receiver")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting Prometheus");
+        let ready = format!("http://127.0.0.1:{port}/-/ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !get(&ready).await.is_ok_and(|(s, _)| s == 200) {
+            assert!(Instant::now() < deadline, "Prometheus did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Prometheus {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn write_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    /// Instant query; the `data.result` array.
+    pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let mut q = String::new();
+        for b in promql.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                q.push(b as char);
+            } else {
+                q.push_str(&format!("%{b:02X}"));
+            }
+        }
+        let (status, body) = get(&format!(
+            "http://127.0.0.1:{}/api/v1/query?query={q}",
+            self.port
+        ))
+        .await
+        .expect("query");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,315 @@
+//! Stage 9, remote write: full-tier samples (and the agent's own metrics) to a
+//! Prometheus-compatible endpoint with Remote Write 1.0, through a durable queue.
+//!
+//! Split as Vector splits its sink: [`proto`] (messages and encoding), [`relabel`] (what is
+//! written and with which labels), [`queue`] (durable segments per shard), [`send`] (one
+//! POST and what its answer means). This file is the batching sink that ties them together:
+//!
+//! ```text
+//! full scrape -> relabel -> batcher --(series hash)--> shard queue (disk) -> shard sender -> POST
+//! ```
+//!
+//! Scraping never waits on the network: the full-tier task hands series to the batcher over
+//! a bounded channel and the batcher only writes to local disk. A batch closes at
+//! `batch_samples` samples or after `batch_deadline`. Series are hashed to shards, so the
+//! samples of one series stay in order while shards send concurrently.
+
+pub mod proto;
+pub mod queue;
+pub mod relabel;
+pub mod send;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::agent::stopping;
+use crate::telemetry::{lock, Metrics, OutcomeLabels, ReasonLabels, StatusClassLabels};
+use proto::{TimeSeries, WriteRequest};
+use queue::{Cursor, Queue};
+use relabel::DropRules;
+use send::{Backoff, Endpoint, Outcome, Sender};
+
+/// Remote-write settings, validated.
+#[derive(Clone, Debug)]
+pub struct RemoteWriteConfig {
+    pub endpoint: Endpoint,
+    pub queue_dir: PathBuf,
+    pub max_disk_bytes: u64,
+    pub batch_samples: usize,
+    pub batch_deadline: Duration,
+    pub shards: usize,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Labels added to every series (`cluster`, ...).
+    pub external_labels: Vec<(String, String)>,
+    /// The `job` label of Envoy series (the reference collector's job name).
+    pub job: String,
+    pub drop: DropRules,
+}
+
+impl RemoteWriteConfig {
+    /// ### Errors
+    /// A message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        Backoff::new(self.min_backoff, self.max_backoff)
+            .map_err(|e| format!("--remote-write-min/max-backoff: {e}"))?;
+        if self.batch_samples == 0 || self.shards == 0 {
+            return Err(
+                "--remote-write-batch-samples and --remote-write-shards must be at least 1".into(),
+            );
+        }
+        if self.max_disk_bytes < 2 * queue::SEGMENT_BYTES {
+            return Err(format!(
+                "--remote-write-max-disk must be at least {} bytes",
+                2 * queue::SEGMENT_BYTES
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Series on their way to the batcher.
+pub type SeriesSender = mpsc::Sender<Vec<TimeSeries>>;
+
+fn shard_of(series: &TimeSeries, shards: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    for l in &series.labels {
+        l.name.hash(&mut h);
+        l.value.hash(&mut h);
+    }
+    (h.finish() % shards as u64) as usize
+}
+
+/// Start the batcher and one sender per shard. Returns the channel full-tier scrapes feed.
+///
+/// ### Errors
+/// The queue directory cannot be created.
+pub fn start(
+    config: RemoteWriteConfig,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> std::io::Result<SeriesSender> {
+    let mut queues = Vec::with_capacity(config.shards);
+    for shard in 0..config.shards {
+        let dir = config.queue_dir.join(format!("shard-{shard}"));
+        let per_shard_cap = config.max_disk_bytes / config.shards as u64;
+        queues.push(Arc::new(Queue::open(&dir, per_shard_cap)?));
+    }
+    let (tx, rx) = mpsc::channel(64);
+    tasks.spawn(batcher(
+        rx,
+        queues.clone(),
+        config.clone(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
+    for (shard, queue) in queues.into_iter().enumerate() {
+        let sender = Sender::new(config.endpoint.clone());
+        let (bytes, samples) = queue.backlog();
+        metrics.set_queue_backlog(shard, bytes, samples);
+        tasks.spawn(shard_sender(
+            shard,
+            queue,
+            sender,
+            config.clone(),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+    }
+    Ok(tx)
+}
+
+async fn batcher(
+    mut rx: mpsc::Receiver<Vec<TimeSeries>>,
+    queues: Vec<Arc<Queue>>,
+    config: RemoteWriteConfig,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut buffers: Vec<Vec<TimeSeries>> = vec![Vec::new(); queues.len()];
+    let mut tick = tokio::time::interval(config.batch_deadline);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            received = rx.recv() => {
+                let Some(series) = received else { break };
+                for s in series {
+                    let shard = shard_of(&s, queues.len());
+                    buffers[shard].push(s);
+                    if buffers[shard].len() >= config.batch_samples {
+                        flush(&queues[shard], &mut buffers[shard], &metrics);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                for (queue, buffer) in queues.iter().zip(&mut buffers) {
+                    flush(queue, buffer, &metrics);
+                }
+            }
+            () = stopping(&mut shutdown) => break,
+        }
+    }
+    // Whatever was scraped is on disk before the agent exits.
+    while let Ok(series) = rx.try_recv() {
+        for s in series {
+            let shard = shard_of(&s, queues.len());
+            buffers[shard].push(s);
+        }
+    }
+    for (queue, buffer) in queues.iter().zip(&mut buffers) {
+        flush(queue, buffer, &metrics);
+    }
+}
+
+/// Encode a shard's buffer as one batch and append it to the shard's queue.
+fn flush(queue: &Queue, buffer: &mut Vec<TimeSeries>, metrics: &Metrics) {
+    if buffer.is_empty() {
+        return;
+    }
+    let samples: usize = buffer.iter().map(|s| s.samples.len()).sum();
+    let body = proto::encode(&WriteRequest {
+        timeseries: std::mem::take(buffer),
+    });
+    let count = |outcome: &'static str, n: u64| {
+        metrics
+            .rw_samples
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(n)
+    };
+    match queue.append(&body, u32::try_from(samples).unwrap_or(u32::MAX)) {
+        Ok(dropped) => {
+            count("queued", samples as u64);
+            if dropped.samples > 0 {
+                count("dropped_disk_cap", dropped.samples);
+                tracing::warn!(samples = dropped.samples, "Remote-write queue over its disk cap: dropped the oldest segment (raise --remote-write-max-disk)");
+            }
+        }
+        Err(error) => {
+            count("dropped_queue_error", samples as u64);
+            tracing::error!(%error, samples, "Writing a remote-write batch to the queue failed; batch dropped");
+        }
+    }
+}
+
+async fn shard_sender(
+    shard: usize,
+    queue: Arc<Queue>,
+    sender: Sender,
+    config: RemoteWriteConfig,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut cursor: Cursor = queue.ack_cursor();
+    let mut backoff =
+        Backoff::new(config.min_backoff, config.max_backoff).expect("validated at startup");
+    let mut last_drop_log: Option<Instant> = None;
+    let count = |outcome: &'static str, n: u64| {
+        metrics
+            .rw_samples
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(n)
+    };
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let (next, dropped) = match queue.next(cursor) {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::error!(%error, "Reading the remote-write queue failed");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = stopping(&mut shutdown) => return,
+                }
+                continue;
+            }
+        };
+        if dropped.samples > 0 {
+            count("dropped_corrupt", dropped.samples);
+            tracing::warn!(
+                samples = dropped.samples,
+                "Skipped a torn record in the remote-write queue"
+            );
+        }
+        let Some((record, after)) = next else {
+            let appended = queue.appended.notified();
+            tokio::select! {
+                () = appended => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = stopping(&mut shutdown) => return,
+            }
+            continue;
+        };
+        let body = Bytes::from(record.payload);
+        loop {
+            let started = Instant::now();
+            let outcome = sender.post(body.clone()).await;
+            lock(&metrics.rw_send_latency).record(started.elapsed());
+            let class = match &outcome {
+                Outcome::Delivered => "2xx",
+                Outcome::Retry { reason: "429", .. } => "429",
+                Outcome::Retry { reason: "5xx", .. } => "5xx",
+                Outcome::Retry { .. } => "error",
+                Outcome::Drop { .. } => "4xx",
+            };
+            metrics
+                .rw_batches
+                .get_or_create(&StatusClassLabels {
+                    status_class: class,
+                })
+                .inc();
+            match outcome {
+                Outcome::Delivered => {
+                    count("sent", u64::from(record.samples));
+                    if let Ok(req) = proto::decode(&body) {
+                        let newest = req
+                            .timeseries
+                            .iter()
+                            .flat_map(|t| &t.samples)
+                            .map(|s| s.timestamp)
+                            .max();
+                        if let Some(ts) = newest {
+                            metrics.rw_newest_sent.set(ts as f64 / 1000.0);
+                        }
+                    }
+                    backoff.reset();
+                    break;
+                }
+                Outcome::Drop { status, message } => {
+                    count("dropped_http_4xx", u64::from(record.samples));
+                    if last_drop_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(status, %message, samples = record.samples, "Remote-write endpoint rejected a batch; dropped it (logged at most once a minute)");
+                        last_drop_log = Some(Instant::now());
+                    }
+                    break;
+                }
+                Outcome::Retry { reason, after } => {
+                    metrics
+                        .rw_retries
+                        .get_or_create(&ReasonLabels { reason })
+                        .inc();
+                    let delay = backoff.next_delay().max(after.unwrap_or_default());
+                    tracing::debug!(reason, ?delay, "Retrying a remote-write batch");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        // Not acked: the batch is sent again after a restart.
+                        () = stopping(&mut shutdown) => return,
+                    }
+                }
+            }
+        }
+        cursor = after;
+        if let Err(error) = queue.ack(cursor) {
+            tracing::error!(%error, "Recording remote-write progress failed; the batch may be sent again after a restart");
+        }
+        let (bytes, samples) = queue.backlog();
+        metrics.set_queue_backlog(shard, bytes, samples);
+    }
+}

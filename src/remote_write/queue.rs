@@ -1,0 +1,415 @@
+//! The durable queue between batching and sending: one directory per shard, holding
+//! append-only segment files of records `[len u32][samples u32][crc32 u32][payload]`
+//! (little-endian; the payload is a ready-to-send remote-write body) and an `ack` file with
+//! the position of the first record not yet delivered.
+//!
+//! A batch is on disk (written and `fsync`ed) before it is sent, so an endpoint outage or an
+//! agent restart loses nothing: after a restart the sender resumes at `ack`, and the writer
+//! starts a new segment. Past the disk cap the oldest segment is deleted and its undelivered
+//! samples are counted as dropped. A record whose checksum fails (a torn write at a crash)
+//! ends its segment: the reader moves on to the next one and counts what it skipped.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+const HEADER: u64 = 12;
+/// A segment is closed and a new one started past this size.
+pub const SEGMENT_BYTES: u64 = 8 << 20;
+
+/// A position in the queue: segment number and byte offset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// One record read back.
+#[derive(Debug)]
+pub struct Record {
+    pub payload: Vec<u8>,
+    pub samples: u32,
+}
+
+/// What a cap enforcement or a corrupt record threw away.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub samples: u64,
+    pub records: u64,
+}
+
+struct Writer {
+    segment: u64,
+    file: File,
+    len: u64,
+}
+
+/// One shard's queue.
+pub struct Queue {
+    dir: PathBuf,
+    max_bytes: u64,
+    writer: Mutex<Option<Writer>>,
+    /// Woken on every append.
+    pub appended: Notify,
+}
+
+fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:010}.seg"))
+}
+
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".seg")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Sum the sample counts of the records in `path` from `offset` on (headers only).
+fn count_from(path: &Path, offset: u64) -> io::Result<Dropped> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut pos = offset;
+    let mut dropped = Dropped::default();
+    let mut header = [0u8; HEADER as usize];
+    while pos + HEADER <= len {
+        file.seek(SeekFrom::Start(pos))?;
+        file.read_exact(&mut header)?;
+        let n = u64::from(u32::from_le_bytes(
+            header[0..4].try_into().expect("4 bytes"),
+        ));
+        dropped.samples += u64::from(u32::from_le_bytes(
+            header[4..8].try_into().expect("4 bytes"),
+        ));
+        dropped.records += 1;
+        pos += HEADER + n;
+    }
+    Ok(dropped)
+}
+
+impl Queue {
+    /// Open (or create) the queue in `dir`. Writing starts in a new segment.
+    ///
+    /// ### Errors
+    /// The directory cannot be created or listed.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Queue> {
+        fs::create_dir_all(dir)?;
+        Ok(Queue {
+            dir: dir.to_owned(),
+            max_bytes,
+            writer: Mutex::new(None),
+            appended: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Writer>> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Append one record and `fsync` it; returns what the disk cap made it drop.
+    ///
+    /// ### Errors
+    /// Disk errors; the caller counts the batch as dropped.
+    pub fn append(&self, payload: &[u8], samples: u32) -> io::Result<Dropped> {
+        let len =
+            u32::try_from(payload.len()).map_err(|_| io::Error::other("record over 4 GiB"))?;
+        let mut guard = self.lock();
+        let rotate = guard.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES);
+        if rotate {
+            let next = segments(&self.dir)?.last().map_or(1, |s| s + 1);
+            let file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(segment_path(&self.dir, next))?;
+            *guard = Some(Writer {
+                segment: next,
+                file,
+                len: 0,
+            });
+        }
+        let w = guard.as_mut().expect("opened above");
+        let mut record = Vec::with_capacity(HEADER as usize + payload.len());
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(&samples.to_le_bytes());
+        record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        record.extend_from_slice(payload);
+        w.file.write_all(&record)?;
+        w.file.sync_data()?;
+        w.len += record.len() as u64;
+        let current = w.segment;
+        drop(guard);
+        let dropped = self.enforce_cap(current)?;
+        self.appended.notify_waiters();
+        Ok(dropped)
+    }
+
+    /// Delete the oldest segments (never the one being written) while over the cap.
+    fn enforce_cap(&self, current: u64) -> io::Result<Dropped> {
+        let mut dropped = Dropped::default();
+        loop {
+            let ids = segments(&self.dir)?;
+            let total: u64 = ids
+                .iter()
+                .filter_map(|s| fs::metadata(segment_path(&self.dir, *s)).ok())
+                .map(|m| m.len())
+                .sum();
+            let Some(&oldest) = ids.first() else { break };
+            if total <= self.max_bytes || oldest == current {
+                break;
+            }
+            let ack = self.ack_cursor();
+            let from = if ack.segment == oldest { ack.offset } else { 0 };
+            if ack.segment <= oldest {
+                let d = count_from(&segment_path(&self.dir, oldest), from)?;
+                dropped.samples += d.samples;
+                dropped.records += d.records;
+            }
+            fs::remove_file(segment_path(&self.dir, oldest))?;
+        }
+        Ok(dropped)
+    }
+
+    /// Where delivery resumes.
+    pub fn ack_cursor(&self) -> Cursor {
+        let text = fs::read_to_string(self.dir.join("ack")).unwrap_or_default();
+        let mut parts = text.split_whitespace().map(str::parse::<u64>);
+        match (parts.next(), parts.next()) {
+            (Some(Ok(segment)), Some(Ok(offset))) => Cursor { segment, offset },
+            _ => Cursor::default(),
+        }
+    }
+
+    /// Record that everything before `cursor` was delivered (atomically: write then rename),
+    /// and delete segments that are wholly behind it.
+    ///
+    /// ### Errors
+    /// Disk errors; delivery then resumes from the previous ack after a restart.
+    pub fn ack(&self, cursor: Cursor) -> io::Result<()> {
+        let tmp = self.dir.join("ack.tmp");
+        fs::write(&tmp, format!("{} {}\n", cursor.segment, cursor.offset))?;
+        fs::rename(&tmp, self.dir.join("ack"))?;
+        for s in segments(&self.dir)? {
+            if s < cursor.segment {
+                fs::remove_file(segment_path(&self.dir, s))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The record at `cursor` and the cursor after it, or `None` when nothing complete is
+    /// there yet. Moves past finished segments; a corrupt record skips the rest of its
+    /// segment (returned as dropped).
+    ///
+    /// ### Errors
+    /// Disk errors other than a missing or short file.
+    pub fn next(&self, cursor: Cursor) -> io::Result<(Option<(Record, Cursor)>, Dropped)> {
+        let mut cursor = cursor;
+        let mut dropped = Dropped::default();
+        loop {
+            let ids = segments(&self.dir)?;
+            let Some(&oldest) = ids.first() else {
+                return Ok((None, dropped));
+            };
+            if cursor.segment < oldest {
+                cursor = Cursor {
+                    segment: oldest,
+                    offset: 0,
+                };
+            }
+            let later = ids.iter().any(|&s| s > cursor.segment);
+            let path = segment_path(&self.dir, cursor.segment);
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && later => {
+                    cursor = Cursor {
+                        segment: cursor.segment + 1,
+                        offset: 0,
+                    };
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, dropped)),
+                Err(e) => return Err(e),
+            };
+            let len = file.metadata()?.len();
+            if cursor.offset + HEADER > len {
+                if later {
+                    cursor = Cursor {
+                        segment: cursor.segment + 1,
+                        offset: 0,
+                    };
+                    continue;
+                }
+                return Ok((None, dropped));
+            }
+            file.seek(SeekFrom::Start(cursor.offset))?;
+            let mut header = [0u8; HEADER as usize];
+            file.read_exact(&mut header)?;
+            let n = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+            let samples = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+            let crc = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+            let end = cursor.offset + HEADER + u64::from(n);
+            if end > len {
+                if later {
+                    // A torn record at the end of a closed segment: skip it.
+                    dropped.samples += u64::from(samples);
+                    dropped.records += 1;
+                    cursor = Cursor {
+                        segment: cursor.segment + 1,
+                        offset: 0,
+                    };
+                    continue;
+                }
+                return Ok((None, dropped)); // still being written
+            }
+            let mut payload = vec![0u8; n as usize];
+            file.read_exact(&mut payload)?;
+            if crc32fast::hash(&payload) != crc {
+                let rest = count_from(&path, cursor.offset)?;
+                dropped.samples += rest.samples;
+                dropped.records += rest.records;
+                if !later {
+                    return Ok((None, dropped));
+                }
+                cursor = Cursor {
+                    segment: cursor.segment + 1,
+                    offset: 0,
+                };
+                continue;
+            }
+            return Ok((
+                Some((
+                    Record { payload, samples },
+                    Cursor {
+                        segment: cursor.segment,
+                        offset: end,
+                    },
+                )),
+                dropped,
+            ));
+        }
+    }
+
+    /// Bytes on disk and undelivered samples (from the ack on).
+    pub fn backlog(&self) -> (u64, u64) {
+        let ack = self.ack_cursor();
+        let mut bytes = 0;
+        let mut samples = 0;
+        for s in segments(&self.dir).unwrap_or_default() {
+            let path = segment_path(&self.dir, s);
+            bytes += fs::metadata(&path).map_or(0, |m| m.len());
+            if s >= ack.segment {
+                let from = if s == ack.segment { ack.offset } else { 0 };
+                samples += count_from(&path, from).map_or(0, |d| d.samples);
+            }
+        }
+        (bytes, samples)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "meshcanary-queue-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn drain(q: &Queue) -> Vec<Vec<u8>> {
+        let mut out = vec![];
+        let mut c = q.ack_cursor();
+        while let (Some((r, next)), _) = q.next(c).unwrap() {
+            out.push(r.payload);
+            c = next;
+            q.ack(c).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn records_survive_a_restart_and_are_delivered_once() {
+        let dir = tmp();
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        q.append(b"one", 1).unwrap();
+        q.append(b"two", 2).unwrap();
+        let (first, next) = q.next(q.ack_cursor()).unwrap().0.unwrap();
+        assert_eq!(first.payload, b"one");
+        q.ack(next).unwrap();
+        drop(q);
+        // Restart: the unacked record is still there, then new ones follow in a new segment.
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        q.append(b"three", 3).unwrap();
+        assert_eq!(q.backlog().1, 5);
+        assert_eq!(drain(&q), vec![b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(drain(&q), Vec::<Vec<u8>>::new());
+        assert_eq!(q.backlog().1, 0);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_disk_cap_drops_the_oldest_segment_and_counts_it() {
+        let dir = tmp();
+        let q = Queue::open(&dir, 100).unwrap();
+        let big = vec![7u8; 80];
+        assert_eq!(q.append(&big, 10).unwrap(), Dropped::default());
+        drop(q); // the next writer starts a new segment
+        let q = Queue::open(&dir, 100).unwrap();
+        let d = q.append(&big, 20).unwrap();
+        assert_eq!(
+            d,
+            Dropped {
+                samples: 10,
+                records: 1
+            }
+        );
+        let (r, _) = q.next(q.ack_cursor()).unwrap().0.unwrap();
+        assert_eq!(r.samples, 20);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_record_is_skipped_and_counted() {
+        let dir = tmp();
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        q.append(b"good", 1).unwrap();
+        q.append(b"torn", 4).unwrap();
+        drop(q);
+        // Flip a payload byte of the second record, as a crash mid-write could leave it.
+        let seg = segment_path(&dir, 1);
+        let mut bytes = fs::read(&seg).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&seg, bytes).unwrap();
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        q.append(b"after", 2).unwrap();
+        let (r, c) = q.next(q.ack_cursor()).unwrap().0.unwrap();
+        assert_eq!(r.payload, b"good");
+        let (next, dropped) = q.next(c).unwrap();
+        assert_eq!(
+            dropped,
+            Dropped {
+                samples: 4,
+                records: 1
+            }
+        );
+        assert_eq!(next.unwrap().0.payload, b"after");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,266 @@
+//! One remote-write POST, and what to do about its answer.
+//!
+//! [`classify`] is pure: 2xx is delivered; 429 and 5xx (and no answer at all) are retried,
+//! honouring `Retry-After`; any other 4xx means the receiver will never take this batch, so
+//! it is dropped and counted. [`Backoff`] is exponential with full jitter, validated at
+//! construction.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+/// What to do with a batch after one attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Try again, not before `after` if the receiver said so.
+    Retry {
+        reason: &'static str,
+        after: Option<Duration>,
+    },
+    /// The receiver rejected the batch for good.
+    Drop {
+        status: u16,
+        message: String,
+    },
+}
+
+/// Decide from a status code and a `Retry-After` header value (seconds).
+pub fn classify(status: StatusCode, retry_after: Option<&str>, body: &str) -> Outcome {
+    let after = retry_after
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    if status.is_success() {
+        Outcome::Delivered
+    } else if status == StatusCode::TOO_MANY_REQUESTS {
+        Outcome::Retry {
+            reason: "429",
+            after,
+        }
+    } else if status.is_server_error() {
+        Outcome::Retry {
+            reason: "5xx",
+            after,
+        }
+    } else {
+        Outcome::Drop {
+            status: status.as_u16(),
+            message: body.chars().take(256).collect(),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: attempt `n` waits a uniform random time in
+/// `[0, min(max, min_delay * 2^n)]`.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// ### Errors
+    /// When `min` is zero or larger than `max`.
+    pub fn new(min: Duration, max: Duration) -> Result<Self, String> {
+        if min.is_zero() || min > max {
+            return Err(format!(
+                "backoff needs 0 < min <= max, got min {min:?}, max {max:?}"
+            ));
+        }
+        Ok(Backoff {
+            min,
+            max,
+            attempt: 0,
+        })
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        cap.mul_f64(fastrand::f64())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Standard base64 with padding (for basic auth), small enough not to need a crate.
+pub fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Where and how to POST.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub url: Uri,
+    /// A ready `Authorization` header (bearer or basic); never logged.
+    pub authorization: Option<HeaderValue>,
+    pub timeout: Duration,
+}
+
+/// The HTTP side of remote write.
+#[derive(Clone, Debug)]
+pub struct Sender {
+    client: Client<HttpConnector, Full<Bytes>>,
+    endpoint: Endpoint,
+}
+
+impl Sender {
+    pub fn new(endpoint: Endpoint) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(endpoint.timeout));
+        Sender {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            endpoint,
+        }
+    }
+
+    /// POST one snappy-compressed `WriteRequest`.
+    pub async fn post(&self, body: Bytes) -> Outcome {
+        let mut req = Request::post(self.endpoint.url.clone())
+            .header(http::header::CONTENT_ENCODING, "snappy")
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .header(
+                http::header::USER_AGENT,
+                concat!("meshcanary/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(auth) = &self.endpoint.authorization {
+            req = req.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        let Ok(req) = req.body(Full::new(body)) else {
+            return Outcome::Drop {
+                status: 0,
+                message: "could not build the request".into(),
+            };
+        };
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|_| "connect")?;
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| "body_read")?
+                .to_bytes();
+            Ok::<_, &'static str>(classify(
+                status,
+                retry_after.as_deref(),
+                &String::from_utf8_lossy(&body),
+            ))
+        };
+        match tokio::time::timeout(self.endpoint.timeout, exchange).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(reason)) => Outcome::Retry {
+                reason,
+                after: None,
+            },
+            Err(_) => Outcome::Retry {
+                reason: "timeout",
+                after: None,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_decide_retry_or_drop() {
+        assert_eq!(
+            classify(StatusCode::NO_CONTENT, None, ""),
+            Outcome::Delivered
+        );
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, Some("3"), ""),
+            Outcome::Retry {
+                reason: "429",
+                after: Some(Duration::from_secs(3))
+            }
+        );
+        assert_eq!(
+            classify(StatusCode::BAD_GATEWAY, None, ""),
+            Outcome::Retry {
+                reason: "5xx",
+                after: None
+            }
+        );
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, None, "out of order sample"),
+            Outcome::Drop {
+                status: 400,
+                message: "out of order sample".into()
+            }
+        );
+        assert!(matches!(
+            classify(StatusCode::UNAUTHORIZED, None, ""),
+            Outcome::Drop { status: 401, .. }
+        ));
+    }
+
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        assert_eq!(
+            base64(b"Aladdin:open sesame"),
+            "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_full_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(30), Duration::from_secs(30)).unwrap();
+        let delays: Vec<Duration> = (0..30).map(|_| b.next_delay()).collect();
+        for (n, d) in delays.iter().enumerate() {
+            let cap = Duration::from_millis(30)
+                .saturating_mul(1 << n.min(20))
+                .min(Duration::from_secs(30));
+            assert!(*d <= cap, "attempt {n}: {d:?} > {cap:?}");
+        }
+        assert!(
+            delays[20..].iter().any(|d| *d > Duration::from_secs(1)),
+            "reaches long waits"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(30));
+        assert!(Backoff::new(Duration::ZERO, Duration::from_secs(1)).is_err());
+        assert!(Backoff::new(Duration::from_secs(2), Duration::from_secs(1)).is_err());
+    }
+}

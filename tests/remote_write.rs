@@ -1,0 +1,226 @@
+//! Remote write against real receivers: a real Prometheus, and a scripted receiver for
+//! 429 / 500 / 400 answers. Assertions are on what the receiver actually got.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{
+    eventually, remote_write_config, App, Prometheus, Receiver, RunningAgent, Sidecar, TempDir,
+};
+
+fn counter(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_values_and_labels_arrive_in_prometheus_and_dropped_names_do_not() {
+    let app = App::start().await;
+    let sidecar = Sidecar::start(app.port, "podinfo-canary", "1s").await;
+    let prometheus = Prometheus::start().await;
+    let queue = TempDir::new("queue");
+    let rw = remote_write_config(&prometheus.write_url(), &queue.path);
+    let agent = RunningAgent::start_with(
+        &[format!("test/podinfo/canary={}", sidecar.admin_url())],
+        32 << 20,
+        |c| {
+            c.full_interval = Some(Duration::from_secs(1));
+            c.remote_write = Some(rw);
+        },
+    )
+    .await;
+    sidecar.drive("/", 37).await;
+    sidecar.drive("/status/503", 5).await;
+
+    let pod = format!("127.0.0.1:{}", sidecar.admin_port);
+    let query = format!(
+        r#"envoy_cluster_upstream_rq{{kubernetes_namespace="test",kubernetes_pod_name="{pod}",envoy_cluster_name=~"cds_ingress_.*"}}"#
+    );
+    let mut result = Vec::new();
+    for _ in 0..100 {
+        result = prometheus.query(&query).await;
+        if result.len() == 2
+            && result.iter().any(|r| r["value"][1] == "37")
+            && result.iter().any(|r| r["value"][1] == "5")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(result.len(), 2, "{result:?}");
+    let ok = result
+        .iter()
+        .find(|r| r["metric"]["envoy_response_code"] == "200")
+        .expect("200 series");
+    assert_eq!(ok["value"][1], "37", "exact value: {ok}");
+    let m = &ok["metric"];
+    assert_eq!(m["job"], "appmesh-envoy");
+    assert_eq!(m["cluster"], "lab", "external label");
+    assert_eq!(m["instance"], pod.as_str());
+    assert_eq!(
+        result
+            .iter()
+            .find(|r| r["metric"]["envoy_response_code"] == "503")
+            .unwrap()["value"][1],
+        "5"
+    );
+
+    // The reference drops never arrive; everything else does, and so do the agent's own metrics.
+    assert!(prometheus.query(r#"count({__name__=~"envoy_cluster_(lb|retry|bind|internal|max|original).*|envoy_http_(stats|admin).*"})"#).await.is_empty());
+    assert!(!prometheus
+        .query(r#"envoy_server_live{job="appmesh-envoy"}"#)
+        .await
+        .is_empty());
+    let mut own = Vec::new();
+    for _ in 0..50 {
+        own = prometheus
+            .query(r#"meshcanary_scrapes_total{job="meshcanary",tier="fast"}"#)
+            .await;
+        if !own.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!own.is_empty(), "the agent's own metrics are written too");
+    let metrics = agent.metrics().await;
+    assert!(
+        counter(
+            &metrics,
+            r#"meshcanary_remote_write_samples_total{outcome="dropped_by_rules"}"#
+        ) > 0.0
+    );
+    assert!(
+        counter(
+            &metrics,
+            r#"meshcanary_remote_write_samples_total{outcome="sent"}"#
+        ) > 0.0
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_400_batches_are_dropped_and_the_rest_flows() {
+    let app = App::start().await;
+    let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
+    let receiver = Receiver::start(0, vec![(429, Some(1)), (500, None), (400, None)]).await;
+    let queue = TempDir::new("queue");
+    let mut rw = remote_write_config(&receiver.url(), &queue.path);
+    rw.shards = 1; // one sender, so the script's answers map to consecutive attempts
+    let agent = RunningAgent::start_with(
+        &[format!("test/podinfo/primary={}", sidecar.admin_url())],
+        32 << 20,
+        |c| {
+            c.full_interval = Some(Duration::from_secs(1));
+            c.remote_write = Some(rw);
+        },
+    )
+    .await;
+    let log = receiver.log.clone();
+    eventually(
+        Duration::from_secs(20),
+        "a few delivered batches after the scripted failures",
+        || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.status == 204)
+                .count()
+                >= 3
+        },
+    )
+    .await;
+    let got = receiver.received();
+    assert_eq!(got[0].status, 429);
+    assert!(
+        got[1].at.duration_since(got[0].at) >= Duration::from_secs(1),
+        "Retry-After: 1 honoured"
+    );
+    assert_eq!(got[1].status, 500);
+    // The 429 and the 500 were the same batch, retried; the 400 drops it.
+    assert_eq!(got[0].request, got[1].request);
+    assert_eq!(got[2].request, got[1].request);
+    assert_eq!(got[2].status, 400);
+    let dropped_samples: usize = got[2]
+        .request
+        .timeseries
+        .iter()
+        .map(|t| t.samples.len())
+        .sum();
+    assert_eq!(got[3].status, 204);
+    assert_ne!(got[3].request, got[2].request, "the pipeline moved on");
+    for r in &got {
+        assert_eq!(r.headers["content-encoding"], "snappy");
+        assert_eq!(r.headers["content-type"], "application/x-protobuf");
+        assert_eq!(r.headers["x-prometheus-remote-write-version"], "0.1.0");
+        assert!(r.headers["user-agent"]
+            .to_str()
+            .unwrap()
+            .starts_with("meshcanary/"));
+        for ts in &r.request.timeseries {
+            let names: Vec<&str> = ts.labels.iter().map(|l| l.name.as_str()).collect();
+            assert!(
+                names.windows(2).all(|w| w[0] < w[1]),
+                "labels sorted: {names:?}"
+            );
+            assert!(names.contains(&"__name__"));
+            assert!(ts.labels.iter().all(|l| !l.value.is_empty()));
+        }
+    }
+    let shared = agent.shared.clone();
+    agent.shutdown().await;
+    // After shutdown no POST is in flight: the counters and the receiver must agree exactly.
+    let metrics = shared.render_metrics();
+    assert_eq!(
+        counter(
+            &metrics,
+            r#"meshcanary_remote_write_samples_total{outcome="dropped_http_4xx"}"#
+        ),
+        dropped_samples as f64
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            r#"meshcanary_remote_write_retries_total{reason="429"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            r#"meshcanary_remote_write_retries_total{reason="5xx"}"#
+        ),
+        1.0
+    );
+    let delivered: usize = receiver
+        .received()
+        .iter()
+        .filter(|r| r.status == 204)
+        .map(|r| {
+            r.request
+                .timeseries
+                .iter()
+                .map(|t| t.samples.len())
+                .sum::<usize>()
+        })
+        .sum();
+    let sent = counter(
+        &metrics,
+        r#"meshcanary_remote_write_samples_total{outcome="sent"}"#,
+    );
+    let queued = counter(
+        &metrics,
+        r#"meshcanary_remote_write_samples_total{outcome="queued"}"#,
+    );
+    assert_eq!(
+        sent, delivered as f64,
+        "every sample counted as sent reached the receiver"
+    );
+    assert!(
+        queued >= sent + dropped_samples as f64,
+        "queued {queued} < sent {sent} + dropped {dropped_samples}"
+    );
+}
