@@ -11,6 +11,7 @@ need_apt=()
 command -v hey >/dev/null || need_apt+=(hey)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
+/usr/bin/python3 -c 'import botocore' 2>/dev/null || need_apt+=(python3-botocore)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then log "missing ${need_apt[*]}: install them (apt-get) or run as root"; exit 1; fi

@@ -227,6 +227,7 @@ impl Agent {
                     shutdown.clone(),
                     &mut tasks,
                 )
+                .await
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "opening the remote-write queue in {}: {e}",

@@ -196,6 +196,14 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub drop_metrics: Vec<String>,
+    /// Sign remote-write requests with SigV4 (service `aps`), credentials from the AWS default
+    /// chain (environment, profile, IRSA web identity, EKS Pod Identity, instance metadata).
+    /// On by itself for `aps-workspaces.<region>.amazonaws.com` URLs.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_SIGV4")]
+    pub remote_write_sigv4: bool,
+    /// SigV4 region; by default the one in the AMP host name.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_SIGV4_REGION")]
+    pub remote_write_sigv4_region: Option<String>,
     /// File with a bearer token for the endpoint (read at startup; never logged).
     #[arg(long, env = "MESHCANARY_REMOTE_WRITE_BEARER_TOKEN_FILE")]
     pub remote_write_bearer_token_file: Option<std::path::PathBuf>,
@@ -313,9 +321,20 @@ impl AgentArgs {
         let url: http::Uri = url
             .parse()
             .map_err(|e| anyhow::anyhow!("--remote-write-url {url:?}: {e}"))?;
-        if url.scheme_str() != Some("http") {
-            anyhow::bail!("--remote-write-url: only http:// endpoints are supported so far (https and SigV4 for AMP are not built yet)");
+        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+            anyhow::bail!("--remote-write-url {url}: expected http:// or https:// with a host");
         }
+        let host = url.host().unwrap_or_default();
+        let sigv4 = if self.remote_write_sigv4 || host.starts_with("aps-workspaces.") {
+            let region = self
+                .remote_write_sigv4_region
+                .clone()
+                .or_else(|| crate::remote_write::sigv4::region_from_host(host))
+                .ok_or_else(|| anyhow::anyhow!("--remote-write-sigv4: give --remote-write-sigv4-region (the host {host:?} names none)"))?;
+            Some((region, "aps".to_owned()))
+        } else {
+            None
+        };
         let read_secret = |flag: &str, path: &std::path::Path| {
             std::fs::read_to_string(path)
                 .map(|s| s.trim().to_owned())
@@ -396,6 +415,7 @@ impl AgentArgs {
             external_labels,
             job: self.remote_write_job.clone(),
             drop,
+            sigv4,
         };
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(Some(config))

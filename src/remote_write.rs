@@ -18,6 +18,7 @@ pub mod proto;
 pub mod queue;
 pub mod relabel;
 pub mod send;
+pub mod sigv4;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -51,6 +52,8 @@ pub struct RemoteWriteConfig {
     /// The `job` label of Envoy series (the reference collector's job name).
     pub job: String,
     pub drop: DropRules,
+    /// SigV4 signing (region, service) for AMP; `None` for plain endpoints.
+    pub sigv4: Option<(String, String)>,
 }
 
 impl RemoteWriteConfig {
@@ -90,7 +93,7 @@ fn shard_of(series: &TimeSeries, shards: usize) -> usize {
 ///
 /// ### Errors
 /// The queue directory cannot be created.
-pub fn start(
+pub async fn start(
     config: RemoteWriteConfig,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -110,8 +113,16 @@ pub fn start(
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
+    let sigv4 = match &config.sigv4 {
+        Some((region, service)) => Some(Arc::new(sigv4::SigV4 {
+            region: region.clone(),
+            service: service.clone(),
+            credentials: sigv4::CredentialCache::default_chain(region).await,
+        })),
+        None => None,
+    };
     for (shard, queue) in queues.into_iter().enumerate() {
-        let sender = Sender::new(config.endpoint.clone());
+        let sender = Sender::new(config.endpoint.clone(), sigv4.clone());
         let (bytes, samples) = queue.backlog();
         metrics.set_queue_backlog(shard, bytes, samples);
         tasks.spawn(shard_sender(

@@ -5,13 +5,16 @@
 //! it is dropped and counted. [`Backoff`] is exponential with full jitter, validated at
 //! construction.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+
+use super::sigv4::{sign_headers, SigV4, Unsigned};
 
 /// What to do with a batch after one attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,36 +127,96 @@ pub struct Endpoint {
     pub timeout: Duration,
 }
 
-/// The HTTP side of remote write.
+/// The HTTP side of remote write: http or https, SigV4-signed when configured.
 #[derive(Clone, Debug)]
 pub struct Sender {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     endpoint: Endpoint,
+    sigv4: Option<Arc<SigV4>>,
 }
 
+/// Headers every remote-write POST carries (before any signature).
+const HEADERS: [(&str, &str); 4] = [
+    ("content-encoding", "snappy"),
+    ("content-type", "application/x-protobuf"),
+    ("x-prometheus-remote-write-version", "0.1.0"),
+    (
+        "user-agent",
+        concat!("meshcanary/", env!("CARGO_PKG_VERSION")),
+    ),
+];
+
 impl Sender {
-    pub fn new(endpoint: Endpoint) -> Self {
+    pub fn new(endpoint: Endpoint, sigv4: Option<Arc<SigV4>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(endpoint.timeout));
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Sender {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(https),
             endpoint,
+            sigv4,
         }
     }
 
-    /// POST one snappy-compressed `WriteRequest`.
+    /// POST one snappy-compressed `WriteRequest`, signed anew if SigV4 is on.
     pub async fn post(&self, body: Bytes) -> Outcome {
-        let mut req = Request::post(self.endpoint.url.clone())
-            .header(http::header::CONTENT_ENCODING, "snappy")
-            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-            .header(
-                http::header::USER_AGENT,
-                concat!("meshcanary/", env!("CARGO_PKG_VERSION")),
-            );
+        let mut req = Request::post(self.endpoint.url.clone());
+        for (name, value) in HEADERS {
+            req = req.header(name, value);
+        }
         if let Some(auth) = &self.endpoint.authorization {
             req = req.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(sigv4) = &self.sigv4 {
+            let credentials = match sigv4.credentials.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot sign remote write");
+                    return Outcome::Retry {
+                        reason: "credentials",
+                        after: None,
+                    };
+                }
+            };
+            let url = self.endpoint.url.to_string();
+            let request = Unsigned {
+                method: "POST",
+                url: &url,
+                headers: &HEADERS,
+                body: &body,
+            };
+            let signed = sign_headers(
+                &credentials,
+                &sigv4.region,
+                &sigv4.service,
+                SystemTime::now(),
+                request,
+            );
+            match signed {
+                Ok(headers) => {
+                    for (name, value) in headers {
+                        let Ok(mut value) = HeaderValue::from_str(&value) else {
+                            continue;
+                        };
+                        value.set_sensitive(
+                            name == "authorization" || name == "x-amz-security-token",
+                        );
+                        req = req.header(name, value);
+                    }
+                }
+                Err(e) => {
+                    return Outcome::Drop {
+                        status: 0,
+                        message: e.to_string(),
+                    }
+                }
+            }
         }
         let Ok(req) = req.body(Full::new(body)) else {
             return Outcome::Drop {

@@ -362,6 +362,8 @@ pub struct Received {
     pub status: u16,
     pub request: meshcanary::remote_write::proto::WriteRequest,
     pub headers: http::HeaderMap,
+    pub raw_body: bytes::Bytes,
+    pub path: String,
 }
 
 /// A remote-write receiver that answers from a script (then 204 forever) and keeps every
@@ -397,6 +399,7 @@ impl Receiver {
                             let (log, script) = (Arc::clone(&log), Arc::clone(&script));
                             async move {
                                 let headers = req.headers().clone();
+                                let path = req.uri().path().to_owned();
                                 let body = req
                                     .into_body()
                                     .collect()
@@ -412,6 +415,8 @@ impl Receiver {
                                     status,
                                     request,
                                     headers,
+                                    raw_body: body,
+                                    path,
                                 });
                                 let mut resp = http::Response::builder().status(status);
                                 if let Some(s) = retry_after {
@@ -468,6 +473,7 @@ pub fn remote_write_config(url: &str, dir: &Path) -> meshcanary::remote_write::R
         external_labels: vec![("cluster".to_owned(), "lab".to_owned())],
         job: "appmesh-envoy".to_owned(),
         drop: meshcanary::remote_write::relabel::DropRules::reference(),
+        sigv4: None,
     }
 }
 
