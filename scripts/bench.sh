@@ -5,7 +5,8 @@
 #   scripts/bench.sh agent    CPU and peak RSS of `meshcanary agent` watching 2 real Envoys
 #                             under load (release build; 60 s after a 10 s warm-up)
 #   scripts/bench.sh judge    one judge call with the sequential tests vs threshold-only
-#   scripts/bench.sh          parse, window and judge
+#   scripts/bench.sh encode   remote-write encoding of a scrape: direct vs owned TimeSeries + prost
+#   scripts/bench.sh          parse, window, judge and encode
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -67,4 +68,10 @@ if [ "$what" = judge ] || [ "$what" = all ]; then
   cargo bench --bench judge -- --noplot >&2
   t=$(median_ns judge/threshold-only); b=$(median_ns judge/both)
   python3 -c "import sys; t,b=map(float,sys.argv[1:]); print(f'judge: {b:.0f} ns per call with the sequential tests (threshold-only {t:.0f} ns, ratio {b/t:.1f})')" "$t" "$b"
+fi
+if [ "$what" = encode ] || [ "$what" = all ]; then
+  cargo bench --bench remote_write -- --noplot >"$(mktemp)" 2>&1
+  kept=$(cargo bench --bench remote_write -- --list 2>/dev/null | sed -n 's/.*scrape: [0-9]* bytes, \([0-9]*\) samples kept.*/\1/p' | head -1)
+  r=$(median_ns remote_write/reference); d=$(median_ns remote_write/direct)
+  python3 -c "import sys; k,r,d=map(float,sys.argv[1:]); print(f'encode: {k/d*1e9/1e6:.2f} M samples/s direct ({k/r*1e9/1e6:.2f} M samples/s through owned TimeSeries + prost, ratio {r/d:.2f}), snappy included')" "$kept" "$r" "$d"
 fi

@@ -257,6 +257,7 @@ impl Agent {
                 shared: self.shared(),
                 scraper: self.scraper.clone(),
                 counters: PodCounters::default(),
+                written: None,
             };
             tasks.spawn(task.run(shutdown.clone()));
         }
@@ -282,6 +283,8 @@ impl Agent {
 /// One target's scrape loop.
 struct TargetTask {
     remote_write: Option<SeriesSender>,
+    /// The last full-tier body written and the hashes of its series, for stale markers.
+    written: Option<(bytes::Bytes, std::collections::HashSet<u64>)>,
     target: Target,
     urls: AdminUrls,
     config: AgentConfig,
@@ -390,6 +393,9 @@ impl TargetTask {
                     })
                     .inc();
                 tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
+                // As Prometheus does for a failed scrape: every series of the target ends.
+                self.write_stale_markers(&std::collections::HashSet::new())
+                    .await;
                 return;
             }
         };
@@ -420,22 +426,23 @@ impl TargetTask {
             m.full_samples.inc_by(samples);
             return;
         };
-        let key = &self.target.key;
-        let mut labels = vec![
-            ("instance".to_owned(), self.target.id.clone()),
-            ("job".to_owned(), rw_config.job.clone()),
-            ("kubernetes_namespace".to_owned(), key.namespace.clone()),
-            ("kubernetes_pod_name".to_owned(), self.target.id.clone()),
-        ];
-        labels.extend(rw_config.external_labels.iter().cloned());
-        let mut series = Vec::new();
+        let labels = self.target_labels(rw_config);
+        let encoder = remote_write::encode::Encoder {
+            target_labels: &labels,
+            drop: &rw_config.drop,
+            shards: rw_config.shards,
+        };
+        let mut chunks = vec![remote_write::encode::ShardChunk::default(); rw_config.shards];
+        let mut hashes = std::collections::HashSet::new();
         let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
-        let counts = remote_write::relabel::convert(
+        let counts = encoder.encode(
             &body,
-            &labels,
-            &rw_config.drop,
             ts,
-            &mut series,
+            &mut chunks,
+            |h| {
+                hashes.insert(h);
+            },
+            None,
             count_error,
         );
         m.full_samples.inc_by((counts.kept + counts.dropped) as u64);
@@ -445,9 +452,60 @@ impl TargetTask {
             })
             .inc_by(counts.dropped as u64);
         // Waits only for the local batcher (a bounded channel), never for the network.
-        if rw.send(series).await.is_err() {
+        if rw.send(chunks).await.is_err() {
             tracing::debug!("Remote write has stopped; full-tier samples not queued");
         }
+        self.write_stale_markers(&hashes).await;
+        self.written = Some((body, hashes));
+    }
+
+    /// The labels the reference collector puts on a target's series.
+    fn target_labels(&self, rw: &remote_write::RemoteWriteConfig) -> Vec<(String, String)> {
+        let mut labels = vec![
+            ("instance".to_owned(), self.target.id.clone()),
+            ("job".to_owned(), rw.job.clone()),
+            (
+                "kubernetes_namespace".to_owned(),
+                self.target.key.namespace.clone(),
+            ),
+            ("kubernetes_pod_name".to_owned(), self.target.id.clone()),
+        ];
+        labels.extend(rw.external_labels.iter().cloned());
+        labels
+    }
+
+    /// Write stale markers for the series of the previous full scrape that are not in
+    /// `current`, then forget them.
+    async fn write_stale_markers(&mut self, current: &std::collections::HashSet<u64>) {
+        let (Some(rw), Some(rw_config)) = (&self.remote_write, &self.config.remote_write) else {
+            return;
+        };
+        let Some((previous, hashes)) = self.written.take() else {
+            return;
+        };
+        let gone: std::collections::HashSet<u64> = hashes.difference(current).copied().collect();
+        if gone.is_empty() {
+            return;
+        }
+        let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+        let labels = self.target_labels(rw_config);
+        let encoder = remote_write::encode::Encoder {
+            target_labels: &labels,
+            drop: &rw_config.drop,
+            shards: rw_config.shards,
+        };
+        let mut chunks = vec![remote_write::encode::ShardChunk::default(); rw_config.shards];
+        let stale = f64::from_bits(remote_write::proto::STALE_NAN_BITS);
+        let c = encoder.encode(
+            &previous,
+            ts,
+            &mut chunks,
+            |_| {},
+            Some((&gone, stale)),
+            |_| {},
+        );
+        tracing::debug!(target_id = %self.target.id, series = c.kept, "Writing stale markers");
+        let _ = rw.send(chunks).await;
     }
 
     fn mark_up(&self, now_ms: u64) {
@@ -502,11 +560,16 @@ async fn self_scrape(
             _ = tick.tick() => {}
         }
         let text = shared.render_metrics();
-        let mut series = Vec::new();
         let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
         let none = crate::remote_write::relabel::DropRules::none();
-        remote_write::relabel::convert(text.as_bytes(), &labels, &none, ts, &mut series, |_| {});
-        if tx.send(series).await.is_err() {
+        let encoder = remote_write::encode::Encoder {
+            target_labels: &labels,
+            drop: &none,
+            shards: config.shards,
+        };
+        let mut chunks = vec![remote_write::encode::ShardChunk::default(); config.shards];
+        encoder.encode(text.as_bytes(), ts, &mut chunks, |_| {}, None, |_| {});
+        if tx.send(chunks).await.is_err() {
             return;
         }
     }

@@ -6,7 +6,7 @@
 //! POST and what its answer means). This file is the batching sink that ties them together:
 //!
 //! ```text
-//! full scrape -> relabel -> batcher --(series hash)--> shard queue (disk) -> shard sender -> POST
+//! full scrape -> encode (drop, label, hash to a shard) -> batcher -> shard queue (disk) -> sender -> POST
 //! ```
 //!
 //! Scraping never waits on the network: the full-tier task hands series to the batcher over
@@ -14,14 +14,13 @@
 //! `batch_samples` samples or after `batch_deadline`. Series are hashed to shards, so the
 //! samples of one series stay in order while shards send concurrently.
 
+pub mod encode;
 pub mod proto;
 pub mod queue;
 pub mod relabel;
 pub mod send;
 pub mod sigv4;
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agent::stopping;
 use crate::telemetry::{lock, Metrics, OutcomeLabels, ReasonLabels, StatusClassLabels};
-use proto::{TimeSeries, WriteRequest};
+use encode::ShardChunk;
 use queue::{Cursor, Queue};
 use relabel::DropRules;
 use send::{Backoff, Endpoint, Outcome, Sender};
@@ -77,17 +76,8 @@ impl RemoteWriteConfig {
     }
 }
 
-/// Series on their way to the batcher.
-pub type SeriesSender = mpsc::Sender<Vec<TimeSeries>>;
-
-fn shard_of(series: &TimeSeries, shards: usize) -> usize {
-    let mut h = DefaultHasher::new();
-    for l in &series.labels {
-        l.name.hash(&mut h);
-        l.value.hash(&mut h);
-    }
-    (h.finish() % shards as u64) as usize
-}
+/// Encoded series on their way to the batcher: one chunk per shard.
+pub type SeriesSender = mpsc::Sender<Vec<ShardChunk>>;
 
 /// Start the batcher and one sender per shard. Returns the channel full-tier scrapes feed.
 ///
@@ -138,24 +128,30 @@ pub async fn start(
 }
 
 async fn batcher(
-    mut rx: mpsc::Receiver<Vec<TimeSeries>>,
+    mut rx: mpsc::Receiver<Vec<ShardChunk>>,
     queues: Vec<Arc<Queue>>,
     config: RemoteWriteConfig,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut buffers: Vec<Vec<TimeSeries>> = vec![Vec::new(); queues.len()];
+    let mut buffers: Vec<ShardChunk> = vec![ShardChunk::default(); queues.len()];
+    let add = |buffers: &mut Vec<ShardChunk>, chunks: Vec<ShardChunk>| {
+        for (buffer, chunk) in buffers.iter_mut().zip(chunks) {
+            buffer.bytes.extend_from_slice(&chunk.bytes);
+            buffer.samples += chunk.samples;
+            buffer.newest_ms = buffer.newest_ms.max(chunk.newest_ms);
+        }
+    };
     let mut tick = tokio::time::interval(config.batch_deadline);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             received = rx.recv() => {
-                let Some(series) = received else { break };
-                for s in series {
-                    let shard = shard_of(&s, queues.len());
-                    buffers[shard].push(s);
-                    if buffers[shard].len() >= config.batch_samples {
-                        flush(&queues[shard], &mut buffers[shard], &metrics);
+                let Some(chunks) = received else { break };
+                add(&mut buffers, chunks);
+                for (queue, buffer) in queues.iter().zip(&mut buffers) {
+                    if buffer.samples as usize >= config.batch_samples {
+                        flush(queue, buffer, &metrics);
                     }
                 }
             }
@@ -168,42 +164,39 @@ async fn batcher(
         }
     }
     // Whatever was scraped is on disk before the agent exits.
-    while let Ok(series) = rx.try_recv() {
-        for s in series {
-            let shard = shard_of(&s, queues.len());
-            buffers[shard].push(s);
-        }
+    while let Ok(chunks) = rx.try_recv() {
+        add(&mut buffers, chunks);
     }
     for (queue, buffer) in queues.iter().zip(&mut buffers) {
         flush(queue, buffer, &metrics);
     }
 }
 
-/// Encode a shard's buffer as one batch and append it to the shard's queue.
-fn flush(queue: &Queue, buffer: &mut Vec<TimeSeries>, metrics: &Metrics) {
-    if buffer.is_empty() {
+/// Compress a shard's buffer (already a `WriteRequest` encoding) and append it to the
+/// shard's queue.
+fn flush(queue: &Queue, buffer: &mut ShardChunk, metrics: &Metrics) {
+    if buffer.samples == 0 {
         return;
     }
-    let samples: usize = buffer.iter().map(|s| s.samples.len()).sum();
-    let body = proto::encode(&WriteRequest {
-        timeseries: std::mem::take(buffer),
-    });
+    let chunk = std::mem::take(buffer);
+    let samples = chunk.samples;
+    let body = proto::compress(&chunk.bytes);
     let count = |outcome: &'static str, n: u64| {
         metrics
             .rw_samples
             .get_or_create(&OutcomeLabels { outcome })
             .inc_by(n)
     };
-    match queue.append(&body, u32::try_from(samples).unwrap_or(u32::MAX)) {
+    match queue.append(&body, samples, chunk.newest_ms) {
         Ok(dropped) => {
-            count("queued", samples as u64);
+            count("queued", u64::from(samples));
             if dropped.samples > 0 {
                 count("dropped_disk_cap", dropped.samples);
                 tracing::warn!(samples = dropped.samples, "Remote-write queue over its disk cap: dropped the oldest segment (raise --remote-write-max-disk)");
             }
         }
         Err(error) => {
-            count("dropped_queue_error", samples as u64);
+            count("dropped_queue_error", u64::from(samples));
             tracing::error!(%error, samples, "Writing a remote-write batch to the queue failed; batch dropped");
         }
     }
@@ -279,17 +272,7 @@ async fn shard_sender(
             match outcome {
                 Outcome::Delivered => {
                     count("sent", u64::from(record.samples));
-                    if let Ok(req) = proto::decode(&body) {
-                        let newest = req
-                            .timeseries
-                            .iter()
-                            .flat_map(|t| &t.samples)
-                            .map(|s| s.timestamp)
-                            .max();
-                        if let Some(ts) = newest {
-                            metrics.rw_newest_sent.set(ts as f64 / 1000.0);
-                        }
-                    }
+                    metrics.rw_newest_sent.set(record.newest_ms as f64 / 1000.0);
                     backoff.reset();
                     break;
                 }

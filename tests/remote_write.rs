@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::FakeAdmin;
+
 use std::time::Duration;
 
 use support::{
@@ -223,4 +225,73 @@ async fn retry_after_is_honoured_400_batches_are_dropped_and_the_rest_flows() {
         queued >= sent + dropped_samples as f64,
         "queued {queued} < sent {sent} + dropped {dropped_samples}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_series_and_dead_targets_get_stale_markers() {
+    use meshcanary::remote_write::proto::STALE_NAN_BITS;
+    let admin = FakeAdmin::start(
+        FakeAdmin::ok(b"envoy_a 1\nenvoy_b 2\n", true),
+        Duration::ZERO,
+    )
+    .await;
+    let receiver = Receiver::start(0, vec![]).await;
+    let queue = TempDir::new("queue");
+    let rw = remote_write_config(&receiver.url(), &queue.path);
+    let agent = RunningAgent::start_with(
+        &[format!("test/app/primary={}", admin.url())],
+        1 << 20,
+        |c| {
+            c.full_interval = Some(Duration::from_secs(1));
+            c.remote_write = Some(rw);
+        },
+    )
+    .await;
+    let log = receiver.log.clone();
+    let samples_of = move |name: &str| -> Vec<u64> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.request.timeseries.clone())
+            .filter(|t| {
+                t.labels
+                    .iter()
+                    .any(|l| l.name == "__name__" && l.value == name)
+            })
+            .flat_map(|t| t.samples.into_iter().map(|s| s.value.to_bits()))
+            .collect()
+    };
+    let b = samples_of.clone();
+    eventually(Duration::from_secs(10), "envoy_b written", || {
+        b("envoy_b").contains(&2f64.to_bits())
+    })
+    .await;
+    // envoy_b disappears from the target: it gets a stale marker, envoy_a does not.
+    admin.set_response(FakeAdmin::ok(b"envoy_a 1\n", true));
+    let b = samples_of.clone();
+    eventually(
+        Duration::from_secs(10),
+        "a stale marker for envoy_b",
+        || b("envoy_b").contains(&STALE_NAN_BITS),
+    )
+    .await;
+    assert!(!samples_of("envoy_a").contains(&STALE_NAN_BITS));
+    // The target dies: every series it had ends.
+    admin.set_response(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec());
+    let a = samples_of.clone();
+    eventually(
+        Duration::from_secs(10),
+        "a stale marker for envoy_a",
+        || a("envoy_a").contains(&STALE_NAN_BITS),
+    )
+    .await;
+    assert_eq!(
+        samples_of("envoy_b")
+            .iter()
+            .filter(|&&v| v == STALE_NAN_BITS)
+            .count(),
+        1,
+        "one marker per ending"
+    );
+    agent.shutdown().await;
 }

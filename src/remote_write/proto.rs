@@ -42,10 +42,14 @@ pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
 /// The body of one remote-write POST: protobuf, then snappy block compression.
 pub fn encode(request: &WriteRequest) -> Vec<u8> {
     use prost::Message as _;
-    let raw = request.encode_to_vec();
-    // Compressing a buffer into a fresh one cannot fail except on inputs over 4 GiB.
+    compress(&request.encode_to_vec())
+}
+
+/// Snappy block compression of an encoded `WriteRequest`.
+pub fn compress(raw: &[u8]) -> Vec<u8> {
+    // Compressing into a fresh buffer cannot fail except on inputs over 4 GiB.
     snap::raw::Encoder::new()
-        .compress_vec(&raw)
+        .compress_vec(raw)
         .expect("remote-write batches are far below snappy's 4 GiB limit")
 }
 

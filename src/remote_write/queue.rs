@@ -1,6 +1,7 @@
 //! The durable queue between batching and sending: one directory per shard, holding
-//! append-only segment files of records `[len u32][samples u32][crc32 u32][payload]`
-//! (little-endian; the payload is a ready-to-send remote-write body) and an `ack` file with
+//! append-only segment files of records `[len u32][samples u32][crc32 u32][newest i64]
+//! [payload]` (little-endian; `newest` is the batch's newest sample timestamp, the payload a
+//! ready-to-send remote-write body) and an `ack` file with
 //! the position of the first record not yet delivered.
 //!
 //! A batch is on disk (written and `fsync`ed) before it is sent, so an endpoint outage or an
@@ -16,7 +17,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-const HEADER: u64 = 12;
+const HEADER: u64 = 20;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 8 << 20;
 
@@ -32,6 +33,8 @@ pub struct Cursor {
 pub struct Record {
     pub payload: Vec<u8>,
     pub samples: u32,
+    /// Newest sample timestamp in the batch (unix ms).
+    pub newest_ms: i64,
 }
 
 /// What a cap enforcement or a corrupt record threw away.
@@ -122,7 +125,7 @@ impl Queue {
     ///
     /// ### Errors
     /// Disk errors; the caller counts the batch as dropped.
-    pub fn append(&self, payload: &[u8], samples: u32) -> io::Result<Dropped> {
+    pub fn append(&self, payload: &[u8], samples: u32, newest_ms: i64) -> io::Result<Dropped> {
         let len =
             u32::try_from(payload.len()).map_err(|_| io::Error::other("record over 4 GiB"))?;
         let mut guard = self.lock();
@@ -144,6 +147,7 @@ impl Queue {
         record.extend_from_slice(&len.to_le_bytes());
         record.extend_from_slice(&samples.to_le_bytes());
         record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        record.extend_from_slice(&newest_ms.to_le_bytes());
         record.extend_from_slice(payload);
         w.file.write_all(&record)?;
         w.file.sync_data()?;
@@ -259,6 +263,7 @@ impl Queue {
             let n = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
             let samples = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
             let crc = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+            let newest_ms = i64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
             let end = cursor.offset + HEADER + u64::from(n);
             if end > len {
                 if later {
@@ -290,7 +295,11 @@ impl Queue {
             }
             return Ok((
                 Some((
-                    Record { payload, samples },
+                    Record {
+                        payload,
+                        samples,
+                        newest_ms,
+                    },
                     Cursor {
                         segment: cursor.segment,
                         offset: end,
@@ -347,15 +356,15 @@ mod tests {
     fn records_survive_a_restart_and_are_delivered_once() {
         let dir = tmp();
         let q = Queue::open(&dir, 1 << 30).unwrap();
-        q.append(b"one", 1).unwrap();
-        q.append(b"two", 2).unwrap();
+        q.append(b"one", 1, 0).unwrap();
+        q.append(b"two", 2, 0).unwrap();
         let (first, next) = q.next(q.ack_cursor()).unwrap().0.unwrap();
         assert_eq!(first.payload, b"one");
         q.ack(next).unwrap();
         drop(q);
         // Restart: the unacked record is still there, then new ones follow in a new segment.
         let q = Queue::open(&dir, 1 << 30).unwrap();
-        q.append(b"three", 3).unwrap();
+        q.append(b"three", 3, 0).unwrap();
         assert_eq!(q.backlog().1, 5);
         assert_eq!(drain(&q), vec![b"two".to_vec(), b"three".to_vec()]);
         assert_eq!(drain(&q), Vec::<Vec<u8>>::new());
@@ -368,10 +377,10 @@ mod tests {
         let dir = tmp();
         let q = Queue::open(&dir, 100).unwrap();
         let big = vec![7u8; 80];
-        assert_eq!(q.append(&big, 10).unwrap(), Dropped::default());
+        assert_eq!(q.append(&big, 10, 0).unwrap(), Dropped::default());
         drop(q); // the next writer starts a new segment
         let q = Queue::open(&dir, 100).unwrap();
-        let d = q.append(&big, 20).unwrap();
+        let d = q.append(&big, 20, 0).unwrap();
         assert_eq!(
             d,
             Dropped {
@@ -388,8 +397,8 @@ mod tests {
     fn a_torn_record_is_skipped_and_counted() {
         let dir = tmp();
         let q = Queue::open(&dir, 1 << 30).unwrap();
-        q.append(b"good", 1).unwrap();
-        q.append(b"torn", 4).unwrap();
+        q.append(b"good", 1, 0).unwrap();
+        q.append(b"torn", 4, 0).unwrap();
         drop(q);
         // Flip a payload byte of the second record, as a crash mid-write could leave it.
         let seg = segment_path(&dir, 1);
@@ -398,7 +407,7 @@ mod tests {
         bytes[last] ^= 0xff;
         fs::write(&seg, bytes).unwrap();
         let q = Queue::open(&dir, 1 << 30).unwrap();
-        q.append(b"after", 2).unwrap();
+        q.append(b"after", 2, 0).unwrap();
         let (r, c) = q.next(q.ack_cursor()).unwrap().0.unwrap();
         assert_eq!(r.payload, b"good");
         let (next, dropped) = q.next(c).unwrap();

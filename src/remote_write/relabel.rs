@@ -103,11 +103,11 @@ impl DropRules {
         }
     }
 
-    fn drops_name(&self, name: &str) -> bool {
+    pub(crate) fn drops_name(&self, name: &str) -> bool {
         self.names.as_ref().is_some_and(|re| re.is_match(name))
     }
 
-    fn drops_label(&self, name: &str, value: &str) -> bool {
+    pub(crate) fn drops_label(&self, name: &str, value: &str) -> bool {
         self.if_present.iter().any(|l| l == name)
             || (self.value_labels.iter().any(|l| l == name)
                 && self.values.as_ref().is_some_and(|re| re.is_match(value)))
@@ -122,6 +122,10 @@ pub struct Converted {
     pub rejected_lines: usize,
 }
 
+/// The reference conversion (owned `TimeSeries`, one allocation per label), kept for tests
+/// and as the benchmark baseline; the agent uses [`super::encode::Encoder`], which writes
+/// the same series without building them.
+///
 /// Convert a full-tier body into time series with one sample each at `timestamp_ms`:
 /// drop rules applied, target labels added (a scraped label that clashes with a target label
 /// is kept as `exported_<name>`, as Prometheus does), labels sorted, empty values left out.

@@ -298,6 +298,7 @@ impl Drop for TempDir {
 /// a broken or hostile admin endpoint.
 pub struct FakeAdmin {
     pub port: u16,
+    response: Arc<std::sync::Mutex<Arc<Vec<u8>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -308,13 +309,14 @@ impl FakeAdmin {
             .await
             .expect("bind");
         let port = listener.local_addr().unwrap().port();
-        let response = Arc::new(response);
+        let response = Arc::new(std::sync::Mutex::new(Arc::new(response)));
+        let shared = Arc::clone(&response);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let response = Arc::clone(&response);
+                let response = Arc::clone(&response.lock().unwrap());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
@@ -330,7 +332,11 @@ impl FakeAdmin {
                 });
             }
         });
-        FakeAdmin { port, task }
+        FakeAdmin {
+            port,
+            response: shared,
+            task,
+        }
     }
 
     /// An HTTP/1.1 200 response with `body`, with or without a Content-Length header.
@@ -346,6 +352,11 @@ impl FakeAdmin {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Answer later connections with `response` instead.
+    pub fn set_response(&self, response: Vec<u8>) {
+        *self.response.lock().unwrap() = Arc::new(response);
     }
 }
 
