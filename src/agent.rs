@@ -284,7 +284,7 @@ impl Agent {
 struct TargetTask {
     remote_write: Option<SeriesSender>,
     /// The last full-tier body written and the hashes of its series, for stale markers.
-    written: Option<(bytes::Bytes, std::collections::HashSet<u64>)>,
+    written: Option<(bytes::Bytes, remote_write::encode::HashSet64)>,
     target: Target,
     urls: AdminUrls,
     config: AgentConfig,
@@ -394,7 +394,7 @@ impl TargetTask {
                     .inc();
                 tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
                 // As Prometheus does for a failed scrape: every series of the target ends.
-                self.write_stale_markers(&std::collections::HashSet::new())
+                self.write_stale_markers(&remote_write::encode::HashSet64::default())
                     .await;
                 return;
             }
@@ -433,7 +433,10 @@ impl TargetTask {
             shards: rw_config.shards,
         };
         let mut chunks = vec![remote_write::encode::ShardChunk::default(); rw_config.shards];
-        let mut hashes = std::collections::HashSet::new();
+        let mut hashes = remote_write::encode::HashSet64::with_capacity_and_hasher(
+            self.written.as_ref().map_or(0, |(_, h)| h.len()),
+            Default::default(),
+        );
         let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
         let counts = encoder.encode(
             &body,
@@ -476,14 +479,14 @@ impl TargetTask {
 
     /// Write stale markers for the series of the previous full scrape that are not in
     /// `current`, then forget them.
-    async fn write_stale_markers(&mut self, current: &std::collections::HashSet<u64>) {
+    async fn write_stale_markers(&mut self, current: &remote_write::encode::HashSet64) {
         let (Some(rw), Some(rw_config)) = (&self.remote_write, &self.config.remote_write) else {
             return;
         };
         let Some((previous, hashes)) = self.written.take() else {
             return;
         };
-        let gone: std::collections::HashSet<u64> = hashes.difference(current).copied().collect();
+        let gone: remote_write::encode::HashSet64 = hashes.difference(current).copied().collect();
         if gone.is_empty() {
             return;
         }
