@@ -158,6 +158,11 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// [`unix_ms`] as the signed milliseconds remote-write samples carry.
+pub fn unix_ms_i64() -> i64 {
+    i64::try_from(unix_ms()).unwrap_or(i64::MAX)
+}
+
 /// A running agent's handle.
 pub struct Agent {
     config: AgentConfig,
@@ -427,17 +432,14 @@ impl TargetTask {
             return;
         };
         let labels = self.target_labels(rw_config);
-        let encoder = remote_write::encode::Encoder {
-            target_labels: &labels,
-            drop: &rw_config.drop,
-            shards: rw_config.shards,
-        };
-        let mut chunks = vec![remote_write::encode::ShardChunk::default(); rw_config.shards];
+        let encoder =
+            remote_write::encode::Encoder::new(&labels, &rw_config.drop, rw_config.shards);
+        let mut chunks = encoder.new_chunks();
         let mut hashes = remote_write::encode::HashSet64::with_capacity_and_hasher(
             self.written.as_ref().map_or(0, |(_, h)| h.len()),
             Default::default(),
         );
-        let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+        let ts = unix_ms_i64();
         let counts = encoder.encode(
             &body,
             ts,
@@ -490,14 +492,11 @@ impl TargetTask {
         if gone.is_empty() {
             return;
         }
-        let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+        let ts = unix_ms_i64();
         let labels = self.target_labels(rw_config);
-        let encoder = remote_write::encode::Encoder {
-            target_labels: &labels,
-            drop: &rw_config.drop,
-            shards: rw_config.shards,
-        };
-        let mut chunks = vec![remote_write::encode::ShardChunk::default(); rw_config.shards];
+        let encoder =
+            remote_write::encode::Encoder::new(&labels, &rw_config.drop, rw_config.shards);
+        let mut chunks = encoder.new_chunks();
         let stale = f64::from_bits(remote_write::proto::STALE_NAN_BITS);
         let c = encoder.encode(
             &previous,
@@ -563,14 +562,10 @@ async fn self_scrape(
             _ = tick.tick() => {}
         }
         let text = shared.render_metrics();
-        let ts = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+        let ts = unix_ms_i64();
         let none = crate::remote_write::relabel::DropRules::none();
-        let encoder = remote_write::encode::Encoder {
-            target_labels: &labels,
-            drop: &none,
-            shards: config.shards,
-        };
-        let mut chunks = vec![remote_write::encode::ShardChunk::default(); config.shards];
+        let encoder = remote_write::encode::Encoder::new(&labels, &none, config.shards);
+        let mut chunks = encoder.new_chunks();
         encoder.encode(text.as_bytes(), ts, &mut chunks, |_| {}, None, |_| {});
         if tx.send(chunks).await.is_err() {
             return;

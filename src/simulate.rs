@@ -240,6 +240,20 @@ impl Oracle {
     }
 }
 
+/// What the judge sees each second: totals only (the sequential tests do not read windows).
+fn observation<'a>(canary: &'a Totals, primary: &'a Totals, now_ms: u64) -> Observation<'a> {
+    let empty = WindowValues::default();
+    Observation {
+        canary_window: empty,
+        primary_window: empty,
+        canary,
+        primary,
+        edges_ms: &ENVOY_EDGES_MS,
+        fresh: true,
+        now_ms,
+    }
+}
+
 /// Time to rollback (seconds) of each method in one run; `None` = never rolled back.
 fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [Option<usize>; 4] {
     let policy = Policy {
@@ -270,19 +284,7 @@ fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [O
     let (mut c_pending, mut p_pending) = (Second::default(), Second::default());
     let mut canary_seconds = Vec::with_capacity(cfg.duration_s);
     let mut ttr = [None; 4];
-    let empty = WindowValues::default();
-    judge.judge(
-        &Observation {
-            canary_window: empty,
-            primary_window: empty,
-            canary: &c_tot,
-            primary: &p_tot,
-            edges_ms: &ENVOY_EDGES_MS,
-            fresh: true,
-            now_ms: 0,
-        },
-        &policy,
-    );
+    judge.judge(&observation(&c_tot, &p_tot, 0), &policy);
     for t in 1..=cfg.duration_s {
         let c = draw(rng, cfg.total_rps * share, canary_error, fault, true);
         let p = draw(
@@ -317,15 +319,7 @@ fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [O
         }
         canary_seconds.push(c);
         if ttr[0].is_none() {
-            let obs = Observation {
-                canary_window: empty,
-                primary_window: empty,
-                canary: &c_tot,
-                primary: &p_tot,
-                edges_ms: &ENVOY_EDGES_MS,
-                fresh: true,
-                now_ms: t as u64 * 1000,
-            };
+            let obs = observation(&c_tot, &p_tot, t as u64 * 1000);
             if matches!(judge.judge(&obs, &policy).verdict, Verdict::Rollback(_)) {
                 ttr[0] = Some(t);
             }

@@ -104,11 +104,7 @@ async fn a_garbage_body_is_counted_and_a_hung_target_stalls_nobody() {
 }
 
 fn scrapes(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(r#"meshcanary_scrapes_total{tier="fast"}"#))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    support::counter(metrics, r#"meshcanary_scrapes_total{tier="fast"}"#)
 }
 
 fn scraped_since(shared: &meshcanary::agent::Shared, before: f64) -> bool {

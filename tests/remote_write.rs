@@ -8,16 +8,9 @@ use support::FakeAdmin;
 use std::time::Duration;
 
 use support::{
-    eventually, remote_write_config, App, Prometheus, Receiver, RunningAgent, Sidecar, TempDir,
+    counter, eventually, remote_write_config, App, Prometheus, Receiver, RunningAgent, Sidecar,
+    TempDir,
 };
-
-fn counter(metrics: &str, line_start: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_values_and_labels_arrive_in_prometheus_and_dropped_names_do_not() {

@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use support::{
-    eventually, free_port, remote_write_config, App, Receiver, RunningAgent, Sidecar, TempDir,
+    counter, eventually, free_port, remote_write_config, App, Receiver, RunningAgent, Sidecar,
+    TempDir,
 };
 
 fn rss_kib() -> u64 {
@@ -24,14 +25,6 @@ fn rss_kib() -> u64 {
                 .ok()
         })
         .unwrap_or(0)
-}
-
-fn counter(metrics: &str, line_start: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,7 +131,20 @@ pub struct Encoder<'a> {
     pub shards: usize,
 }
 
-impl Encoder<'_> {
+impl<'a> Encoder<'a> {
+    pub fn new(target_labels: &'a [(String, String)], drop: &'a DropRules, shards: usize) -> Self {
+        Encoder {
+            target_labels,
+            drop,
+            shards,
+        }
+    }
+
+    /// One empty chunk per shard, to encode into.
+    pub fn new_chunks(&self) -> Vec<ShardChunk> {
+        vec![ShardChunk::default(); self.shards]
+    }
+
     /// Encode every kept sample of `body` at `timestamp_ms` into `chunks` (one per shard),
     /// calling `each` with every kept series' hash. With `only`, keep just the series whose
     /// hash it contains and write `value` instead of theirs (stale markers).

@@ -43,6 +43,15 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The value of the first `/metrics` line that starts with `line_start` (0 if absent).
+pub fn counter(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Poll `cond` every 50 ms until it holds or `within` passes.
 pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut cond: F) {
     let deadline = Instant::now() + within;
