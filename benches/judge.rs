@@ -34,7 +34,6 @@ fn bench(c: &mut Criterion) {
                 primary.buckets[4] += 18;
                 let obs = Observation {
                     canary_window: w,
-                    primary_window: w,
                     canary: &canary,
                     primary: &primary,
                     edges_ms: &ENVOY_EDGES_MS,

@@ -101,7 +101,6 @@ pub struct TargetStatus {
     pub scraped_once: bool,
     /// Why the last scrape failed, if it did.
     pub last_error: Option<String>,
-    pub last_scrape_ms: Option<u64>,
 }
 
 /// State shared by the target tasks, the telemetry endpoints and the watch view.
@@ -184,7 +183,6 @@ impl Agent {
                     up: false,
                     scraped_once: false,
                     last_error: None,
-                    last_scrape_ms: None,
                 },
             );
         }
@@ -376,7 +374,7 @@ impl TargetTask {
             tracing::info!(target_id = %self.target.id, "Envoy counters went down: sidecar restarted; counting from zero");
         }
         lock(&m.window_latency_recorder).record(started.elapsed());
-        self.mark_up(now_ms);
+        self.mark_up();
     }
 
     async fn full(&mut self) {
@@ -510,7 +508,7 @@ impl TargetTask {
         let _ = rw.send(chunks).await;
     }
 
-    fn mark_up(&self, now_ms: u64) {
+    fn mark_up(&self) {
         let mut targets = lock(&self.shared.targets);
         if let Some(status) = targets.get_mut(&self.target.id) {
             if !status.up && status.scraped_once {
@@ -519,7 +517,6 @@ impl TargetTask {
             status.up = true;
             status.scraped_once = true;
             status.last_error = None;
-            status.last_scrape_ms = Some(now_ms);
         }
         self.shared.update_readiness(&targets);
     }
@@ -621,7 +618,6 @@ async fn judge_loop(shared: Arc<Shared>, config: AgentConfig, mut shutdown: watc
                 };
                 let obs = Observation {
                     canary_window: WindowValues::from(&cs),
-                    primary_window: WindowValues::from(&ps),
                     canary: canary.totals(),
                     primary: primary.totals(),
                     edges_ms: edges,

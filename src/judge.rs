@@ -91,9 +91,9 @@ impl Default for Policy {
 /// What the judge is shown at one instant.
 #[derive(Clone, Copy, Debug)]
 pub struct Observation<'a> {
-    /// Window values for the threshold checks (success rate, p99, request count).
+    /// The canary's window values for the threshold checks (success rate, p99, request
+    /// count); like Flagger's, they compare the canary with fixed limits, not with the primary.
     pub canary_window: WindowValues,
-    pub primary_window: WindowValues,
     /// Totals for the sequential tests.
     pub canary: &'a Totals,
     pub primary: &'a Totals,
@@ -654,7 +654,6 @@ mod tests {
     fn obs<'a>(c: &'a Totals, p: &'a Totals, cw: WindowValues) -> Observation<'a> {
         Observation {
             canary_window: cw,
-            primary_window: WindowValues::default(),
             canary: c,
             primary: p,
             edges_ms: &EDGES,

@@ -245,7 +245,6 @@ fn observation<'a>(canary: &'a Totals, primary: &'a Totals, now_ms: u64) -> Obse
     let empty = WindowValues::default();
     Observation {
         canary_window: empty,
-        primary_window: empty,
         canary,
         primary,
         edges_ms: &ENVOY_EDGES_MS,

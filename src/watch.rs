@@ -132,7 +132,6 @@ mod tests {
             up: false,
             scraped_once: false,
             last_error: Some("connecting: refused".into()),
-            last_scrape_ms: None,
         };
         let text = render(&[(key, s)], &[target], &[], 30);
         assert!(text.contains("test/podinfo/canary"));

@@ -47,7 +47,6 @@ fn simulate(paths: usize, steps: usize, p: f64, seed: u64) -> Vec<([f64; 4], [f6
                 }
                 let obs = Observation {
                     canary_window: w,
-                    primary_window: w,
                     canary: &c,
                     primary: &pr,
                     edges_ms: &edges,
