@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod annotations;
 pub mod cli;
 pub mod config;
 pub mod discover;
 pub mod judge;
 pub mod parse;
 pub mod remote_write;
+pub mod rollout;
 pub mod scrape;
 pub mod simulate;
 pub mod telemetry;

@@ -1,0 +1,381 @@
+//! Opt-in and policy: the `meshcanary.io/*` annotations of a Deployment, parsed once into a
+//! typed [`RolloutPolicy`].
+//!
+//! Every key lives in one table, [`KEYS`], with its default and what it expects. The parser
+//! reads defaults through the same value parsers as user input, and the README's reference
+//! table is rendered from the same table ([`reference_table`]), so the three cannot drift. A
+//! bad value yields an [`AnnotationError`] naming the key, the value and what was expected;
+//! the controller turns it into a Warning Event and leaves the workload untouched.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::parse_duration;
+use crate::judge::{Mode, Policy};
+
+/// Prefix of every key.
+pub const PREFIX: &str = "meshcanary.io/";
+/// The key a workload opts in with.
+pub const ENABLED: &str = "meshcanary.io/enabled";
+/// Where the controller keeps a rollout's state (written by meshcanary, not by users).
+pub const STATUS: &str = "meshcanary.io/status";
+/// On the primary Deployment: the template hash it was copied from.
+pub const REVISION: &str = "meshcanary.io/revision";
+/// Pod annotation: the Envoy admin port, when it is not the default.
+pub const ENVOY_ADMIN_PORT: &str = "meshcanary.io/envoy-admin-port";
+/// Envoy's admin port in App Mesh's sidecar.
+pub const DEFAULT_ENVOY_ADMIN_PORT: u16 = 9901;
+
+/// One documented key.
+pub struct Key {
+    pub name: &'static str,
+    /// The object the key goes on.
+    pub on: &'static str,
+    /// The default, written as a user would write it (`""` when there is none).
+    pub default: &'static str,
+    pub expected: &'static str,
+    pub meaning: &'static str,
+}
+
+/// Every key meshcanary reads, in reference-table order.
+pub const KEYS: &[Key] = &[
+    Key { name: ENABLED, on: "Deployment", default: "false", expected: "true or false", meaning: "Opt the Deployment in: meshcanary bootstraps it and runs a canary analysis for every new revision." },
+    Key { name: "meshcanary.io/port", on: "Deployment", default: "", expected: "a port number from 1 to 65535", meaning: "The port the Services and App Mesh listeners use. Default: the first containerPort of the first container that is not the Envoy sidecar." },
+    Key { name: "meshcanary.io/step-weights", on: "Deployment", default: "2,5,10,20,30,50", expected: "increasing whole percentages from 1 to 99, comma separated", meaning: "The canary weights the analysis steps through before promotion." },
+    Key { name: "meshcanary.io/max-weight", on: "Deployment", default: "50", expected: "a whole percentage from 1 to 99", meaning: "The highest canary weight; no step may exceed it." },
+    Key { name: "meshcanary.io/interval", on: "Deployment", default: "30s", expected: "a duration such as 30s or 1m", meaning: "Minimum time at each step before it may advance." },
+    Key { name: "meshcanary.io/threshold", on: "Deployment", default: "5", expected: "a whole number from 1 to 1000", meaning: "Failed checks before rolling back (Flagger semantics; a check runs at every decision tick)." },
+    Key { name: "meshcanary.io/success-rate-min", on: "Deployment", default: "99", expected: "a percentage from 0 to 100", meaning: "Lowest acceptable canary success rate (non-5xx share) over the window." },
+    Key { name: "meshcanary.io/latency-p99-max", on: "Deployment", default: "500ms", expected: "a duration such as 500ms, or off", meaning: "Highest acceptable canary p99 over the window; off disables latency checks." },
+    Key { name: "meshcanary.io/min-requests", on: "Deployment", default: "10", expected: "a whole number", meaning: "Canary requests the window needs before the threshold checks run; fewer is \"no data\" (halt)." },
+    Key { name: "meshcanary.io/judge", on: "Deployment", default: "both", expected: "threshold, sequential or both", meaning: "Which checks may fail a step: Flagger-style thresholds, the anytime-valid sequential tests, or both." },
+    Key { name: "meshcanary.io/alpha", on: "Deployment", default: "0.01", expected: "a number between 0 and 1", meaning: "False-rollback budget of the sequential tests over a whole rollout." },
+    Key { name: "meshcanary.io/advance-early", on: "Deployment", default: "false", expected: "true or false", meaning: "Advance before the interval ends when the sequential evidence shows the canary within the SLO." },
+    Key { name: ENVOY_ADMIN_PORT, on: "Pod", default: "9901", expected: "a port number from 1 to 65535", meaning: "The Envoy sidecar's admin port the agent scrapes." },
+    Key { name: STATUS, on: "Deployment", default: "", expected: "written by meshcanary", meaning: "The rollout's state (phase, weight, failed checks, revisions); do not edit." },
+    Key { name: REVISION, on: "Deployment (primary)", default: "", expected: "written by meshcanary", meaning: "The template hash the primary was copied from." },
+];
+
+/// A workload's validated rollout settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutPolicy {
+    /// `None`: take it from the pod template (see [`KEYS`]).
+    pub port: Option<u16>,
+    pub step_weights: Vec<u8>,
+    pub max_weight: u8,
+    pub interval: Duration,
+    pub threshold: u32,
+    pub judge: Policy,
+}
+
+/// A value that does not parse, or a key that does not exist.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct AnnotationError {
+    pub key: String,
+    pub value: String,
+    pub expected: String,
+}
+
+impl fmt::Display for AnnotationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "annotation {} has value {:?}: expected {}",
+            self.key, self.value, self.expected
+        )
+    }
+}
+
+/// Is the Deployment opted in? Anything but a clear `"true"` is no.
+pub fn enabled(annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get(ENABLED).is_some_and(|v| v == "true")
+}
+
+/// Parse every `meshcanary.io/` key of a Deployment into a policy.
+///
+/// ### Errors
+/// The first key that is unknown or whose value does not parse, or a combination that
+/// contradicts itself (a step above `max-weight`).
+pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, AnnotationError> {
+    for key in annotations.keys().filter(|k| k.starts_with(PREFIX)) {
+        if !KEYS
+            .iter()
+            .any(|k| k.name == key && k.on.starts_with("Deployment"))
+        {
+            return Err(AnnotationError {
+                key: key.clone(),
+                value: annotations[key].clone(),
+                expected: "a known key (see the annotation reference)".into(),
+            });
+        }
+    }
+    let get = |name: &str| -> (&str, bool) {
+        match annotations.get(name) {
+            Some(v) => (v.as_str(), true),
+            None => (default_of(name), false),
+        }
+    };
+    // Parse every key through one helper so the error always names key, value and expectation.
+    fn one<T>(
+        name: &str,
+        value: &str,
+        f: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<T, AnnotationError> {
+        f(value.trim()).ok_or_else(|| error(name, value))
+    }
+    let (v, _) = get(ENABLED);
+    one(ENABLED, v, parse_bool)?;
+    let (v, given) = get("meshcanary.io/port");
+    let port = if given {
+        Some(one("meshcanary.io/port", v, parse_port)?)
+    } else {
+        None
+    };
+    let (v, _) = get("meshcanary.io/max-weight");
+    let max_weight = one("meshcanary.io/max-weight", v, |s| {
+        s.parse::<u8>().ok().filter(|w| (1..=99).contains(w))
+    })?;
+    let (v, _) = get("meshcanary.io/step-weights");
+    let step_weights = one("meshcanary.io/step-weights", v, parse_weights)?;
+    if let Some(&w) = step_weights.iter().find(|&&w| w > max_weight) {
+        return Err(AnnotationError {
+            key: "meshcanary.io/step-weights".into(),
+            value: v.into(),
+            expected: format!("no step above meshcanary.io/max-weight ({max_weight}); {w} is"),
+        });
+    }
+    let (v, _) = get("meshcanary.io/interval");
+    let interval = one("meshcanary.io/interval", v, |s| {
+        parse_duration(s).ok().filter(|d| !d.is_zero())
+    })?;
+    let (v, _) = get("meshcanary.io/threshold");
+    let threshold = one("meshcanary.io/threshold", v, |s| {
+        s.parse::<u32>().ok().filter(|t| (1..=1000).contains(t))
+    })?;
+    let (v, _) = get("meshcanary.io/success-rate-min");
+    let success_rate_min = one("meshcanary.io/success-rate-min", v, |s| {
+        s.parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p))
+    })? / 100.0;
+    let (v, _) = get("meshcanary.io/latency-p99-max");
+    let latency_p99_max_ms = one("meshcanary.io/latency-p99-max", v, |s| match s {
+        "off" => Some(None),
+        s => parse_duration(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .map(|d| Some(d.as_secs_f64() * 1000.0)),
+    })?;
+    let (v, _) = get("meshcanary.io/min-requests");
+    let min_requests = one("meshcanary.io/min-requests", v, |s| s.parse::<u64>().ok())?;
+    let (v, _) = get("meshcanary.io/judge");
+    let mode = one("meshcanary.io/judge", v, |s| s.parse::<Mode>().ok())?;
+    let (v, _) = get("meshcanary.io/alpha");
+    let alpha = one("meshcanary.io/alpha", v, |s| {
+        s.parse::<f64>().ok().filter(|a| *a > 0.0 && *a < 1.0)
+    })?;
+    let (v, _) = get("meshcanary.io/advance-early");
+    let advance_early = one("meshcanary.io/advance-early", v, parse_bool)?;
+    Ok(RolloutPolicy {
+        port,
+        step_weights,
+        max_weight,
+        interval,
+        threshold,
+        judge: Policy {
+            mode,
+            success_rate_min,
+            latency_p99_max_ms,
+            min_requests,
+            alpha,
+            advance_early,
+        },
+    })
+}
+
+/// The Envoy admin port a pod's annotations ask for.
+///
+/// ### Errors
+/// A value that is not a port number.
+pub fn envoy_admin_port(
+    pod_annotations: &BTreeMap<String, String>,
+) -> Result<u16, AnnotationError> {
+    match pod_annotations.get(ENVOY_ADMIN_PORT) {
+        None => Ok(DEFAULT_ENVOY_ADMIN_PORT),
+        Some(v) => parse_port(v.trim()).ok_or_else(|| error(ENVOY_ADMIN_PORT, v)),
+    }
+}
+
+fn default_of(name: &str) -> &'static str {
+    KEYS.iter()
+        .find(|k| k.name == name)
+        .map_or("", |k| k.default)
+}
+
+fn error(name: &str, value: &str) -> AnnotationError {
+    AnnotationError {
+        key: name.into(),
+        value: value.into(),
+        expected: KEYS
+            .iter()
+            .find(|k| k.name == name)
+            .map_or("a valid value", |k| k.expected)
+            .into(),
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_port(s: &str) -> Option<u16> {
+    s.parse::<u16>().ok().filter(|p| *p > 0)
+}
+
+fn parse_weights(s: &str) -> Option<Vec<u8>> {
+    let weights: Vec<u8> = s
+        .split(',')
+        .map(|w| w.trim().parse::<u8>().ok().filter(|w| (1..=99).contains(w)))
+        .collect::<Option<_>>()?;
+    let increasing = weights.windows(2).all(|w| w[0] < w[1]);
+    (!weights.is_empty() && increasing).then_some(weights)
+}
+
+/// The README's annotation reference table (Markdown), rendered from [`KEYS`].
+pub fn reference_table() -> String {
+    let mut out =
+        String::from("| annotation | on | default | expects | meaning |\n|---|---|---|---|---|\n");
+    for k in KEYS {
+        let default = if k.default.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("`{}`", k.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            k.name, k.on, default, k.expected, k.meaning
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_parse_into_the_documented_policy() {
+        let p = parse(&ann(&[(ENABLED, "true")])).unwrap();
+        assert_eq!(p.step_weights, vec![2, 5, 10, 20, 30, 50]);
+        assert_eq!(p.max_weight, 50);
+        assert_eq!(p.interval, Duration::from_secs(30));
+        assert_eq!(p.threshold, 5);
+        assert_eq!(p.port, None);
+        assert_eq!(p.judge, Policy::default());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let p = parse(&ann(&[
+            (ENABLED, "true"),
+            ("meshcanary.io/port", "9898"),
+            ("meshcanary.io/step-weights", "5, 10,20"),
+            ("meshcanary.io/max-weight", "20"),
+            ("meshcanary.io/interval", "1m"),
+            ("meshcanary.io/threshold", "3"),
+            ("meshcanary.io/success-rate-min", "99.5"),
+            ("meshcanary.io/latency-p99-max", "off"),
+            ("meshcanary.io/min-requests", "50"),
+            ("meshcanary.io/judge", "threshold"),
+            ("meshcanary.io/alpha", "0.05"),
+            ("meshcanary.io/advance-early", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(p.port, Some(9898));
+        assert_eq!(p.step_weights, vec![5, 10, 20]);
+        assert_eq!(p.interval, Duration::from_secs(60));
+        assert_eq!(p.threshold, 3);
+        assert!((p.judge.success_rate_min - 0.995).abs() < 1e-12);
+        assert_eq!(p.judge.latency_p99_max_ms, None);
+        assert_eq!(p.judge.min_requests, 50);
+        assert_eq!(p.judge.mode, Mode::Threshold);
+        assert!(p.judge.advance_early);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_the_value_and_the_expectation() {
+        let cases = [
+            ("meshcanary.io/threshold", "five", "whole number"),
+            ("meshcanary.io/threshold", "0", "whole number"),
+            ("meshcanary.io/step-weights", "10,5", "increasing"),
+            ("meshcanary.io/step-weights", "", "increasing"),
+            ("meshcanary.io/step-weights", "2,5,100", "increasing"),
+            ("meshcanary.io/step-weights", "20,60", "max-weight (50); 60"),
+            ("meshcanary.io/interval", "30", "duration"),
+            ("meshcanary.io/interval", "0", "duration"),
+            ("meshcanary.io/success-rate-min", "101", "percentage"),
+            ("meshcanary.io/latency-p99-max", "fast", "or off"),
+            (
+                "meshcanary.io/judge",
+                "strict",
+                "threshold, sequential or both",
+            ),
+            ("meshcanary.io/alpha", "1", "between 0 and 1"),
+            ("meshcanary.io/port", "http", "port number"),
+            ("meshcanary.io/enabled", "yes", "true or false"),
+            ("meshcanary.io/stepweights", "2,5", "known key"),
+        ];
+        for (key, value, expected) in cases {
+            let mut a = ann(&[(ENABLED, "true")]);
+            a.insert(key.into(), value.into());
+            let e = parse(&a).unwrap_err();
+            assert_eq!(e.key, key, "{key}={value}");
+            assert_eq!(e.value, value);
+            assert!(
+                e.expected.contains(expected),
+                "{key}={value}: {}",
+                e.expected
+            );
+            assert!(e
+                .to_string()
+                .starts_with(&format!("annotation {key} has value")));
+        }
+    }
+
+    #[test]
+    fn opt_in_needs_a_clear_true() {
+        assert!(enabled(&ann(&[(ENABLED, "true")])));
+        assert!(!enabled(&ann(&[(ENABLED, "True")])));
+        assert!(!enabled(&ann(&[])));
+    }
+
+    #[test]
+    fn envoy_admin_port_defaults_and_validates() {
+        assert_eq!(envoy_admin_port(&ann(&[])), Ok(9901));
+        assert_eq!(
+            envoy_admin_port(&ann(&[(ENVOY_ADMIN_PORT, "15000")])),
+            Ok(15000)
+        );
+        assert!(envoy_admin_port(&ann(&[(ENVOY_ADMIN_PORT, "0")])).is_err());
+    }
+
+    #[test]
+    fn every_default_parses() {
+        for k in KEYS.iter().filter(|k| !k.default.is_empty()) {
+            let a = ann(&[(k.name, k.default)]);
+            if k.on == "Deployment" {
+                assert!(parse(&a).is_ok(), "default of {}", k.name);
+            }
+        }
+    }
+}

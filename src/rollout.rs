@@ -1,0 +1,793 @@
+//! Stage 7, rollout: the per-Deployment state machine, with Flagger's phases and words.
+//!
+//! [`step`] is a pure function `(status, observed, policy, now) -> (status, actions)`. The
+//! controller reads the cluster into an [`Observed`], calls it, writes the new [`Status`]
+//! (the annotation `meshcanary.io/status` on the Deployment, guarded by `resourceVersion`)
+//! and only then carries out the [`Action`]s. So the status is the *desired* state: the
+//! weight it names is the weight the router must have, and every tick re-checks that (an
+//! [`Action::SetWeight`] whenever the observed weight differs). A leader that dies after
+//! writing the status but before setting the weight is finished by the next one; one that
+//! dies before writing the status repeats nothing, because nothing was decided. Steps are
+//! timed from `step_started_ms` in the status, so a resumed rollout neither repeats nor
+//! skips a step.
+//!
+//! Phases: Initializing (creating the primary and mesh objects) -> Initialized -> on a new
+//! revision Progressing (scale the canary up, wait until ready, step the weights) ->
+//! Promoting (copy the template into the primary, wait for its rollout) -> Finalising (route
+//! everything to the primary, scale the canary down) -> Succeeded; or from Progressing to
+//! Failed (weight 0, canary scaled to 0) on a sequential-test rejection or after `threshold`
+//! failed checks. A revision is the hash of the Deployment's pod template.
+
+use serde::{Deserialize, Serialize};
+
+use crate::annotations::RolloutPolicy;
+use crate::judge::{Judgement, Message, Verdict};
+
+/// How long a new canary may take to become ready before the rollout fails.
+pub const PROGRESS_DEADLINE_MS: u64 = 600_000;
+
+/// Flagger's phase names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Initializing,
+    Initialized,
+    Progressing,
+    Promoting,
+    Finalising,
+    Succeeded,
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Initializing,
+        Phase::Initialized,
+        Phase::Progressing,
+        Phase::Promoting,
+        Phase::Finalising,
+        Phase::Succeeded,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Initializing => "Initializing",
+            Phase::Initialized => "Initialized",
+            Phase::Progressing => "Progressing",
+            Phase::Promoting => "Promoting",
+            Phase::Finalising => "Finalising",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// A rollout's state, as stored in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub phase: Phase,
+    /// The canary weight the router must have.
+    pub canary_weight: u8,
+    pub failed_checks: u32,
+    /// Template hash the primary runs (the last promoted revision).
+    pub last_applied: String,
+    /// Template hash under analysis, or the one that last failed.
+    pub revision: String,
+    /// True once the canary is ready and the analysis has begun.
+    pub analysing: bool,
+    /// When the current step (or phase) began, unix ms.
+    pub step_started_ms: u64,
+    pub last_transition_ms: u64,
+    /// A "no data" halt has been reported for this step (one Event per step, not per tick).
+    #[serde(default)]
+    pub halted: bool,
+}
+
+/// One Deployment as the controller sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeploymentState {
+    /// `spec.replicas`.
+    pub replicas: i32,
+    /// Its rollout is complete: the newest ReplicaSet is fully updated and available.
+    pub ready: bool,
+    /// The template hash it runs (for the primary: the one it was copied from).
+    pub template_hash: String,
+}
+
+/// What the controller read from the cluster and the judge this tick.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub canary: DeploymentState,
+    /// `None` while `NAME-primary` does not exist.
+    pub primary: Option<DeploymentState>,
+    /// The canary weight in the router, `None` if it cannot be read (absent, or malformed).
+    pub weight: Option<u8>,
+    /// The judge's view of the canary since the analysis began; `None` before it begins.
+    pub judgement: Option<Judgement>,
+}
+
+/// Normal or Warning, as Kubernetes Events have it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// Something the controller must do after writing the status.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Create what is missing of `NAME-primary`, the Services and the App Mesh objects.
+    Bootstrap,
+    ScaleCanary(i32),
+    /// Copy the canary's template into `NAME-primary`.
+    Promote,
+    SetWeight(u8),
+    /// Forget the judge's evidence: an analysis begins.
+    ResetJudge,
+    /// A decision, for the decision metrics.
+    Decision(Decision),
+    Event {
+        severity: Severity,
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// The kinds of decision counted in `meshcanary_decisions_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Advance,
+    Halt,
+    Rollback,
+    Promote,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Advance => "advance",
+            Decision::Halt => "halt",
+            Decision::Rollback => "rollback",
+            Decision::Promote => "promote",
+        }
+    }
+}
+
+/// Who the rollout is for, in Flagger's `name.namespace` spelling.
+#[derive(Clone, Debug)]
+pub struct Workload<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+}
+
+impl Workload<'_> {
+    fn target(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+}
+
+/// The next status and what to do about it.
+#[derive(Debug)]
+pub struct Transition {
+    pub status: Status,
+    pub actions: Vec<Action>,
+}
+
+impl Transition {
+    fn event(&mut self, severity: Severity, reason: &'static str, message: String) {
+        self.actions.push(Action::Event {
+            severity,
+            reason,
+            message,
+        });
+    }
+
+    fn enter(&mut self, phase: Phase, now_ms: u64) {
+        self.status.phase = phase;
+        self.status.last_transition_ms = now_ms;
+        self.status.step_started_ms = now_ms;
+        self.status.halted = false;
+    }
+
+    /// Keep the router and the canary's size where the status says they should be.
+    fn converge(&mut self, obs: &Observed, canary_replicas: i32) {
+        if obs.weight != Some(self.status.canary_weight) {
+            self.actions
+                .push(Action::SetWeight(self.status.canary_weight));
+        }
+        if obs.canary.replicas != canary_replicas {
+            self.actions.push(Action::ScaleCanary(canary_replicas));
+        }
+    }
+}
+
+/// One tick of the state machine. Pure: the same inputs give the same output.
+pub fn step(
+    status: Option<&Status>,
+    obs: &Observed,
+    policy: &RolloutPolicy,
+    who: &Workload<'_>,
+    now_ms: u64,
+) -> Transition {
+    let t = who.target();
+    let Some(status) = status else {
+        let mut tr = Transition {
+            status: Status {
+                phase: Phase::Initializing,
+                canary_weight: 0,
+                failed_checks: 0,
+                last_applied: obs.canary.template_hash.clone(),
+                revision: obs.canary.template_hash.clone(),
+                analysing: false,
+                step_started_ms: now_ms,
+                last_transition_ms: now_ms,
+                halted: false,
+            },
+            actions: vec![Action::Bootstrap],
+        };
+        tr.event(Severity::Normal, "Synced", format!("Initializing {t}"));
+        return tr;
+    };
+    let mut tr = Transition {
+        status: status.clone(),
+        actions: Vec::new(),
+    };
+    let primary_replicas = obs.primary.as_ref().map_or(1, |p| p.replicas.max(1));
+    match status.phase {
+        Phase::Initializing => {
+            tr.actions.push(Action::Bootstrap);
+            if obs.primary.as_ref().is_some_and(|p| p.ready) && obs.weight.is_some() {
+                tr.enter(Phase::Initialized, now_ms);
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    format!("Initialization done! {t}"),
+                );
+                tr.converge(obs, 0);
+            }
+        }
+        Phase::Initialized | Phase::Succeeded | Phase::Failed => {
+            let hash = &obs.canary.template_hash;
+            let known = *hash == status.last_applied
+                || (status.phase == Phase::Failed && *hash == status.revision);
+            if known {
+                tr.converge(obs, 0);
+            } else {
+                tr.enter(Phase::Progressing, now_ms);
+                tr.status.revision = hash.clone();
+                tr.status.canary_weight = 0;
+                tr.status.failed_checks = 0;
+                tr.status.analysing = false;
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    format!("New revision detected! Scaling up {t}"),
+                );
+                tr.converge(obs, primary_replicas);
+            }
+        }
+        Phase::Progressing => progressing(&mut tr, obs, policy, &t, primary_replicas, now_ms),
+        Phase::Promoting => {
+            let copied = obs
+                .primary
+                .as_ref()
+                .is_some_and(|p| p.template_hash == status.revision);
+            if !copied {
+                tr.actions.push(Action::Promote);
+            } else if obs.primary.as_ref().is_some_and(|p| p.ready) {
+                tr.enter(Phase::Finalising, now_ms);
+                tr.status.canary_weight = 0;
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    "Routing all traffic to primary".into(),
+                );
+            }
+            tr.converge(obs, primary_replicas);
+        }
+        Phase::Finalising => {
+            if obs.weight == Some(0) {
+                tr.enter(Phase::Succeeded, now_ms);
+                tr.status.last_applied = status.revision.clone();
+                tr.status.analysing = false;
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    format!("Promotion completed! Scaling down {t}"),
+                );
+                tr.actions.push(Action::Decision(Decision::Promote));
+                tr.converge(obs, 0);
+            } else {
+                tr.converge(obs, primary_replicas);
+            }
+        }
+    }
+    tr
+}
+
+fn progressing(
+    tr: &mut Transition,
+    obs: &Observed,
+    policy: &RolloutPolicy,
+    t: &str,
+    primary_replicas: i32,
+    now_ms: u64,
+) {
+    let status = tr.status.clone();
+    if obs.canary.template_hash != status.revision {
+        tr.enter(Phase::Progressing, now_ms);
+        tr.status.revision = obs.canary.template_hash.clone();
+        tr.status.canary_weight = 0;
+        tr.status.failed_checks = 0;
+        tr.status.analysing = false;
+        tr.event(
+            Severity::Normal,
+            "Synced",
+            format!("New revision detected! Restarting analysis for {t}"),
+        );
+        tr.converge(obs, primary_replicas);
+        return;
+    }
+    if !status.analysing {
+        if obs.canary.ready && obs.canary.replicas > 0 {
+            tr.status.analysing = true;
+            tr.status.canary_weight = policy.step_weights[0];
+            tr.status.step_started_ms = now_ms;
+            tr.status.halted = false;
+            tr.actions.push(Action::ResetJudge);
+            tr.event(
+                Severity::Normal,
+                "Synced",
+                format!("Starting canary analysis for {t}"),
+            );
+            tr.event(
+                Severity::Normal,
+                "Synced",
+                format!("Advance {t} canary weight {}", tr.status.canary_weight),
+            );
+            tr.actions.push(Action::Decision(Decision::Advance));
+        } else if now_ms.saturating_sub(status.step_started_ms) > PROGRESS_DEADLINE_MS {
+            fail(tr, t, format!("Canary deployment {t} not ready"), now_ms);
+            return;
+        }
+        tr.converge(obs, primary_replicas);
+        return;
+    }
+    let verdict = obs.judgement.as_ref().map(|j| &j.verdict);
+    match verdict {
+        None | Some(Verdict::NoData { .. }) => {
+            if !status.halted {
+                tr.status.halted = true;
+                let message = match &obs.judgement {
+                    Some(j) => Message {
+                        target: t,
+                        judgement: j,
+                    }
+                    .to_string(),
+                    None => format!("Halt {t} advancement: no window for the canary yet"),
+                };
+                tr.event(Severity::Normal, "Synced", message);
+                tr.actions.push(Action::Decision(Decision::Halt));
+            }
+        }
+        Some(Verdict::Rollback(_)) => {
+            let j = obs.judgement.as_ref().expect("matched Some");
+            let why = Message {
+                target: t,
+                judgement: j,
+            }
+            .to_string();
+            fail(tr, t, why, now_ms);
+            return;
+        }
+        Some(Verdict::Failed(_)) => {
+            let j = obs.judgement.as_ref().expect("matched Some");
+            tr.status.failed_checks += 1;
+            tr.event(
+                Severity::Warning,
+                "Synced",
+                Message {
+                    target: t,
+                    judgement: j,
+                }
+                .to_string(),
+            );
+            tr.actions.push(Action::Decision(Decision::Halt));
+            if tr.status.failed_checks >= policy.threshold {
+                let why = format!(
+                    "Rolling back {t} failed checks threshold reached {}",
+                    tr.status.failed_checks
+                );
+                fail(tr, t, why, now_ms);
+                return;
+            }
+        }
+        Some(Verdict::Pass { early }) => {
+            let served = now_ms.saturating_sub(status.step_started_ms);
+            let due = served >= policy.interval.as_millis() as u64;
+            if due || (*early && policy.judge.advance_early) {
+                match next_weight(policy, status.canary_weight) {
+                    Some(w) => {
+                        tr.status.canary_weight = w;
+                        tr.status.step_started_ms = now_ms;
+                        tr.status.halted = false;
+                        tr.event(
+                            Severity::Normal,
+                            "Synced",
+                            format!("Advance {t} canary weight {w}"),
+                        );
+                        tr.actions.push(Action::Decision(Decision::Advance));
+                    }
+                    None => {
+                        let (name, namespace) = t.split_once('.').unwrap_or((t, ""));
+                        tr.enter(Phase::Promoting, now_ms);
+                        tr.event(
+                            Severity::Normal,
+                            "Synced",
+                            format!("Copying {t} template spec to {name}-primary.{namespace}"),
+                        );
+                        tr.actions.push(Action::Promote);
+                    }
+                }
+            }
+        }
+    }
+    tr.converge(obs, primary_replicas);
+}
+
+/// Roll back: weight 0, canary scaled to 0, phase Failed.
+fn fail(tr: &mut Transition, t: &str, why: String, now_ms: u64) {
+    tr.enter(Phase::Failed, now_ms);
+    tr.status.canary_weight = 0;
+    tr.status.analysing = false;
+    tr.event(Severity::Warning, "Synced", why);
+    tr.event(
+        Severity::Warning,
+        "Synced",
+        format!("Canary failed! Scaling down {t}"),
+    );
+    tr.actions.push(Action::Decision(Decision::Rollback));
+    tr.actions.push(Action::SetWeight(0));
+    tr.actions.push(Action::ScaleCanary(0));
+}
+
+/// The step after `current`, or `None` when the last step (or the max weight) is reached.
+/// A weight that is not a step (the policy changed mid-rollout) goes to the next larger one.
+pub fn next_weight(policy: &RolloutPolicy, current: u8) -> Option<u8> {
+    policy
+        .step_weights
+        .iter()
+        .copied()
+        .find(|&w| w > current && w <= policy.max_weight)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::judge::{Evidence, FailedCheck, Test};
+
+    const W: Workload<'static> = Workload {
+        name: "podinfo",
+        namespace: "test",
+    };
+
+    fn policy() -> RolloutPolicy {
+        let mut a = BTreeMap::new();
+        a.insert(crate::annotations::ENABLED.to_owned(), "true".to_owned());
+        a.insert("meshcanary.io/interval".to_owned(), "10s".to_owned());
+        a.insert("meshcanary.io/threshold".to_owned(), "2".to_owned());
+        crate::annotations::parse(&a).unwrap()
+    }
+
+    fn judged(verdict: Verdict) -> Option<Judgement> {
+        Some(Judgement {
+            verdict,
+            evidence: Evidence {
+                canary_requests: 100,
+                canary_errors: 46,
+                primary_requests: 1000,
+                primary_errors: 1,
+                ..Evidence::default()
+            },
+        })
+    }
+
+    /// A small world: the cluster does whatever the actions say, at once.
+    struct World {
+        status: Option<Status>,
+        obs: Observed,
+        events: Vec<String>,
+        weights: Vec<u8>,
+        now_ms: u64,
+    }
+
+    impl World {
+        fn new() -> Self {
+            World {
+                status: None,
+                obs: Observed {
+                    canary: DeploymentState {
+                        replicas: 2,
+                        ready: true,
+                        template_hash: "v1".into(),
+                    },
+                    primary: None,
+                    weight: None,
+                    judgement: None,
+                },
+                events: vec![],
+                weights: vec![],
+                now_ms: 1_000_000,
+            }
+        }
+
+        fn tick(&mut self, policy: &RolloutPolicy) -> Vec<Action> {
+            let tr = step(self.status.as_ref(), &self.obs, policy, &W, self.now_ms);
+            self.status = Some(tr.status.clone());
+            for a in &tr.actions {
+                match a {
+                    Action::Bootstrap => {
+                        if self.obs.primary.is_none() {
+                            self.obs.primary = Some(DeploymentState {
+                                replicas: 2,
+                                ready: true,
+                                template_hash: self.obs.canary.template_hash.clone(),
+                            });
+                            self.obs.weight = Some(0);
+                        }
+                    }
+                    Action::ScaleCanary(n) => self.obs.canary.replicas = *n,
+                    Action::Promote => {
+                        self.obs.primary.as_mut().unwrap().template_hash =
+                            self.obs.canary.template_hash.clone();
+                    }
+                    Action::SetWeight(w) => {
+                        self.obs.weight = Some(*w);
+                        self.weights.push(*w);
+                    }
+                    Action::Event { message, .. } => self.events.push(message.clone()),
+                    Action::ResetJudge | Action::Decision(_) => {}
+                }
+            }
+            tr.actions
+        }
+
+        fn phase(&self) -> Phase {
+            self.status.as_ref().unwrap().phase
+        }
+
+        fn run_until(&mut self, policy: &RolloutPolicy, phase: Phase, max_ticks: usize) {
+            for _ in 0..max_ticks {
+                if self.status.as_ref().is_some_and(|s| s.phase == phase) {
+                    return;
+                }
+                self.tick(policy);
+                self.now_ms += 1000;
+            }
+            panic!(
+                "never reached {phase:?}; at {:?}; events {:#?}",
+                self.status, self.events
+            );
+        }
+    }
+
+    #[test]
+    fn a_healthy_revision_walks_every_step_and_promotes() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        assert_eq!(
+            w.obs.canary.replicas, 0,
+            "the canary is scaled down after initialization"
+        );
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.judgement = judged(Verdict::Pass { early: false });
+        w.run_until(&p, Phase::Succeeded, 200);
+        assert_eq!(w.weights, vec![2, 5, 10, 20, 30, 50, 0]);
+        assert_eq!(w.obs.canary.replicas, 0);
+        assert_eq!(w.obs.primary.as_ref().unwrap().template_hash, "v2");
+        let expected = [
+            "Initializing podinfo.test",
+            "Initialization done! podinfo.test",
+            "New revision detected! Scaling up podinfo.test",
+            "Starting canary analysis for podinfo.test",
+            "Advance podinfo.test canary weight 2",
+            "Advance podinfo.test canary weight 5",
+            "Advance podinfo.test canary weight 10",
+            "Advance podinfo.test canary weight 20",
+            "Advance podinfo.test canary weight 30",
+            "Advance podinfo.test canary weight 50",
+            "Copying podinfo.test template spec to podinfo-primary.test",
+            "Routing all traffic to primary",
+            "Promotion completed! Scaling down podinfo.test",
+        ];
+        assert_eq!(w.events, expected);
+        // Each step lasted at least the interval.
+        let s = w.status.unwrap();
+        assert_eq!(s.last_applied, "v2");
+    }
+
+    #[test]
+    fn failed_checks_roll_back_at_the_threshold() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.judgement = judged(Verdict::Failed(FailedCheck::SuccessRate {
+            value: 0.5396,
+            min: 0.99,
+        }));
+        w.run_until(&p, Phase::Failed, 20);
+        assert_eq!(w.obs.weight, Some(0));
+        assert_eq!(w.obs.canary.replicas, 0);
+        let tail: Vec<&str> = w
+            .events
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "Halt podinfo.test advancement success rate 53.96% < 99%",
+                "Halt podinfo.test advancement success rate 53.96% < 99%",
+                "Rolling back podinfo.test failed checks threshold reached 2",
+                "Canary failed! Scaling down podinfo.test",
+            ]
+        );
+        // The failed revision is not retried; the next one is.
+        w.tick(&p);
+        assert_eq!(w.phase(), Phase::Failed);
+        w.obs.canary.template_hash = "v3".into();
+        w.tick(&p);
+        assert_eq!(w.phase(), Phase::Progressing);
+        assert_eq!(w.status.as_ref().unwrap().failed_checks, 0);
+    }
+
+    #[test]
+    fn a_sequential_rejection_rolls_back_at_once() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.judgement = judged(Verdict::Pass { early: false });
+        w.run_until(&p, Phase::Progressing, 3);
+        w.tick(&p);
+        w.obs.judgement = judged(Verdict::Rollback(Test::Errors));
+        w.tick(&p);
+        assert_eq!(w.phase(), Phase::Failed);
+        assert!(w
+            .events
+            .iter()
+            .any(|e| e.starts_with("Rolling back podinfo.test: canary 5xx 46.0% vs primary 0.1%")));
+    }
+
+    #[test]
+    fn no_data_halts_once_per_step_and_neither_advances_nor_fails() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.judgement = judged(Verdict::NoData {
+            reason: "too_few_requests",
+        });
+        for _ in 0..100 {
+            w.tick(&p);
+            w.now_ms += 1000;
+        }
+        let s = w.status.as_ref().unwrap();
+        assert_eq!(
+            (s.phase, s.canary_weight, s.failed_checks),
+            (Phase::Progressing, 2, 0)
+        );
+        assert_eq!(w.events.iter().filter(|e| e.starts_with("Halt")).count(), 1);
+    }
+
+    #[test]
+    fn a_new_revision_mid_analysis_restarts_it() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.judgement = judged(Verdict::Pass { early: false });
+        for _ in 0..25 {
+            w.tick(&p);
+            w.now_ms += 1000;
+        }
+        assert!(w.status.as_ref().unwrap().canary_weight > 2);
+        w.obs.canary.template_hash = "v3".into();
+        let actions = w.tick(&p);
+        assert!(actions.contains(&Action::SetWeight(0)));
+        let s = w.status.as_ref().unwrap();
+        assert_eq!(
+            (s.phase, s.canary_weight, s.revision.as_str()),
+            (Phase::Progressing, 0, "v3")
+        );
+        assert_eq!(
+            w.events.last().unwrap(),
+            "New revision detected! Restarting analysis for podinfo.test"
+        );
+        w.now_ms += 1000;
+        let actions = w.tick(&p);
+        assert!(actions.contains(&Action::ResetJudge), "{actions:?}");
+    }
+
+    #[test]
+    fn a_resumed_status_repeats_and_skips_nothing() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.judgement = judged(Verdict::Pass { early: false });
+        for _ in 0..15 {
+            w.tick(&p);
+            w.now_ms += 1000;
+        }
+        // The leader died after writing the status but before setting the weight.
+        let weight = w.status.as_ref().unwrap().canary_weight;
+        w.obs.weight = Some(2);
+        let actions = w.tick(&p);
+        assert_eq!(actions, vec![Action::SetWeight(weight)]);
+        // Time already served at this step counts: the next advance comes on schedule.
+        let started = w.status.as_ref().unwrap().step_started_ms;
+        w.now_ms = started + p.interval.as_millis() as u64;
+        w.tick(&p);
+        assert_eq!(
+            w.status.as_ref().unwrap().canary_weight,
+            next_weight(&p, weight).unwrap()
+        );
+    }
+
+    #[test]
+    fn advance_early_needs_both_the_evidence_and_the_policy() {
+        let mut p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.judgement = judged(Verdict::Pass { early: true });
+        w.tick(&p);
+        w.tick(&p);
+        assert_eq!(w.status.as_ref().unwrap().canary_weight, 2);
+        w.tick(&p);
+        assert_eq!(
+            w.status.as_ref().unwrap().canary_weight,
+            2,
+            "interval not served"
+        );
+        p.judge.advance_early = true;
+        w.tick(&p);
+        assert_eq!(w.status.as_ref().unwrap().canary_weight, 5);
+    }
+
+    #[test]
+    fn a_canary_that_never_gets_ready_fails_after_the_deadline() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        w.obs.canary.ready = false;
+        w.tick(&p);
+        w.now_ms += PROGRESS_DEADLINE_MS + 1;
+        w.tick(&p);
+        assert_eq!(w.phase(), Phase::Failed);
+        assert!(w
+            .events
+            .contains(&"Canary deployment podinfo.test not ready".to_owned()));
+    }
+
+    #[test]
+    fn status_round_trips_through_json() {
+        let p = policy();
+        let mut w = World::new();
+        w.tick(&p);
+        let s = w.status.unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"phase\":\"Initializing\""), "{json}");
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), s);
+    }
+}
