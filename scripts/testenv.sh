@@ -43,7 +43,9 @@ if [ "${1:-}" = --kube ]; then
     kube_bin=$KUBEBUILDER_ASSETS
   else
     kube_bin=$cache/kube/bin
-    if [ ! -x "$kube_bin/kube-apiserver" ] || [ ! -x "$kube_bin/kube-controller-manager" ]; then
+    # The stamp names the build recipe, so a cache from an older recipe is rebuilt.
+    stamp="$kube_bin/.recipe-reflect2-1.0.2"
+    if [ ! -f "$stamp" ] || [ ! -x "$kube_bin/kube-apiserver" ] || [ ! -x "$kube_bin/kube-controller-manager" ]; then
       log "building kube-apiserver and kube-controller-manager from Debian's kubernetes source"
       exec 9>"$cache/apt.lock"; flock 9
       . /etc/os-release
@@ -53,15 +55,25 @@ if [ "${1:-}" = --kube ]; then
           "$VERSION_CODENAME" >"$src_list"
       fi
       apt-get update -qq >&2
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev golang-go rsync >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev golang-go rsync \
+        golang-github-modern-go-reflect2-dev >&2
       exec 9>&-
       work=$cache/kube/src
       rm -rf "$work"; mkdir -p "$work"
       (cd "$work" && apt-get source -qq kubernetes >&2)
       srcdir=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -1)
+      # Kubernetes 1.20 vendors reflect2 1.0.1, which calls reflect.mapiterinit with the
+      # pre-Go-1.18 signature: built with Debian's Go 1.19 the apiserver then crashes
+      # ("unexpected fault address") while encoding maps, e.g. custom resources. reflect2
+      # 1.0.2 (Debian's golang-github-modern-go-reflect2-dev) has the fix and the same API.
+      reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
+      rm -f "$srcdir"/vendor/github.com/modern-go/reflect2/*.go
+      cp "$reflect2"/*.go "$srcdir"/vendor/github.com/modern-go/reflect2/
+      rm -f "$srcdir"/vendor/github.com/modern-go/reflect2/*_test.go
       (cd "$srcdir" && make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2)
       mkdir -p "$kube_bin"
       cp "$srcdir"/_output/bin/kube-apiserver "$srcdir"/_output/bin/kube-controller-manager "$kube_bin/"
+      touch "$stamp"
       rm -rf "$work"
     fi
   fi

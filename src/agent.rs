@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::discover::Target;
-use crate::judge::{JudgeState, Judgement, Observation, Policy, WindowValues};
+use crate::judge::{JudgeState, Judgement, Observation, Policy};
 use crate::parse::Parser;
 use crate::remote_write::{self, SeriesSender};
 use crate::scrape::{AdminUrls, ScrapeError, Scraper, Tier};
@@ -47,6 +47,16 @@ pub struct AgentConfig {
     pub policy: Policy,
     /// Where full-tier samples and the agent's own metrics go, if anywhere.
     pub remote_write: Option<crate::remote_write::RemoteWriteConfig>,
+    /// Kubernetes discovery and the controller, when running in a cluster.
+    pub kube: Option<KubeSettings>,
+}
+
+/// The Kubernetes side of the agent.
+#[derive(Clone, Debug)]
+pub struct KubeSettings {
+    pub discovery: crate::discover::pods::DiscoveryConfig,
+    /// `None`: scrape only, never lead.
+    pub controller: Option<crate::controller::ControllerConfig>,
 }
 
 impl AgentConfig {
@@ -103,6 +113,9 @@ pub struct TargetStatus {
     pub last_error: Option<String>,
 }
 
+/// The judge's latest verdict per (namespace, workload), shared with `/metrics` and `watch`.
+pub type Judgements = Arc<Mutex<BTreeMap<(String, String), Judgement>>>;
+
 /// State shared by the target tasks, the telemetry endpoints and the watch view.
 pub struct Shared {
     pub windows: Mutex<Windows>,
@@ -111,7 +124,9 @@ pub struct Shared {
     pub ready: Arc<AtomicBool>,
     /// The judge's latest verdict per (namespace, workload) that has both a primary and a
     /// canary window.
-    pub judgements: Mutex<BTreeMap<(String, String), Judgement>>,
+    pub judgements: Judgements,
+    /// Windows without data for this long are stale (see [`stale_after`]).
+    pub stale_after_ms: u64,
 }
 
 impl Shared {
@@ -167,6 +182,10 @@ pub struct Agent {
     config: AgentConfig,
     shared: Arc<Shared>,
     scraper: Scraper,
+    /// Targets from Kubernetes discovery, in addition to the static ones.
+    discovered: Option<watch::Receiver<Vec<Target>>>,
+    /// Run the agent's own judge loop (off when the controller judges).
+    judge: bool,
 }
 
 impl Agent {
@@ -191,14 +210,92 @@ impl Agent {
             targets: Mutex::new(targets),
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
-            judgements: Mutex::new(BTreeMap::new()),
+            judgements: Arc::new(Mutex::new(BTreeMap::new())),
+            stale_after_ms: stale_after(config.fast_interval),
         });
         let scraper = Scraper::new(config.max_body_bytes, config.fast_timeout);
         Ok(Agent {
             config,
             shared,
             scraper,
+            discovered: None,
+            judge: true,
         })
+    }
+
+    /// Scrape the targets discovery publishes, starting and stopping tasks as they change.
+    #[must_use]
+    pub fn with_discovery(mut self, targets: watch::Receiver<Vec<Target>>) -> Self {
+        self.discovered = Some(targets);
+        self
+    }
+
+    /// Leave judging to the rollout controller, which judges with each workload's policy.
+    #[must_use]
+    pub fn without_judge(mut self) -> Self {
+        self.judge = false;
+        self
+    }
+
+    /// Make the running targets match `next`: stop the ones that went (their tasks write
+    /// stale markers), drop windows no target feeds any more, start the new ones.
+    fn retarget(
+        &self,
+        next: &[Target],
+        running: &mut BTreeMap<String, (Target, watch::Sender<bool>)>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        spawn: &impl Fn(&Target, &mut tokio::task::JoinSet<()>) -> anyhow::Result<watch::Sender<bool>>,
+    ) {
+        let wanted: BTreeMap<&str, &Target> = next.iter().map(|t| (t.id.as_str(), t)).collect();
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(id, (t, _))| wanted.get(id.as_str()) != Some(&t))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some((target, removed)) = running.remove(&id) {
+                let _ = removed.send(true);
+                lock(&self.shared.targets).remove(&id);
+                tracing::info!(target_id = %id, key = %target.key, "Target removed");
+            }
+        }
+        let new: Vec<&Target> = next
+            .iter()
+            .filter(|t| !running.contains_key(&t.id))
+            .collect();
+        for t in new {
+            match spawn(t, tasks) {
+                Ok(removed) => {
+                    lock(&self.shared.targets).insert(
+                        t.id.clone(),
+                        TargetStatus {
+                            target: t.clone(),
+                            up: false,
+                            scraped_once: false,
+                            last_error: None,
+                        },
+                    );
+                    running.insert(t.id.clone(), (t.clone(), removed));
+                }
+                Err(error) => {
+                    tracing::warn!(target_id = %t.id, %error, "Target has an unusable admin URL; skipped")
+                }
+            }
+        }
+        let fed: std::collections::BTreeSet<&WindowKey> =
+            running.values().map(|(t, _)| &t.key).collect();
+        let mut windows = lock(&self.shared.windows);
+        let stale: Vec<WindowKey> = windows
+            .keys()
+            .into_iter()
+            .filter(|k| !fed.contains(k))
+            .cloned()
+            .collect();
+        for key in stale {
+            windows.remove(&key);
+        }
+        drop(windows);
+        self.shared.update_readiness(&lock(&self.shared.targets));
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -251,10 +348,12 @@ impl Agent {
             }
             None => None,
         };
-        for target in &self.config.targets {
+        let mut running: BTreeMap<String, (Target, watch::Sender<bool>)> = BTreeMap::new();
+        let spawn_target = |target: &Target, tasks: &mut tokio::task::JoinSet<()>| {
+            let urls = AdminUrls::new(&target.admin_url, &self.config.fast_filter)?;
             let task = TargetTask {
                 remote_write: remote_write.clone(),
-                urls: AdminUrls::new(&target.admin_url, &self.config.fast_filter)?,
+                urls,
                 target: target.clone(),
                 config: self.config.clone(),
                 shared: self.shared(),
@@ -262,15 +361,37 @@ impl Agent {
                 counters: PodCounters::default(),
                 written: None,
             };
-            tasks.spawn(task.run(shutdown.clone()));
+            let (removed_tx, removed) = watch::channel(false);
+            tasks.spawn(task.run(shutdown.clone(), removed));
+            anyhow::Ok(removed_tx)
+        };
+        for target in &self.config.targets {
+            let removed = spawn_target(target, &mut tasks)?;
+            running.insert(target.id.clone(), (target.clone(), removed));
         }
-        tasks.spawn(judge_loop(
-            self.shared(),
-            self.config.clone(),
-            shutdown.clone(),
-        ));
+        if self.judge {
+            tasks.spawn(judge_loop(
+                self.shared(),
+                self.config.clone(),
+                shutdown.clone(),
+            ));
+        }
         tracing::info!(targets = self.config.targets.len(), "Agent started");
-        stopping(&mut shutdown.clone()).await;
+        match self.discovered.clone() {
+            None => stopping(&mut shutdown.clone()).await,
+            Some(mut discovered) => {
+                let mut stop = shutdown.clone();
+                loop {
+                    let next = discovered.borrow_and_update().clone();
+                    self.retarget(&next, &mut running, &mut tasks, &spawn_target);
+                    while tasks.try_join_next().is_some() {}
+                    tokio::select! {
+                        () = stopping(&mut stop) => break,
+                        changed = discovered.changed() => if changed.is_err() { stopping(&mut stop).await; break },
+                    }
+                }
+            }
+        }
         tracing::info!(grace = ?self.config.grace_period, "Shutting down");
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(self.config.grace_period, drain)
@@ -302,7 +423,11 @@ fn jittered(interval: Duration, spread: f64) -> Duration {
 }
 
 impl TargetTask {
-    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        mut removed: watch::Receiver<bool>,
+    ) {
         let start = Instant::now();
         let mut next_fast = start + self.config.fast_interval.mul_f64(fastrand::f64());
         let mut next_full = self
@@ -314,6 +439,11 @@ impl TargetTask {
             tokio::select! {
                 biased;
                 () = stopping(&mut shutdown) => return,
+                () = stopping(&mut removed) => {
+                    // The pod is gone: end every series it had, as Prometheus does.
+                    self.write_stale_markers(&remote_write::encode::HashSet64::default()).await;
+                    return;
+                }
                 () = tokio::time::sleep_until(next_fast) => {
                     self.fast().await;
                     next_fast = advance(next_fast, jittered(self.config.fast_interval, 0.02));
@@ -465,13 +595,13 @@ impl TargetTask {
     /// The labels the reference collector puts on a target's series.
     fn target_labels(&self, rw: &remote_write::RemoteWriteConfig) -> Vec<(String, String)> {
         let mut labels = vec![
-            ("instance".to_owned(), self.target.id.clone()),
+            ("instance".to_owned(), self.target.instance().to_owned()),
             ("job".to_owned(), rw.job.clone()),
             (
                 "kubernetes_namespace".to_owned(),
                 self.target.key.namespace.clone(),
             ),
-            ("kubernetes_pod_name".to_owned(), self.target.id.clone()),
+            ("kubernetes_pod_name".to_owned(), self.target.pod.clone()),
         ];
         labels.extend(rw.external_labels.iter().cloned());
         labels
@@ -577,8 +707,7 @@ async fn judge_loop(shared: Arc<Shared>, config: AgentConfig, mut shutdown: watc
     let mut states: BTreeMap<(String, String), JudgeState> = BTreeMap::new();
     let mut tick = tokio::time::interval(config.fast_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Data older than three fast scrapes is stale: a sidecar stopped answering.
-    let stale_after = (config.fast_interval * 3).max(Duration::from_secs(3));
+    let stale_after_ms = stale_after(config.fast_interval);
     loop {
         tokio::select! {
             () = stopping(&mut shutdown) => return,
@@ -596,34 +725,10 @@ async fn judge_loop(shared: Arc<Shared>, config: AgentConfig, mut shutdown: watc
                 .collect();
             workloads.dedup();
             for (namespace, workload) in workloads {
-                let key = |role| WindowKey {
-                    namespace: namespace.clone(),
-                    workload: workload.clone(),
-                    role,
-                };
-                let (Some(canary), Some(primary)) = (
-                    windows.get(&key(Role::Canary)),
-                    windows.get(&key(Role::Primary)),
-                ) else {
+                let Some(pair) = windows.pair(&namespace, &workload, now_ms, stale_after_ms) else {
                     continue;
                 };
-                let (cs, ps) = (canary.summary(now_ms), primary.summary(now_ms));
-                let fresh = [cs.age_ms, ps.age_ms]
-                    .iter()
-                    .all(|age| age.is_some_and(|a| a <= stale_after.as_millis() as u64));
-                let edges = if canary.edges_ms() == primary.edges_ms() {
-                    canary.edges_ms()
-                } else {
-                    &[]
-                };
-                let obs = Observation {
-                    canary_window: WindowValues::from(&cs),
-                    canary: canary.totals(),
-                    primary: primary.totals(),
-                    edges_ms: edges,
-                    fresh,
-                    now_ms,
-                };
+                let obs = Observation::of(&pair, now_ms);
                 let id = (namespace.clone(), workload.clone());
                 let state = states
                     .entry(id.clone())
@@ -666,6 +771,22 @@ async fn judge_loop(shared: Arc<Shared>, config: AgentConfig, mut shutdown: watc
     }
 }
 
+/// Data older than three fast scrapes (at least 3 s) is stale: a sidecar stopped answering.
+pub fn stale_after(fast_interval: Duration) -> u64 {
+    (fast_interval * 3).max(Duration::from_secs(3)).as_millis() as u64
+}
+
+impl crate::window::WindowSource for Shared {
+    fn pair(
+        &self,
+        namespace: &str,
+        workload: &str,
+        now_ms: u64,
+    ) -> Option<crate::window::WindowPair> {
+        lock(&self.windows).pair(namespace, workload, now_ms, self.stale_after_ms)
+    }
+}
+
 /// Resolve once `shutdown` turns true (or its sender is gone).
 pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|&s| s).await;
@@ -700,6 +821,7 @@ mod tests {
             grace_period: Duration::from_secs(5),
             policy: Policy::default(),
             remote_write: None,
+            kube: None,
         }
     }
 

@@ -3,6 +3,7 @@
 use std::io::{BufWriter, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -79,6 +80,8 @@ pub enum DocsWhat {
     Metrics,
     /// The `agent`/`watch` flags reference table (Markdown), as embedded in the README.
     Flags,
+    /// The `meshcanary.io/*` annotations reference table (Markdown), as embedded in the README.
+    Annotations,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +216,42 @@ pub struct AgentArgs {
     /// File with the basic-auth password (read at startup; never logged).
     #[arg(long, env = "MESHCANARY_REMOTE_WRITE_BASIC_AUTH_PASSWORD_FILE")]
     pub remote_write_basic_auth_password_file: Option<std::path::PathBuf>,
+    /// Run in Kubernetes: discover this node's sidecars and take part in the controller's
+    /// leader election. Set from the downward API (`spec.nodeName`) in the DaemonSet.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Label selector of the namespaces whose pods are scraped.
+    #[arg(
+        long,
+        env = "MESHCANARY_NAMESPACE_SELECTOR",
+        default_value = "appmesh.k8s.aws/sidecarInjectorWebhook=enabled"
+    )]
+    pub namespace_selector: String,
+    /// Name of the Envoy sidecar container in pods.
+    #[arg(long, env = "MESHCANARY_ENVOY_CONTAINER", default_value = "envoy")]
+    pub envoy_container: String,
+    /// Run the rollout controller when elected (false: scrape and remote-write only).
+    #[arg(long, env = "MESHCANARY_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub controller: bool,
+    /// Namespace of the leader-election Lease (the agent's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "meshcanary")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "MESHCANARY_LEASE_NAME",
+        default_value = "meshcanary-leader"
+    )]
+    pub lease_name: String,
+    /// How long a leader's Lease is valid without renewal; a crashed leader is replaced after it.
+    #[arg(long, env = "MESHCANARY_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the leader reconciles and judges every rollout.
+    #[arg(long, env = "MESHCANARY_DECISION_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub decision_interval: Duration,
+    /// This agent's identity for the Lease and Events (default: the node name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// Time allowed to finish in-flight work after SIGTERM.
     #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub grace_period: Duration,
@@ -242,6 +281,7 @@ impl AgentArgs {
         let slots = self.window.as_secs() as usize;
         let remote_write = self.remote_write_config()?;
         let config = AgentConfig {
+            kube: None,
             remote_write,
             targets,
             fast_interval: self.fast_interval,
@@ -268,6 +308,40 @@ impl AgentArgs {
                 advance_early: false,
             },
         };
+        let kube = match self.node_name.filter(|n| !n.is_empty()) {
+            None => None,
+            Some(node_name) => {
+                if !config.targets.is_empty() {
+                    anyhow::bail!("give --target (static targets) or --node-name (Kubernetes discovery), not both");
+                }
+                if self.lease_duration < Duration::from_secs(2) {
+                    anyhow::bail!("--lease-duration must be at least 2s");
+                }
+                if self.decision_interval.is_zero() {
+                    anyhow::bail!("--decision-interval must be greater than 0");
+                }
+                Some(crate::agent::KubeSettings {
+                    discovery: crate::discover::pods::DiscoveryConfig {
+                        node_name: node_name.clone(),
+                        namespace_selector: self.namespace_selector,
+                        envoy_container: self.envoy_container.clone(),
+                    },
+                    controller: self
+                        .controller
+                        .then(|| crate::controller::ControllerConfig {
+                            decision_interval: self.decision_interval,
+                            lease: Some(crate::controller::LeaseConfig {
+                                namespace: self.lease_namespace,
+                                name: self.lease_name,
+                                duration: self.lease_duration,
+                            }),
+                            envoy_container: self.envoy_container,
+                            identity: self.identity.unwrap_or(node_name),
+                        }),
+                })
+            }
+        };
+        let config = AgentConfig { kube, ..config };
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
     }
@@ -473,6 +547,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Docs {
             what: DocsWhat::Flags,
         } => out(&flags_table()),
+        Command::Docs {
+            what: DocsWhat::Annotations,
+        } => out(&crate::annotations::reference_table()),
         Command::Agent(args) => {
             let default: SocketAddr = DEFAULT_LISTEN.parse().expect("valid constant");
             let config = args.into_config(Some(default))?;
@@ -503,16 +580,42 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitCode> {
     let window_s = config.window.slots as u64;
-    let agent = Agent::new(config)?;
+    let kube = config.kube.clone();
+    let mut agent = Agent::new(config)?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = tx.send(true);
     });
+    let mut controller = None;
+    if let Some(kube) = kube {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        tracing::info!(node = %kube.discovery.node_name, "Kubernetes mode: discovering this node's sidecars");
+        let targets = crate::discover::pods::start(client.clone(), kube.discovery, rx.clone());
+        agent = agent.with_discovery(targets);
+        if let Some(cc) = kube.controller {
+            agent = agent.without_judge();
+            let shared = agent.shared();
+            let c = crate::controller::Controller::new(
+                client.clone(),
+                crate::router::appmesh::AppMesh::new(client),
+                Arc::clone(&shared),
+                cc,
+                Arc::clone(&shared.metrics),
+            )
+            .publish_judgements(Arc::clone(&shared.judgements));
+            controller = Some(tokio::spawn(c.run(rx.clone())));
+        }
+    }
     if with_view {
         tokio::spawn(crate::watch::run(agent.shared(), window_s, rx.clone()));
     }
     agent.run(rx).await?;
+    if let Some(c) = controller {
+        c.await.context("controller task")??;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

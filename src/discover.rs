@@ -1,8 +1,10 @@
 //! Stage 1, discover: which Envoy sidecars this agent scrapes, and what each one serves.
 //!
-//! For now targets are given statically (`--target ns/workload/role=http://host:9901`); the
-//! Kubernetes pod watch adds targets of the same [`Target`] shape, so nothing downstream
-//! changes when it lands.
+//! Targets are given statically (`--target ns/workload/role=http://host:9901`, for local use)
+//! or found by the Kubernetes pod watch of this node ([`pods`]); both give the same
+//! [`Target`] shape, so nothing downstream knows which.
+
+pub mod pods;
 
 use crate::window::{Role, WindowKey};
 
@@ -18,6 +20,18 @@ pub struct Target {
     pub key: WindowKey,
     /// Envoy admin base URL, e.g. `http://10.0.3.7:9901`.
     pub admin_url: String,
+    /// The pod's name (`kubernetes_pod_name`); for static targets the same as `id`.
+    pub pod: String,
+}
+
+impl Target {
+    /// `host:port` of the admin URL: the `instance` label, as Prometheus would set it.
+    pub fn instance(&self) -> &str {
+        self.admin_url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+    }
 }
 
 /// Parse `[namespace/]workload/role=URL`.
@@ -49,6 +63,7 @@ pub fn parse_static_target(spec: &str) -> Result<Target, String> {
         return Err(format!("target {spec:?}: empty URL ({form})"));
     }
     Ok(Target {
+        pod: id.clone(),
         id,
         key: WindowKey {
             namespace: namespace.to_owned(),

@@ -105,6 +105,20 @@ pub struct Observation<'a> {
     pub now_ms: u64,
 }
 
+impl<'a> Observation<'a> {
+    /// What the judge reads of a workload's window pair.
+    pub fn of(pair: &'a crate::window::WindowPair, now_ms: u64) -> Self {
+        Observation {
+            canary_window: WindowValues::from(&pair.canary),
+            canary: &pair.canary_totals,
+            primary: &pair.primary_totals,
+            edges_ms: &pair.edges_ms,
+            fresh: pair.fresh,
+            now_ms,
+        }
+    }
+}
+
 /// The few window values the threshold checks read.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct WindowValues {

@@ -146,7 +146,7 @@ impl Flagger {
     /// Check at second `t` (1-based, a multiple of the interval) over the 60 s window that
     /// ends `LAG_S` before it. Returns true on rollback.
     fn check(&mut self, t: usize, canary: &[Second]) -> bool {
-        if t % self.interval != 0 {
+        if !t.is_multiple_of(self.interval) {
             return false;
         }
         let end = t.saturating_sub(LAG_S);

@@ -112,6 +112,26 @@ pub struct TestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -219,6 +239,19 @@ pub struct Metrics {
     judge_e_value: Family<TestLabels, GaugeF>,
     judge_boundary: Family<TestLabels, GaugeF>,
     judge_share: Family<JudgeLabels, GaugeF>,
+    pub rollout_weight: Family<JudgeLabels, Gauge>,
+    pub rollout_phase: Family<PhaseLabels, Gauge>,
+    pub rollout_failed_checks: Family<JudgeLabels, Gauge>,
+    pub rollout_threshold: Family<JudgeLabels, Gauge>,
+    pub rollout_success_rate: Family<JudgeLabels, GaugeF>,
+    pub rollout_success_rate_min: Family<JudgeLabels, GaugeF>,
+    pub rollout_p99: Family<JudgeLabels, GaugeF>,
+    pub rollout_p99_max: Family<JudgeLabels, GaugeF>,
+    pub rollout_invalid: Family<JudgeLabels, Gauge>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub weight_applied: prometheus_client::metrics::histogram::Histogram,
+    pub leader: Gauge,
+    pub controller_errors: Family<OperationLabels, Counter>,
     pub rw_samples: Family<OutcomeLabels, Counter>,
     pub rw_retries: Family<ReasonLabels, Counter>,
     pub rw_batches: Family<StatusClassLabels, Counter>,
@@ -285,6 +318,21 @@ impl Metrics {
             judge_e_value: Family::default(),
             judge_boundary: Family::default(),
             judge_share: Family::default(),
+            rollout_weight: Family::default(),
+            rollout_phase: Family::default(),
+            rollout_failed_checks: Family::default(),
+            rollout_threshold: Family::default(),
+            rollout_success_rate: Family::default(),
+            rollout_success_rate_min: Family::default(),
+            rollout_p99: Family::default(),
+            rollout_p99_max: Family::default(),
+            rollout_invalid: Family::default(),
+            decisions: Family::default(),
+            weight_applied: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.002, 2.0, 14),
+            ),
+            leader: Gauge::default(),
+            controller_errors: Family::default(),
             rw_samples: Family::default(),
             rw_retries: Family::default(),
             rw_batches: Family::default(),
@@ -398,6 +446,69 @@ impl Metrics {
             &["namespace", "workload"],
             Box::new(m.judge_share.clone()),
         );
+        reg(
+            "meshcanary_rollout_canary_weight",
+            "The canary weight the rollout has decided (the router is kept at it), percent.",
+            &["namespace", "workload"],
+            Box::new(m.rollout_weight.clone()),
+        );
+        reg("meshcanary_rollout_phase", "1 for a rollout's current phase (Initializing, Initialized, Progressing, Promoting, Finalising, Succeeded, Failed).", &["namespace", "workload", "phase"], Box::new(m.rollout_phase.clone()));
+        reg(
+            "meshcanary_rollout_failed_checks",
+            "Failed checks of the current analysis.",
+            &["namespace", "workload"],
+            Box::new(m.rollout_failed_checks.clone()),
+        );
+        reg(
+            "meshcanary_rollout_threshold",
+            "Failed checks that roll back (meshcanary.io/threshold).",
+            &["namespace", "workload"],
+            Box::new(m.rollout_threshold.clone()),
+        );
+        reg(
+            "meshcanary_rollout_success_rate",
+            "The canary success rate the last check analysed, as a fraction.",
+            &["namespace", "workload"],
+            Box::new(m.rollout_success_rate.clone()),
+        );
+        reg(
+            "meshcanary_rollout_success_rate_min",
+            "The success-rate minimum it is checked against, as a fraction.",
+            &["namespace", "workload"],
+            Box::new(m.rollout_success_rate_min.clone()),
+        );
+        reg(
+            "meshcanary_rollout_latency_p99_seconds",
+            "The canary p99 the last check analysed.",
+            &["namespace", "workload"],
+            Box::new(m.rollout_p99.clone()),
+        );
+        reg(
+            "meshcanary_rollout_latency_p99_max_seconds",
+            "The p99 maximum it is checked against.",
+            &["namespace", "workload"],
+            Box::new(m.rollout_p99_max.clone()),
+        );
+        reg("meshcanary_rollout_invalid_config", "1 while an opted-in Deployment's annotations or shape are invalid (see its Warning events); it is left untouched.", &["namespace", "workload"], Box::new(m.rollout_invalid.clone()));
+        reg(
+            "meshcanary_decisions",
+            "Rollout decisions by kind (advance, halt, rollback, promote).",
+            &["namespace", "workload", "kind"],
+            Box::new(m.decisions.clone()),
+        );
+        reg(
+            "meshcanary_weight_applied_seconds",
+            "Time from a decision to the weight written to the router and read back.",
+            &[],
+            Box::new(m.weight_applied.clone()),
+        );
+        reg(
+            "meshcanary_leader",
+            "1 while this agent holds the controller Lease (and may write), else 0.",
+            &[],
+            Box::new(m.leader.clone()),
+        );
+        reg("meshcanary_controller_errors", "Kubernetes API operations of the controller that failed, by operation and reason; retried at the next tick.", &["operation", "reason"], Box::new(m.controller_errors.clone()));
         reg(
             "meshcanary_remote_write_samples",
             "Remote-write samples by outcome: queued (on disk), sent, dropped_http_4xx (rejected by the receiver), dropped_disk_cap, dropped_corrupt, dropped_queue_error.",

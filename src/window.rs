@@ -145,6 +145,32 @@ impl Totals {
     }
 }
 
+/// One workload's canary and primary windows as the judge reads them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowPair {
+    pub canary: Summary,
+    pub canary_totals: Totals,
+    pub primary_totals: Totals,
+    /// Histogram edges shared by both arms (empty when they differ).
+    pub edges_ms: Vec<f64>,
+    /// False when either arm has had no data for longer than the staleness limit.
+    pub fresh: bool,
+}
+
+/// Where the controller gets windows from: this node's windows now, every node's merged
+/// windows once peers exchange them. A source that cannot vouch for its data says so with
+/// `fresh: false`, never with empty "healthy" windows.
+pub trait WindowSource: Send + Sync + 'static {
+    /// The canary and primary windows of `namespace/workload` at `now_ms`, if both exist.
+    fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair>;
+}
+
+impl<T: WindowSource + ?Sized> WindowSource for std::sync::Arc<T> {
+    fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair> {
+        (**self).pair(namespace, workload, now_ms)
+    }
+}
+
 /// A ring of slots for one [`WindowKey`].
 #[derive(Clone, Debug)]
 pub struct Window {
@@ -325,6 +351,40 @@ pub struct Windows {
 }
 
 impl Windows {
+    /// The canary and primary windows of one workload, `fresh` if both had data within
+    /// `stale_after_ms`.
+    pub fn pair(
+        &self,
+        namespace: &str,
+        workload: &str,
+        now_ms: u64,
+        stale_after_ms: u64,
+    ) -> Option<WindowPair> {
+        let key = |role| WindowKey {
+            namespace: namespace.to_owned(),
+            workload: workload.to_owned(),
+            role,
+        };
+        let canary = self.get(&key(Role::Canary))?;
+        let primary = self.get(&key(Role::Primary))?;
+        let (cs, ps) = (canary.summary(now_ms), primary.summary(now_ms));
+        let fresh = [cs.age_ms, ps.age_ms]
+            .iter()
+            .all(|age| age.is_some_and(|a| a <= stale_after_ms));
+        let edges_ms = if canary.edges_ms() == primary.edges_ms() {
+            canary.edges_ms().to_vec()
+        } else {
+            Vec::new()
+        };
+        Some(WindowPair {
+            canary: cs,
+            canary_totals: canary.totals().clone(),
+            primary_totals: primary.totals().clone(),
+            edges_ms,
+            fresh,
+        })
+    }
+
     pub fn new(config: WindowConfig) -> Self {
         Windows {
             config,

@@ -41,6 +41,15 @@ fn readme_flags_table_matches_the_cli() {
 }
 
 #[test]
+fn readme_annotations_table_matches_the_parser() {
+    assert_eq!(
+        block(&read("README.md"), "annotations"),
+        meshcanary::annotations::reference_table(),
+        "README annotations table is stale: paste `meshcanary docs annotations` between the markers"
+    );
+}
+
+#[test]
 fn architecture_names_every_module_and_only_existing_files() {
     let arch = read("docs/architecture.md");
     for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("src")).unwrap() {

@@ -3,6 +3,7 @@
 //! bounded by a deadline).
 #![allow(dead_code)]
 
+pub mod kube;
 pub mod testapp;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,22 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut co
             "timed out after {within:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Poll the async `cond` every 100 ms until it holds or `within` passes.
+pub async fn eventually_async<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -246,6 +263,7 @@ impl RunningAgent {
                 min_requests: 10,
             },
             listen: Some(listen),
+            kube: None,
             grace_period: Duration::from_secs(2),
             policy: meshcanary::judge::Policy::default(),
             remote_write: None,
@@ -299,6 +317,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.path.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

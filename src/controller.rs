@@ -1,0 +1,714 @@
+//! The controller: the elected leader's loop that runs rollouts of opted-in Deployments.
+//!
+//! It keeps a cache of Deployments (a kube-runtime reflector) and, once per decision tick
+//! while it holds the Lease, reconciles each opted-in one: parse its annotations
+//! ([`crate::annotations`]), read what the cluster and the judge say into a
+//! [`rollout::Observed`], call the pure [`rollout::step`], write the new status (guarded by
+//! `resourceVersion`), then carry out the actions: bootstrap objects by server-side apply
+//! (field manager `meshcanary`), scale, promote, set weights through the [`Router`], and
+//! publish Events in Flagger's words. Every write first checks the leader flag, so losing
+//! the Lease stops writes at once. A failed API call is logged, counted in
+//! `meshcanary_controller_errors_total` and retried at the next tick; nothing is half-applied
+//! because the status is the desired state and every tick converges to it.
+//!
+//! Leader election: `kube-lease-manager` (maintained, kube 5, server-side apply on a
+//! `coordination.k8s.io/v1` Lease, tolerant of clock skew; a dropped manager releases the
+//! Lease so a graceful stop hands over at once, while a crash hands over after the lease
+//! duration).
+
+pub mod events;
+pub mod objects;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt as _};
+use kube::{Client, Resource as _, ResourceExt as _};
+use tokio::sync::watch;
+
+use crate::annotations::{self, RolloutPolicy};
+use crate::judge::{Evidence, JudgeState, Judgement, Observation, Verdict};
+use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, Status};
+use crate::router::appmesh;
+use crate::router::Router;
+use crate::telemetry::{lock, DecisionLabels, JudgeLabels, Metrics, OperationLabels, PhaseLabels};
+use crate::window::WindowSource;
+use objects::{template_hash, Plan};
+
+/// The field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "meshcanary";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// How often every rollout is reconciled and judged.
+    pub decision_interval: Duration,
+    /// `None` runs without election (one agent, or tests).
+    pub lease: Option<LeaseConfig>,
+    /// Name of the Envoy sidecar container.
+    pub envoy_container: String,
+    /// This agent's identity (pod or node name): Lease holder and Event reporter instance.
+    pub identity: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    pub duration: Duration,
+}
+
+/// Errors of one reconcile, by operation; each is retried at the next tick.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{op} {what}: {source}")]
+    Api {
+        op: &'static str,
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
+    #[error("lost the Lease; not writing")]
+    NotLeader,
+}
+
+impl ReconcileError {
+    fn labels(&self) -> OperationLabels {
+        match self {
+            ReconcileError::Api { op, source, .. } => OperationLabels {
+                operation: op,
+                reason: match source {
+                    kube::Error::Api(s) if s.is_conflict() => "conflict",
+                    kube::Error::Api(s) if s.is_forbidden() => "forbidden",
+                    kube::Error::Api(s) if s.is_not_found() => "not_found",
+                    kube::Error::Api(_) => "rejected",
+                    _ => "unreachable",
+                },
+            },
+            ReconcileError::Router(e) => OperationLabels {
+                operation: "setting weights",
+                reason: e.reason(),
+            },
+            ReconcileError::NotLeader => OperationLabels {
+                operation: "writing",
+                reason: "not_leader",
+            },
+        }
+    }
+}
+
+fn api_error(
+    op: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let what = what.into();
+    move |source| ReconcileError::Api { op, what, source }
+}
+
+/// The rollout controller of one agent.
+pub struct Controller<R, W> {
+    client: Client,
+    router: R,
+    windows: W,
+    config: ControllerConfig,
+    metrics: Arc<Metrics>,
+    events: events::Events,
+    /// Judge state per workload (namespace, name), reset when an analysis starts. A new
+    /// leader starts without evidence, which can only delay a rollback, never cause one.
+    judges: HashMap<(String, String), JudgeState>,
+    /// The last invalid-configuration message per workload, so the Warning Event is sent
+    /// once per distinct problem rather than once per tick.
+    invalid: HashMap<(String, String), String>,
+    /// Where the judge's verdicts are published for `/metrics` and `watch`.
+    judgements: Option<crate::agent::Judgements>,
+    /// The last reconcile error per workload, to log each distinct one once.
+    failing: HashMap<(String, String), String>,
+    /// Workloads whose gauges are exported, to drop them when the workload goes.
+    exported: Vec<(String, String)>,
+}
+
+impl<R: Router, W: WindowSource> Controller<R, W> {
+    pub fn new(
+        client: Client,
+        router: R,
+        windows: W,
+        config: ControllerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let events = events::Events::new(client.clone(), config.identity.clone());
+        Controller {
+            client,
+            router,
+            windows,
+            config,
+            metrics,
+            events,
+            judges: HashMap::new(),
+            invalid: HashMap::new(),
+            judgements: None,
+            exported: Vec::new(),
+            failing: HashMap::new(),
+        }
+    }
+
+    /// Publish verdicts into `judgements` (the agent's shared map).
+    pub fn publish_judgements(
+        mut self,
+        judgements: Arc<Mutex<BTreeMap<(String, String), Judgement>>>,
+    ) -> Self {
+        self.judgements = Some(judgements);
+        self
+    }
+
+    /// Run until `shutdown`: keep the Deployment cache, take part in the election, and
+    /// reconcile every tick while leading.
+    ///
+    /// ### Errors
+    /// Only setting up the Lease manager; API errors later are retried.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (store, writer) = reflector::store::<Deployment>();
+        let deployments: Api<Deployment> = Api::all(self.client.clone());
+        let stream = reflector::reflector(writer, watcher(deployments, watcher::Config::default()))
+            .default_backoff()
+            .applied_objects();
+        let cache = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                if let Err(error) = item {
+                    tracing::warn!(%error, "Watching Deployments failed; retrying");
+                }
+            }
+        });
+        let (leader, lease_task) = match &self.config.lease {
+            Some(lease) => {
+                let secs = lease.duration.as_secs().max(2);
+                let manager =
+                    kube_lease_manager::LeaseManagerBuilder::new(self.client.clone(), &lease.name)
+                        .with_namespace(&lease.namespace)
+                        .with_identity(&self.config.identity)
+                        .with_duration(secs)
+                        .with_grace((secs / 3).max(1))
+                        .with_field_manager(FIELD_MANAGER)
+                        .build()
+                        .await?;
+                let (rx, task) = manager.watch().await;
+                (rx, Some(task))
+            }
+            None => (watch::channel(true).1, None),
+        };
+        let mut tick = tokio::time::interval(self.config.decision_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_leader = false;
+        loop {
+            tokio::select! {
+                () = crate::agent::stopping(&mut shutdown) => break,
+                _ = tick.tick() => {}
+            }
+            let is_leader = *leader.borrow();
+            self.metrics.leader.set(i64::from(is_leader));
+            if is_leader != was_leader {
+                tracing::info!(identity = %self.config.identity, leader = is_leader, "Leadership changed");
+                was_leader = is_leader;
+            }
+            if !is_leader || store.wait_until_ready().await.is_err() {
+                continue;
+            }
+            self.tick(&store, &leader).await;
+        }
+        cache.abort();
+        // Dropping the receiver makes the manager release the Lease: a graceful handover.
+        drop(leader);
+        if let Some(task) = lease_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        Ok(())
+    }
+
+    /// Reconcile every opted-in Deployment once.
+    async fn tick(&mut self, store: &Store<Deployment>, leader: &watch::Receiver<bool>) {
+        let all = store.state();
+        let mut seen = Vec::new();
+        for dep in &all {
+            if !annotations::enabled(dep.annotations()) {
+                continue;
+            }
+            let id = (dep.namespace().unwrap_or_default(), dep.name_any());
+            seen.push(id.clone());
+            match self.reconcile(dep, store, leader).await {
+                Ok(()) => {
+                    self.failing.remove(&id);
+                }
+                Err(error) => {
+                    self.metrics
+                        .controller_errors
+                        .get_or_create(&error.labels())
+                        .inc();
+                    // Once per distinct error, not once per tick.
+                    let message = error.to_string();
+                    let conflict = matches!(&error, ReconcileError::Api { source: kube::Error::Api(s), .. } if s.is_conflict());
+                    if conflict {
+                        // The cache was a moment behind the API; the next tick decides again.
+                        tracing::debug!(namespace = %id.0, workload = %id.1, %error, "Stale read; deciding again at the next tick");
+                    } else if self.failing.get(&id) != Some(&message) {
+                        tracing::warn!(namespace = %id.0, workload = %id.1, %error, "Reconcile failed; retrying at every tick");
+                        self.failing.insert(id.clone(), message);
+                    } else {
+                        tracing::debug!(namespace = %id.0, workload = %id.1, %error, "Reconcile failed again");
+                    }
+                }
+            }
+        }
+        self.judges.retain(|k, _| seen.contains(k));
+        self.invalid.retain(|k, _| seen.contains(k));
+        self.failing.retain(|k, _| seen.contains(k));
+        if let Some(j) = &self.judgements {
+            lock(j).retain(|k, _| seen.contains(k));
+        }
+        for (namespace, workload) in std::mem::take(&mut self.exported) {
+            if !seen.contains(&(namespace.clone(), workload.clone())) {
+                self.forget(JudgeLabels {
+                    namespace,
+                    workload,
+                });
+            }
+        }
+        self.exported = seen;
+    }
+
+    /// Drop the gauges of a workload that is gone or no longer opted in.
+    fn forget(&self, labels: JudgeLabels) {
+        let m = &self.metrics;
+        for family in [
+            &m.rollout_weight,
+            &m.rollout_failed_checks,
+            &m.rollout_threshold,
+            &m.rollout_invalid,
+        ] {
+            family.remove(&labels);
+        }
+        for family in [
+            &m.rollout_success_rate,
+            &m.rollout_success_rate_min,
+            &m.rollout_p99,
+            &m.rollout_p99_max,
+        ] {
+            family.remove(&labels);
+        }
+        for phase in Phase::ALL {
+            m.rollout_phase.remove(&PhaseLabels {
+                namespace: labels.namespace.clone(),
+                workload: labels.workload.clone(),
+                phase: phase.as_str(),
+            });
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(namespace = dep.namespace().unwrap_or_default(), workload = dep.name_any()))]
+    async fn reconcile(
+        &mut self,
+        dep: &Deployment,
+        store: &Store<Deployment>,
+        leader: &watch::Receiver<bool>,
+    ) -> Result<(), ReconcileError> {
+        let decided = Instant::now();
+        let namespace = dep.namespace().unwrap_or_default();
+        let name = dep.name_any();
+        let id = (namespace.clone(), name.clone());
+        let labels = JudgeLabels {
+            namespace: namespace.clone(),
+            workload: name.clone(),
+        };
+        // Configuration first: a problem is reported once and the workload left untouched.
+        let checked = annotations::parse(dep.annotations())
+            .map_err(|e| e.to_string())
+            .and_then(|policy| {
+                Plan::new(dep, policy.port, &self.config.envoy_container)
+                    .map(|plan| (policy, plan))
+                    .map_err(|e| format!("Deployment {namespace}/{name}: {e}"))
+            })
+            .and_then(|(policy, plan)| {
+                read_status(dep)
+                    .map(|status| (policy, plan, status))
+                    .map_err(|e| format!("annotation {} is not a status meshcanary wrote ({e}); delete it to start over", annotations::STATUS))
+            });
+        let (policy, plan, status) = match checked {
+            Ok(ok) => ok,
+            Err(problem) => {
+                self.metrics.rollout_invalid.get_or_create(&labels).set(1);
+                if self.invalid.get(&id) != Some(&problem) {
+                    tracing::warn!(%problem, "Invalid configuration; leaving the workload untouched");
+                    self.event(
+                        dep,
+                        Severity::Warning,
+                        "InvalidConfiguration",
+                        format!("{problem}; meshcanary leaves {name}.{namespace} untouched"),
+                    )
+                    .await;
+                    self.invalid.insert(id, problem);
+                }
+                return Ok(());
+            }
+        };
+        self.metrics.rollout_invalid.remove(&labels);
+        self.invalid.remove(&id);
+
+        let primary = store
+            .get(&ObjectRef::new(&plan.primary_name()).within(&namespace))
+            .map(|p| deployment_state(&p, true));
+        let weight = match self.router.canary_weight(&namespace, &name).await {
+            Ok(w) => Some(w),
+            Err(crate::router::RouterError::NotFound { .. }) => None,
+            Err(error) => {
+                tracing::debug!(%error, "Router not readable");
+                None
+            }
+        };
+        let judgement = match &status {
+            Some(s) if s.phase == Phase::Progressing && s.analysing => {
+                Some(self.judge(&id, &policy))
+            }
+            _ => None,
+        };
+        let observed = Observed {
+            canary: deployment_state(dep, false),
+            primary,
+            weight,
+            judgement: judgement.clone(),
+        };
+        let who = rollout::Workload {
+            name: &name,
+            namespace: &namespace,
+        };
+        let now_ms = crate::agent::unix_ms();
+        let tr = rollout::step(status.as_ref(), &observed, &policy, &who, now_ms);
+        if status.as_ref() != Some(&tr.status) {
+            self.write_status(dep, &tr.status, leader).await?;
+        }
+        self.export(&labels, &tr.status, &policy, judgement.as_ref());
+        for action in tr.actions {
+            self.ensure_leader(leader)?;
+            match action {
+                Action::Bootstrap => self.bootstrap(dep, &plan, store).await?,
+                Action::ScaleCanary(n) => self.scale(&namespace, &name, n).await?,
+                Action::Promote => {
+                    let replicas = observed.primary.as_ref().map_or(1, |p| p.replicas);
+                    let primary = plan.primary(dep, replicas);
+                    self.apply::<Deployment>(&namespace, &plan.primary_name(), &primary)
+                        .await?;
+                }
+                Action::SetWeight(w) => {
+                    self.router.set_canary_weight(&namespace, &name, w).await?;
+                    self.metrics
+                        .weight_applied
+                        .observe(decided.elapsed().as_secs_f64());
+                    tracing::info!(
+                        weight = w,
+                        elapsed_ms = decided.elapsed().as_millis() as u64,
+                        "Canary weight set and verified"
+                    );
+                }
+                Action::ResetJudge => {
+                    self.judges
+                        .insert(id.clone(), JudgeState::new(&policy.judge));
+                }
+                Action::Decision(d) => {
+                    self.metrics
+                        .decisions
+                        .get_or_create(&DecisionLabels {
+                            namespace: namespace.clone(),
+                            workload: name.clone(),
+                            kind: d.as_str(),
+                        })
+                        .inc();
+                }
+                Action::Event {
+                    severity,
+                    reason,
+                    message,
+                } => {
+                    match severity {
+                        Severity::Warning => tracing::warn!(reason, "{message}"),
+                        Severity::Normal => tracing::info!(reason, "{message}"),
+                    }
+                    self.event(dep, severity, reason, message).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The judge's verdict on a workload under analysis, published for `/metrics`.
+    fn judge(&mut self, id: &(String, String), policy: &RolloutPolicy) -> Judgement {
+        let now_ms = crate::agent::unix_ms();
+        let state = self
+            .judges
+            .entry(id.clone())
+            .or_insert_with(|| JudgeState::new(&policy.judge));
+        let judgement = match self.windows.pair(&id.0, &id.1, now_ms) {
+            Some(pair) => state.judge(&Observation::of(&pair, now_ms), &policy.judge),
+            None => Judgement {
+                verdict: Verdict::NoData {
+                    reason: "no_window",
+                },
+                evidence: Evidence::default(),
+            },
+        };
+        if let Some(j) = &self.judgements {
+            lock(j).insert(id.clone(), judgement.clone());
+        }
+        judgement
+    }
+
+    fn export(
+        &self,
+        labels: &JudgeLabels,
+        status: &Status,
+        policy: &RolloutPolicy,
+        judgement: Option<&Judgement>,
+    ) {
+        let m = &self.metrics;
+        m.rollout_weight
+            .get_or_create(labels)
+            .set(i64::from(status.canary_weight));
+        for phase in Phase::ALL {
+            let l = PhaseLabels {
+                namespace: labels.namespace.clone(),
+                workload: labels.workload.clone(),
+                phase: phase.as_str(),
+            };
+            m.rollout_phase
+                .get_or_create(&l)
+                .set(i64::from(phase == status.phase));
+        }
+        m.rollout_failed_checks
+            .get_or_create(labels)
+            .set(i64::from(status.failed_checks));
+        m.rollout_threshold
+            .get_or_create(labels)
+            .set(i64::from(policy.threshold));
+        m.rollout_success_rate_min
+            .get_or_create(labels)
+            .set(policy.judge.success_rate_min);
+        if let Some(max) = policy.judge.latency_p99_max_ms {
+            m.rollout_p99_max.get_or_create(labels).set(max / 1000.0);
+        }
+        if judgement.is_some() {
+            let now_ms = crate::agent::unix_ms();
+            if let Some(pair) = self
+                .windows
+                .pair(&labels.namespace, &labels.workload, now_ms)
+            {
+                if let Some(sr) = pair.canary.success_rate {
+                    m.rollout_success_rate.get_or_create(labels).set(sr);
+                }
+                if let Some(p99) = pair.canary.p99_ms {
+                    m.rollout_p99.get_or_create(labels).set(p99 / 1000.0);
+                }
+            }
+        }
+    }
+
+    fn ensure_leader(&self, leader: &watch::Receiver<bool>) -> Result<(), ReconcileError> {
+        if *leader.borrow() {
+            Ok(())
+        } else {
+            Err(ReconcileError::NotLeader)
+        }
+    }
+
+    /// Write the status annotation, guarded by the resourceVersion the decision was made on.
+    async fn write_status(
+        &self,
+        dep: &Deployment,
+        status: &Status,
+        leader: &watch::Receiver<bool>,
+    ) -> Result<(), ReconcileError> {
+        self.ensure_leader(leader)?;
+        let (namespace, name) = (dep.namespace().unwrap_or_default(), dep.name_any());
+        let value = serde_json::to_string(status).unwrap_or_default();
+        let patch = serde_json::json!({
+            "metadata": {
+                "resourceVersion": dep.resource_version(),
+                "annotations": { annotations::STATUS: value },
+            }
+        });
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &namespace);
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(api_error(
+                "writing the status of",
+                format!("Deployment {namespace}/{name}"),
+            ))?;
+        Ok(())
+    }
+
+    /// Create what is missing: the primary (only if absent: applying it again would promote
+    /// an unanalysed template), the Services, the VirtualNodes and VirtualService (applied),
+    /// and the VirtualRouter (only if absent: its weights belong to the router).
+    async fn bootstrap(
+        &self,
+        dep: &Deployment,
+        plan: &Plan,
+        store: &Store<Deployment>,
+    ) -> Result<(), ReconcileError> {
+        let ns = &plan.namespace;
+        if store
+            .get(&ObjectRef::new(&plan.primary_name()).within(ns))
+            .is_none()
+        {
+            let replicas = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            self.apply::<Deployment>(ns, &plan.primary_name(), &plan.primary(dep, replicas))
+                .await?;
+        }
+        for (name, svc) in plan.services() {
+            self.apply::<k8s_openapi::api::core::v1::Service>(ns, &name, &svc)
+                .await?;
+        }
+        for (name, node) in plan.virtual_nodes() {
+            self.apply_dynamic("VirtualNode", ns, &name, &node).await?;
+        }
+        let routers: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), ns, &appmesh::resource("VirtualRouter"));
+        let router: DynamicObject =
+            serde_json::from_value(plan.virtual_router()).map_err(|e| ReconcileError::Api {
+                op: "building",
+                what: format!("VirtualRouter {ns}/{}", plan.name),
+                source: kube::Error::SerdeError(e),
+            })?;
+        match routers.create(&PostParams::default(), &router).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+            Err(e) => {
+                return Err(api_error(
+                    "creating",
+                    format!("VirtualRouter {ns}/{}", plan.name),
+                )(e))
+            }
+        }
+        self.apply_dynamic("VirtualService", ns, &plan.name, &plan.virtual_service())
+            .await
+    }
+
+    async fn apply<K>(
+        &self,
+        namespace: &str,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), ReconcileError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(api_error(
+            "applying",
+            format!("{} {namespace}/{name}", K::kind(&K::DynamicType::default())),
+        ))?;
+        Ok(())
+    }
+
+    async fn apply_dynamic(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), ReconcileError> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &appmesh::resource(kind));
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(api_error("applying", format!("{kind} {namespace}/{name}")))?;
+        Ok(())
+    }
+
+    /// Set the canary Deployment's replicas (a merge patch, so the user's other fields and
+    /// field ownership stay as they are).
+    async fn scale(
+        &self,
+        namespace: &str,
+        name: &str,
+        replicas: i32,
+    ) -> Result<(), ReconcileError> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        let patch = serde_json::json!({"spec": {"replicas": replicas}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(api_error(
+                "scaling",
+                format!("Deployment {namespace}/{name}"),
+            ))?;
+        Ok(())
+    }
+
+    /// Publish an Event on the Deployment; a failure is logged and counted, never fatal.
+    async fn event(&self, dep: &Deployment, severity: Severity, reason: &str, message: String) {
+        if let Err(error) = self
+            .events
+            .publish(&dep.object_ref(&()), severity, reason, &message)
+            .await
+        {
+            self.metrics
+                .controller_errors
+                .get_or_create(&OperationLabels {
+                    operation: "publishing an event",
+                    reason: "api",
+                })
+                .inc();
+            tracing::warn!(%error, "Publishing an Event failed");
+        }
+    }
+}
+
+/// The stored status, `Ok(None)` when there is none yet.
+fn read_status(dep: &Deployment) -> Result<Option<Status>, serde_json::Error> {
+    dep.annotations()
+        .get(annotations::STATUS)
+        .map(|s| serde_json::from_str(s))
+        .transpose()
+}
+
+/// A Deployment's size, readiness and revision. For the primary the revision is the one it
+/// was copied from (its annotation), since its own template carries primary labels.
+pub fn deployment_state(dep: &Deployment, primary: bool) -> DeploymentState {
+    let spec_replicas = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = dep.status.clone().unwrap_or_default();
+    let generation = dep.metadata.generation.unwrap_or(0);
+    let ready = st.observed_generation.unwrap_or(0) >= generation
+        && st.updated_replicas.unwrap_or(0) == spec_replicas
+        && st.available_replicas.unwrap_or(0) == spec_replicas
+        && st.replicas.unwrap_or(0) == spec_replicas;
+    let template_hash = if primary {
+        dep.annotations()
+            .get(annotations::REVISION)
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        template_hash(dep.spec.as_ref().map(|s| &s.template))
+    };
+    DeploymentState {
+        replicas: spec_replicas,
+        ready,
+        template_hash,
+    }
+}

@@ -1,0 +1,355 @@
+//! The objects meshcanary creates for an opted-in Deployment `NAME`, built as plain values
+//! (pure functions, unit-tested): `NAME-primary`, the Services `NAME`, `NAME-primary`,
+//! `NAME-canary`, and the App Mesh `VirtualNode`s, `VirtualRouter` and `VirtualService`.
+//! Every object has an owner reference to `NAME`, so deleting `NAME` deletes them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use serde_json::{json, Value};
+
+use crate::annotations;
+use crate::router::appmesh::{GROUP, VERSION};
+
+/// The hash of a pod template that names a revision: FNV-1a over its JSON, in hex.
+/// Stable across processes (field order is fixed by the types, maps are sorted).
+pub fn template_hash(template: Option<&PodTemplateSpec>) -> String {
+    let bytes = template
+        .and_then(|t| serde_json::to_vec(t).ok())
+        .unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// What a Deployment's shape allows meshcanary to build, derived once per reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub namespace: String,
+    pub port: u16,
+    /// `NAME`'s selector labels: the canary pods.
+    pub canary_labels: BTreeMap<String, String>,
+    /// The same with every value equal to `NAME` turned into `NAME-primary`.
+    pub primary_labels: BTreeMap<String, String>,
+    owner: Value,
+}
+
+/// Why a Deployment cannot be bootstrapped as it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("spec.selector.matchLabels needs a label whose value is the Deployment's name {0:?} (as Flagger requires), so NAME-primary can select its own pods")]
+    Selector(String),
+    #[error("no service port: set meshcanary.io/port or declare a containerPort on a container other than {0:?}")]
+    Port(String),
+    #[error("the Deployment has no uid yet")]
+    Uid,
+}
+
+impl Plan {
+    /// ### Errors
+    /// The selector has no label valued `NAME`, no port is known, or the object is unsaved.
+    pub fn new(
+        dep: &Deployment,
+        port: Option<u16>,
+        envoy_container: &str,
+    ) -> Result<Self, ShapeError> {
+        let name = dep.metadata.name.clone().unwrap_or_default();
+        let namespace = dep.metadata.namespace.clone().unwrap_or_default();
+        let canary_labels = dep
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.match_labels.clone())
+            .unwrap_or_default();
+        if !canary_labels.values().any(|v| *v == name) {
+            return Err(ShapeError::Selector(name));
+        }
+        let primary_labels = primary_labels(&canary_labels, &name);
+        let port = match port {
+            Some(p) => p,
+            None => container_port(dep, envoy_container)
+                .ok_or_else(|| ShapeError::Port(envoy_container.into()))?,
+        };
+        let uid = dep.metadata.uid.clone().ok_or(ShapeError::Uid)?;
+        let owner = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": name,
+            "uid": uid,
+            "controller": true,
+        });
+        Ok(Plan {
+            name,
+            namespace,
+            port,
+            canary_labels,
+            primary_labels,
+            owner,
+        })
+    }
+
+    pub fn primary_name(&self) -> String {
+        format!("{}-primary", self.name)
+    }
+
+    fn meta(&self, name: &str) -> Value {
+        json!({
+            "name": name,
+            "namespace": self.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "meshcanary"},
+            "ownerReferences": [self.owner],
+        })
+    }
+
+    /// `NAME-primary`: `template` (the canary's, at bootstrap or promotion) with primary
+    /// labels, `replicas` replicas, and the revision it was copied from.
+    pub fn primary(&self, canary: &Deployment, replicas: i32) -> Value {
+        let spec = canary.spec.clone().unwrap_or_default();
+        let hash = template_hash(Some(&spec.template));
+        let mut template = serde_json::to_value(&spec.template).unwrap_or(Value::Null);
+        let mut labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        labels = primary_labels(&labels, &self.name);
+        template["metadata"]["labels"] = json!(labels);
+        // meshcanary's own annotations stay on NAME.
+        if let Some(a) = template["metadata"]["annotations"].as_object_mut() {
+            a.retain(|k, _| !k.starts_with(annotations::PREFIX));
+        }
+        let mut meta = self.meta(&self.primary_name());
+        meta["annotations"] = json!({ annotations::REVISION: hash });
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": self.primary_labels},
+                "template": template,
+            }
+        })
+    }
+
+    /// Services `NAME` (to the primary, as Flagger's apex), `NAME-primary` and `NAME-canary`.
+    pub fn services(&self) -> Vec<(String, Value)> {
+        let service = |name: String, selector: &BTreeMap<String, String>| {
+            let body = json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": self.meta(&name),
+                "spec": {
+                    "selector": selector,
+                    "ports": [{"name": "http", "port": self.port, "targetPort": self.port, "protocol": "TCP"}],
+                }
+            });
+            (name, body)
+        };
+        vec![
+            service(self.name.clone(), &self.primary_labels),
+            service(self.primary_name(), &self.primary_labels),
+            service(format!("{}-canary", self.name), &self.canary_labels),
+        ]
+    }
+
+    fn appmesh(&self, kind: &str, name: &str, spec: Value) -> Value {
+        json!({
+            "apiVersion": format!("{GROUP}/{VERSION}"),
+            "kind": kind,
+            "metadata": self.meta(name),
+            "spec": spec,
+        })
+    }
+
+    /// VirtualNodes `NAME-primary` and `NAME-canary`. `meshRef` and `awsName` are left to
+    /// App Mesh's controller (server-side apply keeps fields other managers own).
+    pub fn virtual_nodes(&self) -> Vec<(String, Value)> {
+        [("primary", &self.primary_labels), ("canary", &self.canary_labels)]
+            .into_iter()
+            .map(|(role, labels)| {
+                let name = format!("{}-{role}", self.name);
+                let spec = json!({
+                    "podSelector": {"matchLabels": labels},
+                    "listeners": [{"portMapping": {"port": self.port, "protocol": "http"}}],
+                    "serviceDiscovery": {"dns": {"hostname": format!("{name}.{}.svc.cluster.local", self.namespace)}},
+                });
+                (name.clone(), self.appmesh("VirtualNode", &name, spec))
+            })
+            .collect()
+    }
+
+    /// VirtualRouter `NAME`: one route, all traffic to the primary. Created once, never
+    /// re-applied: its weights belong to the router from then on.
+    pub fn virtual_router(&self) -> Value {
+        let spec = json!({
+            "listeners": [{"portMapping": {"port": self.port, "protocol": "http"}}],
+            "routes": [{
+                "name": self.name,
+                "httpRoute": {
+                    "match": {"prefix": "/"},
+                    "action": {"weightedTargets": [
+                        {"virtualNodeRef": {"name": format!("{}-canary", self.name)}, "weight": 0},
+                        {"virtualNodeRef": {"name": self.primary_name()}, "weight": 100},
+                    ]},
+                },
+            }],
+        });
+        self.appmesh("VirtualRouter", &self.name, spec)
+    }
+
+    /// VirtualService `NAME`, provided by the router.
+    pub fn virtual_service(&self) -> Value {
+        let spec =
+            json!({"provider": {"virtualRouter": {"virtualRouterRef": {"name": self.name}}}});
+        self.appmesh("VirtualService", &self.name, spec)
+    }
+}
+
+/// Labels with every value equal to `name` turned into `name-primary`.
+pub fn primary_labels(labels: &BTreeMap<String, String>, name: &str) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .map(|(k, v)| {
+            let v = if v == name {
+                format!("{name}-primary")
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// The first containerPort of the first container that is not the sidecar.
+fn container_port(dep: &Deployment, envoy_container: &str) -> Option<u16> {
+    dep.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .filter(|c| c.name != envoy_container)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find_map(|p| u16::try_from(p.container_port).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn podinfo() -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "podinfo", "namespace": "test", "uid": "u-1",
+                          "annotations": {"meshcanary.io/enabled": "true"}},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "podinfo"}},
+                "template": {
+                    "metadata": {"labels": {"app": "podinfo", "tier": "web"},
+                                 "annotations": {"meshcanary.io/x": "y", "keep": "me"}},
+                    "spec": {"containers": [
+                        {"name": "envoy", "image": "envoy", "ports": [{"containerPort": 9901}]},
+                        {"name": "podinfo", "image": "podinfo:6.0.0", "ports": [{"containerPort": 9898}]}
+                    ]}
+                }
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_plan_derives_labels_and_port_from_the_deployment() {
+        let p = Plan::new(&podinfo(), None, "envoy").unwrap();
+        assert_eq!(p.port, 9898);
+        assert_eq!(p.primary_labels["app"], "podinfo-primary");
+        assert_eq!(p.canary_labels["app"], "podinfo");
+        assert_eq!(Plan::new(&podinfo(), Some(80), "envoy").unwrap().port, 80);
+        let mut d = podinfo();
+        d.spec.as_mut().unwrap().selector.match_labels =
+            Some([("app".to_owned(), "web".to_owned())].into());
+        assert!(matches!(
+            Plan::new(&d, None, "envoy"),
+            Err(ShapeError::Selector(_))
+        ));
+    }
+
+    #[test]
+    fn the_primary_is_the_template_with_primary_labels() {
+        let d = podinfo();
+        let p = Plan::new(&d, None, "envoy").unwrap();
+        let primary = p.primary(&d, 2);
+        assert_eq!(primary["metadata"]["name"], "podinfo-primary");
+        assert_eq!(
+            primary["spec"]["selector"]["matchLabels"]["app"],
+            "podinfo-primary"
+        );
+        assert_eq!(
+            primary["spec"]["template"]["metadata"]["labels"]["app"],
+            "podinfo-primary"
+        );
+        assert_eq!(
+            primary["spec"]["template"]["metadata"]["labels"]["tier"],
+            "web"
+        );
+        assert_eq!(
+            primary["spec"]["template"]["metadata"]["annotations"],
+            json!({"keep": "me"})
+        );
+        assert_eq!(
+            primary["spec"]["template"]["spec"]["containers"][1]["image"],
+            "podinfo:6.0.0"
+        );
+        let hash = template_hash(Some(&d.spec.as_ref().unwrap().template));
+        assert_eq!(
+            primary["metadata"]["annotations"][annotations::REVISION],
+            hash
+        );
+        assert_eq!(primary["metadata"]["ownerReferences"][0]["uid"], "u-1");
+    }
+
+    #[test]
+    fn mesh_objects_follow_flaggers_model() {
+        let p = Plan::new(&podinfo(), None, "envoy").unwrap();
+        let names: Vec<String> = p.services().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["podinfo", "podinfo-primary", "podinfo-canary"]);
+        assert_eq!(
+            p.services()[0].1["spec"]["selector"]["app"],
+            "podinfo-primary"
+        );
+        let nodes = p.virtual_nodes();
+        assert_eq!(
+            nodes[0].1["spec"]["serviceDiscovery"]["dns"]["hostname"],
+            "podinfo-primary.test.svc.cluster.local"
+        );
+        assert_eq!(
+            nodes[1].1["spec"]["podSelector"]["matchLabels"]["app"],
+            "podinfo"
+        );
+        let router = p.virtual_router();
+        assert_eq!(
+            crate::router::appmesh::read_weight(&router["spec"], "podinfo"),
+            Ok(0)
+        );
+        assert_eq!(
+            p.virtual_service()["spec"]["provider"]["virtualRouter"]["virtualRouterRef"]["name"],
+            "podinfo"
+        );
+    }
+
+    #[test]
+    fn the_template_hash_is_stable_and_sensitive() {
+        let d = podinfo();
+        let t = &d.spec.as_ref().unwrap().template;
+        assert_eq!(template_hash(Some(t)), template_hash(Some(&t.clone())));
+        let mut t2 = t.clone();
+        t2.spec.as_mut().unwrap().containers[1].image = Some("podinfo:6.0.1".into());
+        assert_ne!(template_hash(Some(t)), template_hash(Some(&t2)));
+    }
+}

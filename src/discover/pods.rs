@@ -1,0 +1,336 @@
+//! Kubernetes discovery: the Envoy sidecars on this node that belong to opted-in workloads.
+//!
+//! Three kube-runtime reflectors keep local caches: Pods with `spec.nodeName=$NODE_NAME`
+//! (so each agent sees only its node's pods), Namespaces matching the mesh label selector,
+//! and Deployments (for the opt-in annotation). Once a second the target set is derived
+//! from the caches by the pure [`targets`] and published on a watch channel when it
+//! changes; the agent starts and stops scrape tasks from it.
+//!
+//! A pod is a target when it runs in a mesh namespace, is Running with an IP, has the Envoy
+//! container, and its Deployment (through its ReplicaSet: `NAME-<pod-template-hash>`) is
+//! opted in (role `canary`), or is `NAME-primary` of an opted-in `NAME` (role `primary`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt as _};
+use kube::{Client, ResourceExt as _};
+use tokio::sync::watch;
+
+use super::Target;
+use crate::annotations;
+use crate::window::{Role, WindowKey};
+
+/// What discovery needs to know.
+#[derive(Clone, Debug)]
+pub struct DiscoveryConfig {
+    pub node_name: String,
+    /// Label selector of mesh namespaces.
+    pub namespace_selector: String,
+    pub envoy_container: String,
+}
+
+/// Why a pod on this node is not a target (for debug logs and tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    NotMeshNamespace,
+    NotRunning,
+    NoEnvoy,
+    NoDeployment,
+    NotOptedIn,
+    BadAdminPort,
+}
+
+/// The target a pod is, or why it is not one. Pure.
+///
+/// ### Errors
+/// The [`Skip`] reason.
+pub fn target_of(
+    pod: &Pod,
+    mesh_namespaces: &BTreeSet<String>,
+    opted_in: &BTreeSet<(String, String)>,
+    envoy_container: &str,
+) -> Result<Target, Skip> {
+    let ns = pod.namespace().unwrap_or_default();
+    if !mesh_namespaces.contains(&ns) {
+        return Err(Skip::NotMeshNamespace);
+    }
+    let status = pod.status.as_ref();
+    let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+    let ip = status
+        .and_then(|s| s.pod_ip.clone())
+        .filter(|ip| !ip.is_empty());
+    let Some(ip) = ip.filter(|_| running && pod.metadata.deletion_timestamp.is_none()) else {
+        return Err(Skip::NotRunning);
+    };
+    let has_envoy = pod
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.containers.iter().any(|c| c.name == envoy_container));
+    if !has_envoy {
+        return Err(Skip::NoEnvoy);
+    }
+    let deployment = deployment_of(pod).ok_or(Skip::NoDeployment)?;
+    let (workload, role) = if opted_in.contains(&(ns.clone(), deployment.clone())) {
+        (deployment, Role::Canary)
+    } else {
+        match deployment.strip_suffix("-primary") {
+            Some(base) if opted_in.contains(&(ns.clone(), base.to_owned())) => {
+                (base.to_owned(), Role::Primary)
+            }
+            _ => return Err(Skip::NotOptedIn),
+        }
+    };
+    let port = annotations::envoy_admin_port(pod.annotations()).map_err(|_| Skip::BadAdminPort)?;
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip
+    };
+    Ok(Target {
+        id: format!("{ns}/{}", pod.name_any()),
+        key: WindowKey {
+            namespace: ns,
+            workload,
+            role,
+        },
+        admin_url: format!("http://{host}:{port}"),
+        pod: pod.name_any(),
+    })
+}
+
+/// The Deployment that owns a pod through its ReplicaSet, by name.
+fn deployment_of(pod: &Pod) -> Option<String> {
+    let rs = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "ReplicaSet" && o.controller == Some(true))?;
+    match pod.labels().get("pod-template-hash") {
+        Some(hash) => rs.name.strip_suffix(&format!("-{hash}")).map(str::to_owned),
+        None => rs.name.rsplit_once('-').map(|(d, _)| d.to_owned()),
+    }
+}
+
+/// Every target among `pods`, sorted by id. Pure.
+pub fn targets(
+    pods: &[impl std::borrow::Borrow<Pod>],
+    mesh_namespaces: &BTreeSet<String>,
+    deployments: &[impl std::borrow::Borrow<Deployment>],
+    envoy_container: &str,
+) -> Vec<Target> {
+    let opted_in: BTreeSet<(String, String)> = deployments
+        .iter()
+        .map(std::borrow::Borrow::borrow)
+        .filter(|d| annotations::enabled(d.annotations()))
+        .map(|d| (d.namespace().unwrap_or_default(), d.name_any()))
+        .collect();
+    let mut out: Vec<Target> = pods
+        .iter()
+        .filter_map(|p| target_of(p.borrow(), mesh_namespaces, &opted_in, envoy_container).ok())
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// Keep a reflector's store filled; errors are logged and retried with backoff.
+fn reflect<K>(api: Api<K>, config: watcher::Config, what: &'static str) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            if let Err(error) = item {
+                tracing::warn!(%error, what, "Watch failed; retrying");
+            }
+        }
+    });
+    store
+}
+
+/// Start discovery; the receiver holds the current targets (empty until the caches sync).
+pub fn start(
+    client: Client,
+    config: DiscoveryConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> watch::Receiver<Vec<Target>> {
+    let pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name)),
+        "pods",
+    );
+    let namespaces = reflect(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default().labels(&config.namespace_selector),
+        "namespaces",
+    );
+    let deployments = reflect(
+        Api::<Deployment>::all(client),
+        watcher::Config::default(),
+        "deployments",
+    );
+    let (tx, rx) = watch::channel(Vec::new());
+    tokio::spawn(async move {
+        for store in [
+            pods.wait_until_ready().await,
+            namespaces.wait_until_ready().await,
+            deployments.wait_until_ready().await,
+        ] {
+            if store.is_err() {
+                return;
+            }
+        }
+        tracing::info!(node = %config.node_name, "Discovery caches synced");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = crate::agent::stopping(&mut shutdown) => return,
+                _ = tick.tick() => {}
+            }
+            let mesh: BTreeSet<String> = namespaces.state().iter().map(|n| n.name_any()).collect();
+            let next = targets(
+                &pods.state(),
+                &mesh,
+                &deployments.state(),
+                &config.envoy_container,
+            );
+            tx.send_if_modified(|current: &mut Vec<Target>| {
+                if *current == next {
+                    return false;
+                }
+                let before: BTreeMap<&str, &Target> = current.iter().map(|t| (t.id.as_str(), t)).collect();
+                for t in &next {
+                    if !before.contains_key(t.id.as_str()) {
+                        tracing::info!(target_id = %t.id, key = %t.key, url = %t.admin_url, "Target discovered");
+                    }
+                }
+                *current = next.clone();
+                true
+            });
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(ns: &str, rs: &str, hash: &str, extra: serde_json::Value) -> Pod {
+        let mut p = json!({
+            "metadata": {"name": format!("{rs}-abcde"), "namespace": ns,
+                          "labels": {"pod-template-hash": hash},
+                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs, "uid": "u", "controller": true}]},
+            "spec": {"containers": [{"name": "app"}, {"name": "envoy"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7"}
+        });
+        if let Some(a) = extra.get("annotations") {
+            p["metadata"]["annotations"] = a.clone();
+        }
+        if let Some(s) = extra.get("status") {
+            p["status"] = s.clone();
+        }
+        serde_json::from_value(p).unwrap()
+    }
+
+    fn dep(ns: &str, name: &str, enabled: bool) -> Deployment {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns,
+            "annotations": {"meshcanary.io/enabled": enabled.to_string()}}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn roles_come_from_the_owning_deployment() {
+        let mesh: BTreeSet<String> = ["test".to_owned()].into();
+        let pods = vec![
+            pod("test", "podinfo-5d8f7", "5d8f7", json!({})),
+            pod(
+                "test",
+                "podinfo-primary-77c9",
+                "77c9",
+                json!({"annotations": {"meshcanary.io/envoy-admin-port": "15000"}}),
+            ),
+            pod("test", "other-1234", "1234", json!({})),
+            pod(
+                "test",
+                "podinfo-5d8f7",
+                "5d8f7",
+                json!({"status": {"phase": "Pending"}}),
+            ),
+            pod("elsewhere", "podinfo-5d8f7", "5d8f7", json!({})),
+        ];
+        let deps = vec![
+            dep("test", "podinfo", true),
+            dep("test", "podinfo-primary", false),
+            dep("test", "other", false),
+            dep("elsewhere", "podinfo", true),
+        ];
+        let t = targets(&pods, &mesh, &deps, "envoy");
+        assert_eq!(t.len(), 2, "{t:#?}");
+        assert_eq!(t[0].key.to_string(), "test/podinfo/canary");
+        assert_eq!(t[0].admin_url, "http://10.0.0.7:9901");
+        assert_eq!(t[1].key.to_string(), "test/podinfo/primary");
+        assert_eq!(t[1].admin_url, "http://10.0.0.7:15000");
+    }
+
+    #[test]
+    fn each_reason_to_skip_is_named() {
+        let mesh: BTreeSet<String> = ["test".to_owned()].into();
+        let opted: BTreeSet<(String, String)> = [("test".to_owned(), "podinfo".to_owned())].into();
+        let check = |p: Pod| target_of(&p, &mesh, &opted, "envoy").err();
+        assert_eq!(
+            check(pod("x", "podinfo-1", "1", json!({}))),
+            Some(Skip::NotMeshNamespace)
+        );
+        assert_eq!(
+            check(pod(
+                "test",
+                "podinfo-1",
+                "1",
+                json!({"status": {"phase": "Running"}})
+            )),
+            Some(Skip::NotRunning)
+        );
+        assert_eq!(
+            check(pod("test", "other-1", "1", json!({}))),
+            Some(Skip::NotOptedIn)
+        );
+        assert_eq!(
+            check(pod(
+                "test",
+                "podinfo-1",
+                "1",
+                json!({"annotations": {"meshcanary.io/envoy-admin-port": "x"}})
+            )),
+            Some(Skip::BadAdminPort)
+        );
+        let mut p = pod("test", "podinfo-1", "1", json!({}));
+        p.spec
+            .as_mut()
+            .unwrap()
+            .containers
+            .retain(|c| c.name != "envoy");
+        assert_eq!(check(p), Some(Skip::NoEnvoy));
+        let mut p = pod("test", "podinfo-1", "1", json!({}));
+        p.metadata.owner_references = None;
+        assert_eq!(check(p), Some(Skip::NoDeployment));
+        assert_eq!(check(pod("test", "podinfo-1", "1", json!({}))), None);
+    }
+}

@@ -1,0 +1,240 @@
+//! The App Mesh router: the weighted targets of `VirtualRouter` `NAME`'s routes.
+//!
+//! meshcanary creates the router with one `httpRoute` whose `weightedTargets` name
+//! `NAME-canary` and `NAME-primary`. Every route that names both gets the weights; other
+//! fields (and what App Mesh's controller adds, such as `awsName` and `meshRef`) are kept
+//! as read, because the write is a full update of the object as read, guarded by its
+//! `resourceVersion`.
+
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kube::Client;
+use serde_json::Value;
+
+use super::{Router, RouterError};
+
+/// `appmesh.k8s.aws/v1beta2`, the version App Mesh's controller serves.
+pub const GROUP: &str = "appmesh.k8s.aws";
+pub const VERSION: &str = "v1beta2";
+
+/// The API resource of an App Mesh kind (`VirtualRouter`, `VirtualNode`, `VirtualService`).
+pub fn resource(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, kind))
+}
+
+/// How often a write that meets a conflict is retried.
+const ATTEMPTS: u32 = 5;
+
+/// App Mesh `VirtualRouter` weights through the Kubernetes API.
+#[derive(Clone)]
+pub struct AppMesh {
+    client: Client,
+    resource: ApiResource,
+}
+
+impl AppMesh {
+    pub fn new(client: Client) -> Self {
+        AppMesh {
+            client,
+            resource: resource("VirtualRouter"),
+        }
+    }
+
+    fn api(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &self.resource)
+    }
+
+    async fn get(&self, namespace: &str, name: &str) -> Result<DynamicObject, RouterError> {
+        match self.api(namespace).get(name).await {
+            Ok(o) => Ok(o),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Err(RouterError::NotFound {
+                what: what(namespace, name),
+            }),
+            Err(source) => Err(RouterError::Api {
+                op: "reading",
+                what: what(namespace, name),
+                source,
+            }),
+        }
+    }
+}
+
+fn what(namespace: &str, name: &str) -> String {
+    format!("VirtualRouter {namespace}/{name}")
+}
+
+/// The canary weight in a router's spec: the weight of `NAME-canary` over the sum, in the
+/// first route that names both targets.
+///
+/// ### Errors
+/// No route names both, or a weight is not a number.
+pub fn read_weight(spec: &Value, name: &str) -> Result<u8, String> {
+    let (canary, primary) = (format!("{name}-canary"), format!("{name}-primary"));
+    for targets in weighted_targets(spec) {
+        let weight_of = |node: &str| {
+            targets
+                .iter()
+                .find(|t| t["virtualNodeRef"]["name"] == node)
+                .map(|t| t["weight"].as_u64())
+        };
+        match (weight_of(&canary), weight_of(&primary)) {
+            (Some(Some(c)), Some(Some(p))) if c + p > 0 => {
+                return u8::try_from(c * 100 / (c + p)).map_err(|e| e.to_string());
+            }
+            (Some(_), Some(_)) => {
+                return Err("weights are not whole numbers with a positive sum".into())
+            }
+            _ => {}
+        }
+    }
+    Err(format!(
+        "no route has weighted targets {canary} and {primary}"
+    ))
+}
+
+/// Set the weights in every route that names both targets; `false` if none does.
+pub fn write_weight(spec: &mut Value, name: &str, weight: u8) -> bool {
+    let (canary, primary) = (format!("{name}-canary"), format!("{name}-primary"));
+    let mut found = false;
+    let Some(routes) = spec["routes"].as_array_mut() else {
+        return false;
+    };
+    for route in routes {
+        for kind in ["httpRoute", "http2Route", "grpcRoute", "tcpRoute"] {
+            let Some(targets) = route[kind]["action"]["weightedTargets"].as_array_mut() else {
+                continue;
+            };
+            let names: Vec<&str> = targets
+                .iter()
+                .filter_map(|t| t["virtualNodeRef"]["name"].as_str())
+                .collect();
+            if !(names.contains(&canary.as_str()) && names.contains(&primary.as_str())) {
+                continue;
+            }
+            for t in targets.iter_mut() {
+                let node = t["virtualNodeRef"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if node == canary {
+                    t["weight"] = Value::from(weight);
+                } else if node == primary {
+                    t["weight"] = Value::from(100 - weight);
+                }
+            }
+            found = true;
+        }
+    }
+    found
+}
+
+fn weighted_targets(spec: &Value) -> impl Iterator<Item = &Vec<Value>> {
+    spec["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|route| {
+            ["httpRoute", "http2Route", "grpcRoute", "tcpRoute"]
+                .into_iter()
+                .filter_map(move |kind| route[kind]["action"]["weightedTargets"].as_array())
+        })
+}
+
+impl Router for AppMesh {
+    async fn canary_weight(&self, namespace: &str, name: &str) -> Result<u8, RouterError> {
+        let router = self.get(namespace, name).await?;
+        read_weight(&router.data["spec"], name).map_err(|why| RouterError::Malformed {
+            what: what(namespace, name),
+            why,
+        })
+    }
+
+    async fn set_canary_weight(
+        &self,
+        namespace: &str,
+        name: &str,
+        weight: u8,
+    ) -> Result<(), RouterError> {
+        let api = self.api(namespace);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut router = self.get(namespace, name).await?;
+            if read_weight(&router.data["spec"], name).ok() == Some(weight) {
+                return Ok(());
+            }
+            if !write_weight(&mut router.data["spec"], name, weight) {
+                return Err(RouterError::Malformed {
+                    what: what(namespace, name),
+                    why: format!("no route has weighted targets {name}-canary and {name}-primary"),
+                });
+            }
+            // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
+            match api.replace(name, &PostParams::default(), &router).await {
+                Ok(_) => break,
+                Err(kube::Error::Api(s)) if s.is_conflict() && attempt < ATTEMPTS => continue,
+                Err(kube::Error::Api(s)) if s.is_conflict() => {
+                    return Err(RouterError::Conflict {
+                        what: what(namespace, name),
+                        attempts: attempt,
+                    })
+                }
+                Err(source) => {
+                    return Err(RouterError::Api {
+                        op: "updating",
+                        what: what(namespace, name),
+                        source,
+                    })
+                }
+            }
+        }
+        let got = self.canary_weight(namespace, name).await?;
+        if got == weight {
+            Ok(())
+        } else {
+            Err(RouterError::Unverified {
+                what: what(namespace, name),
+                wanted: weight,
+                got,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(c: u64, p: u64) -> Value {
+        json!({
+            "awsName": "podinfo_test",
+            "listeners": [{"portMapping": {"port": 9898, "protocol": "http"}}],
+            "routes": [{"name": "podinfo", "httpRoute": {"match": {"prefix": "/"}, "action": {"weightedTargets": [
+                {"virtualNodeRef": {"name": "podinfo-canary"}, "weight": c},
+                {"virtualNodeRef": {"name": "podinfo-primary"}, "weight": p}
+            ]}}}]
+        })
+    }
+
+    #[test]
+    fn weights_read_and_write_in_place() {
+        assert_eq!(read_weight(&spec(0, 100), "podinfo"), Ok(0));
+        assert_eq!(read_weight(&spec(1, 3), "podinfo"), Ok(25));
+        let mut s = spec(0, 100);
+        assert!(write_weight(&mut s, "podinfo", 30));
+        assert_eq!(read_weight(&s, "podinfo"), Ok(30));
+        assert_eq!(s["awsName"], "podinfo_test", "other fields are kept");
+        assert_eq!(
+            s["routes"][0]["httpRoute"]["action"]["weightedTargets"][1]["weight"],
+            70
+        );
+    }
+
+    #[test]
+    fn a_router_meshcanary_did_not_shape_is_malformed() {
+        assert!(read_weight(&json!({"routes": []}), "podinfo").is_err());
+        assert!(read_weight(&spec(0, 0), "podinfo").is_err());
+        let mut s = spec(0, 100);
+        assert!(!write_weight(&mut s, "other", 5));
+    }
+}

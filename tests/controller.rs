@@ -1,0 +1,842 @@
+//! The rollout controller against a real kube-apiserver and kube-controller-manager, with
+//! windows fed deterministically (a scripted `WindowSource`): bootstrap, promotion, rollback,
+//! restart on a new revision, a killed leader resuming, two agents with leader election,
+//! invalid annotations, an apiserver restart, and garbage collection.
+//!
+//! One control plane serves every scenario (each in its own namespace), run one after the
+//! other: starting a control plane costs more than most scenarios.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Service};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::Client;
+use meshcanary::controller::{Controller, ControllerConfig, LeaseConfig};
+use meshcanary::rollout::{Phase, Status};
+use meshcanary::router::appmesh::{self, AppMesh};
+use meshcanary::router::Router as _;
+use meshcanary::telemetry::Metrics;
+use meshcanary::window::{Summary, Totals, WindowPair, WindowSource};
+use support::kube::{ControlPlane, Kubelet};
+use tokio::sync::watch;
+
+/// Windows the test sets; every workload sees the same pair.
+#[derive(Clone, Default)]
+struct Script(Arc<Mutex<Option<WindowPair>>>);
+
+impl Script {
+    fn set(&self, pair: WindowPair) {
+        *self.0.lock().unwrap() = Some(pair);
+    }
+}
+
+impl WindowSource for Script {
+    fn pair(&self, _: &str, _: &str, _: u64) -> Option<WindowPair> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn window(success: f64) -> WindowPair {
+    let requests = 400;
+    let errors = ((1.0 - success) * requests as f64).round() as u64;
+    WindowPair {
+        canary: Summary {
+            requests,
+            errors,
+            success_rate: Some(success),
+            p99_ms: Some(20.0),
+            age_ms: Some(100),
+            ..Summary::default()
+        },
+        canary_totals: Totals {
+            requests,
+            errors,
+            buckets: vec![],
+        },
+        primary_totals: Totals {
+            requests: 4000,
+            errors: 0,
+            buckets: vec![],
+        },
+        edges_ms: vec![],
+        fresh: true,
+    }
+}
+
+/// A controller task that can be stopped gracefully or killed (aborted: no Lease release).
+struct Agent {
+    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Agent {
+    async fn start(cp: &ControlPlane, windows: Script, identity: &str, lease: bool) -> Agent {
+        let client = cp.agent_client().await;
+        let config = ControllerConfig {
+            decision_interval: Duration::from_millis(200),
+            lease: lease.then(|| LeaseConfig {
+                namespace: "meshcanary".into(),
+                name: "meshcanary-test".into(),
+                duration: Duration::from_secs(3),
+            }),
+            envoy_container: "envoy".into(),
+            identity: identity.into(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let controller = Controller::new(
+            client.clone(),
+            AppMesh::new(client),
+            windows,
+            config,
+            Arc::clone(&metrics),
+        );
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            controller.run(rx).await.expect("controller runs");
+        });
+        Agent {
+            task,
+            stop,
+            metrics,
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        support::counter(&self.metrics.render(&[], &[], &[]), "meshcanary_leader ") == 1.0
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+fn podinfo(ns: &str, image: &str, extra: &[(&str, &str)]) -> Deployment {
+    let mut annotations = serde_json::json!({
+        "meshcanary.io/enabled": "true",
+        "meshcanary.io/interval": "1s",
+        "meshcanary.io/threshold": "3",
+    });
+    for (k, v) in extra {
+        annotations[*k] = serde_json::json!(v);
+    }
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "podinfo", "namespace": ns, "annotations": annotations},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "podinfo"}},
+            "template": {
+                "metadata": {"labels": {"app": "podinfo"}},
+                "spec": {"containers": [
+                    {"name": "podinfo", "image": image, "ports": [{"containerPort": 9898}]},
+                    {"name": "envoy", "image": "envoy:v1.40", "ports": [{"containerPort": 9901}]}
+                ]}
+            }
+        }
+    }))
+    .unwrap()
+}
+
+struct Scenario {
+    client: Client,
+    ns: String,
+}
+
+impl Scenario {
+    async fn new(cp: &ControlPlane, ns: &str) -> Scenario {
+        cp.mesh_namespace(ns).await;
+        Scenario {
+            client: cp.client().await,
+            ns: ns.into(),
+        }
+    }
+
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn create(&self, d: &Deployment) {
+        self.deployments()
+            .create(&PostParams::default(), d)
+            .await
+            .expect("creating podinfo");
+    }
+
+    async fn set_image(&self, image: &str) {
+        let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "podinfo", "image": image}]}}}});
+        self.deployments()
+            .patch(
+                "podinfo",
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .expect("updating the image");
+    }
+
+    async fn status(&self) -> Option<Status> {
+        let d = self.deployments().get_opt("podinfo").await.ok()??;
+        let s = d.metadata.annotations?.get("meshcanary.io/status")?.clone();
+        serde_json::from_str(&s).ok()
+    }
+
+    async fn phase_is(&self, phase: Phase, within: Duration) -> Status {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.status().await {
+                if s.phase == phase {
+                    return s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: waited {within:?} for {phase:?}, at {s:?}; events {:#?}",
+                    self.ns,
+                    self.events().await
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no status within {within:?}",
+                self.ns
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn weight(&self) -> Option<u8> {
+        AppMesh::new(self.client.clone())
+            .canary_weight(&self.ns, "podinfo")
+            .await
+            .ok()
+    }
+
+    async fn replicas(&self, name: &str) -> Option<i32> {
+        self.deployments().get_opt(name).await.ok()??.spec?.replicas
+    }
+
+    /// Events on podinfo in the order they happened (each message once).
+    async fn events(&self) -> Vec<String> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let lp = ListParams::default().fields("involvedObject.name=podinfo");
+        let mut list: Vec<Event> = api.list(&lp).await.map(|l| l.items).unwrap_or_default();
+        list.retain(|e| e.reporting_component.as_deref() == Some("meshcanary"));
+        list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+        list.into_iter().filter_map(|e| e.message).collect()
+    }
+
+    /// The events, once the last one is `last` (Events are published after the status).
+    async fn events_ending(&self, last: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = self.events().await;
+            if events.last().map(String::as_str) == Some(last) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: events never ended with {last:?}: {events:#?}",
+                self.ns
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Record every distinct canary weight the router shows until `until` holds.
+    async fn record_weights(&self, within: Duration, until: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        let deadline = Instant::now() + within;
+        let mut seen: Vec<u8> = Vec::new();
+        loop {
+            if let Some(w) = self.weight().await {
+                if seen.last() != Some(&w) {
+                    seen.push(w);
+                }
+            }
+            if until(&seen) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: weights so far {seen:?}; status {:?}; events {:#?}",
+                self.ns,
+                self.status().await,
+                self.events().await
+            );
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+
+    async fn cleanup(&self) {
+        let _ = self
+            .deployments()
+            .delete("podinfo", &Default::default())
+            .await;
+    }
+}
+
+const ADVANCES: [&str; 6] = [
+    "Advance podinfo.{ns} canary weight 2",
+    "Advance podinfo.{ns} canary weight 5",
+    "Advance podinfo.{ns} canary weight 10",
+    "Advance podinfo.{ns} canary weight 20",
+    "Advance podinfo.{ns} canary weight 30",
+    "Advance podinfo.{ns} canary weight 50",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_against_a_real_apiserver() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "meshcanary=info".into()))
+        .with_test_writer()
+        .try_init();
+    let mut cp = ControlPlane::start().await;
+    let kubelet = Kubelet::start(
+        cp.client().await,
+        Arc::new(|_| ("node-a".into(), "127.0.0.1".into())),
+    );
+    let started = Instant::now();
+    let mut results = Vec::new();
+    // The manifests pass the apiserver's validation, then install the agent's RBAC, which
+    // every scenario below runs under.
+    let manifests = support::repo().join("manifests");
+    // A server-side dry run cannot create the namespace its other objects go in.
+    cp.kubectl(&[
+        "apply",
+        "-f",
+        manifests.join("namespace.yaml").to_str().unwrap(),
+    ]);
+    let out = cp.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-k",
+        manifests.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("daemonset.apps/meshcanary created (server dry run)"),
+        "{out}"
+    );
+    cp.kubectl(&["apply", "-k", manifests.to_str().unwrap()]);
+    macro_rules! scenario {
+        ($name:literal, $body:expr) => {{
+            let t = Instant::now();
+            $body;
+            results.push(format!(
+                "{:<58} ok in {:>5.1} s",
+                $name,
+                t.elapsed().as_secs_f64()
+            ));
+            eprintln!("{}", results.last().unwrap());
+        }};
+    }
+    scenario!(
+        "bootstrap creates exactly the objects, owned by NAME",
+        bootstrap(&cp).await
+    );
+    scenario!(
+        "a promotion walks 2..50, promotes, scales the canary to 0",
+        promotion(&cp).await
+    );
+    scenario!(
+        "failing windows roll back after threshold failed checks",
+        rollback(&cp).await
+    );
+    scenario!(
+        "a new revision mid-analysis restarts it",
+        new_revision(&cp).await
+    );
+    scenario!(
+        "a killed agent restarted resumes: no step repeated or skipped",
+        resume(&cp).await
+    );
+    scenario!(
+        "two agents: only the leader writes; the other takes over",
+        two_agents(&cp).await
+    );
+    scenario!(
+        "invalid annotations: a Warning event, nothing created",
+        invalid(&cp).await
+    );
+    scenario!(
+        "an apiserver restart mid-rollout is survived",
+        apiserver_restart(&mut cp).await
+    );
+    scenario!(
+        "deleting NAME removes what meshcanary created",
+        garbage_collection(&cp).await
+    );
+    drop(kubelet);
+    eprintln!(
+        "all scenarios in {:.1} s:\n{}",
+        started.elapsed().as_secs_f64(),
+        results.join("\n")
+    );
+}
+
+async fn bootstrap(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "boot").await;
+    let windows = Script::default();
+    let agent = Agent::start(cp, windows, "a", false).await;
+    s.create(&podinfo("boot", "podinfo:6.0.0", &[])).await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    let primary = s.deployments().get("podinfo-primary").await.unwrap();
+    let spec = primary.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(
+        spec.selector.match_labels.unwrap()["app"],
+        "podinfo-primary"
+    );
+    assert_eq!(
+        spec.template.spec.unwrap().containers[0].image.as_deref(),
+        Some("podinfo:6.0.0")
+    );
+    support::eventually_async(
+        Duration::from_secs(10),
+        "the canary scaled to 0 once the primary is ready",
+        || async { s.replicas("podinfo").await == Some(0) },
+    )
+    .await;
+    let owner_is_podinfo =
+        |refs: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+            refs.unwrap_or_default()
+                .iter()
+                .any(|r| r.kind == "Deployment" && r.name == "podinfo")
+        };
+    assert!(owner_is_podinfo(primary.metadata.owner_references));
+    let services: Api<Service> = Api::namespaced(s.client.clone(), "boot");
+    let mut names: Vec<String> = services
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|x| {
+            assert!(owner_is_podinfo(x.metadata.owner_references.clone()));
+            x.metadata.name.unwrap()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["podinfo", "podinfo-canary", "podinfo-primary"]);
+    let svc = services.get("podinfo").await.unwrap().spec.unwrap();
+    assert_eq!(svc.selector.unwrap()["app"], "podinfo-primary");
+    assert_eq!(svc.ports.unwrap()[0].port, 9898);
+    for (kind, expected) in [
+        ("VirtualNode", vec!["podinfo-canary", "podinfo-primary"]),
+        ("VirtualRouter", vec!["podinfo"]),
+        ("VirtualService", vec!["podinfo"]),
+    ] {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(s.client.clone(), "boot", &appmesh::resource(kind));
+        let list = api.list(&ListParams::default()).await.unwrap().items;
+        let mut names: Vec<String> = list
+            .iter()
+            .map(|o| o.metadata.name.clone().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, expected, "{kind}");
+        for o in &list {
+            assert!(
+                owner_is_podinfo(o.metadata.owner_references.clone()),
+                "{kind} owner"
+            );
+        }
+    }
+    let vn: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), "boot", &appmesh::resource("VirtualNode"));
+    let primary_vn = vn.get("podinfo-primary").await.unwrap();
+    assert_eq!(
+        primary_vn.data["spec"]["serviceDiscovery"]["dns"]["hostname"],
+        "podinfo-primary.boot.svc.cluster.local"
+    );
+    assert_eq!(
+        primary_vn.data["spec"]["listeners"][0]["portMapping"]["port"],
+        9898
+    );
+    // Fields App Mesh's controller sets survive meshcanary's next apply.
+    let patch = serde_json::json!({"spec": {"meshRef": {"name": "global", "uid": "m-1"}, "awsName": "podinfo-primary_boot"}});
+    vn.patch("podinfo-primary", &PatchParams::apply("appmesh-controller"), &Patch::Apply(&serde_json::json!({
+        "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "VirtualNode", "metadata": {"name": "podinfo-primary"}, "spec": patch["spec"]
+    }))).await.unwrap();
+    assert_eq!(s.weight().await, Some(0));
+    let events = s.events_ending("Initialization done! podinfo.boot").await;
+    assert_eq!(
+        events,
+        [
+            "Initializing podinfo.boot",
+            "Initialization done! podinfo.boot"
+        ]
+    );
+    agent.stop().await;
+    // A restarted agent re-applies and keeps App Mesh's fields.
+    let agent = Agent::start(cp, Script::default(), "a", false).await;
+    s.set_image("podinfo:6.0.1").await;
+    s.phase_is(Phase::Progressing, Duration::from_secs(30))
+        .await;
+    let after = vn.get("podinfo-primary").await.unwrap();
+    assert_eq!(after.data["spec"]["awsName"], "podinfo-primary_boot");
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn promotion(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "promote").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "a", false).await;
+    s.create(&podinfo("promote", "podinfo:6.0.0", &[])).await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    let weights = s
+        .record_weights(Duration::from_secs(90), |w| {
+            w.last() == Some(&0) && w.len() > 1
+        })
+        .await;
+    assert_eq!(weights, [0, 2, 5, 10, 20, 30, 50, 0]);
+    let st = s.phase_is(Phase::Succeeded, Duration::from_secs(60)).await;
+    assert_eq!(st.canary_weight, 0);
+    let primary = s.deployments().get("podinfo-primary").await.unwrap();
+    assert_eq!(
+        primary.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("podinfo:6.0.1")
+    );
+    support::eventually_async(Duration::from_secs(30), "canary scaled to 0", || async {
+        s.replicas("podinfo").await == Some(0)
+    })
+    .await;
+    let ns = "promote";
+    let mut expected = vec![
+        format!("Initializing podinfo.{ns}"),
+        format!("Initialization done! podinfo.{ns}"),
+        format!("New revision detected! Scaling up podinfo.{ns}"),
+        format!("Starting canary analysis for podinfo.{ns}"),
+    ];
+    expected.extend(ADVANCES.iter().map(|a| a.replace("{ns}", ns)));
+    expected.extend([
+        format!("Copying podinfo.{ns} template spec to podinfo-primary.{ns}"),
+        "Routing all traffic to primary".to_owned(),
+        format!("Promotion completed! Scaling down podinfo.{ns}"),
+    ]);
+    assert_eq!(s.events_ending(expected.last().unwrap()).await, expected);
+    let m = agent.metrics.render(&[], &[], &[]);
+    assert_eq!(support::counter(&m, "meshcanary_decisions_total{namespace=\"promote\",workload=\"podinfo\",kind=\"promote\"}"), 1.0);
+    assert!(
+        support::counter(&m, "meshcanary_weight_applied_seconds_count") >= 7.0,
+        "{m}"
+    );
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn rollback(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "rollback").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows.clone(), "a", false).await;
+    s.create(&podinfo(
+        "rollback",
+        "podinfo:6.0.0",
+        &[("meshcanary.io/judge", "threshold")],
+    ))
+    .await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
+        .await;
+    windows.set(window(0.5396));
+    let st = s.phase_is(Phase::Failed, Duration::from_secs(30)).await;
+    assert_eq!((st.canary_weight, st.failed_checks), (0, 3));
+    assert_eq!(s.weight().await, Some(0));
+    support::eventually_async(Duration::from_secs(30), "canary scaled to 0", || async {
+        s.replicas("podinfo").await == Some(0)
+    })
+    .await;
+    let events = s
+        .events_ending("Canary failed! Scaling down podinfo.rollback")
+        .await;
+    let tail: Vec<&str> = events
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "Halt podinfo.rollback advancement success rate 53.96% < 99%",
+            "Rolling back podinfo.rollback failed checks threshold reached 3",
+            "Canary failed! Scaling down podinfo.rollback",
+        ]
+    );
+    let primary = s.deployments().get("podinfo-primary").await.unwrap();
+    assert_eq!(
+        primary.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("podinfo:6.0.0"),
+        "the primary keeps the old revision"
+    );
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn new_revision(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "restart").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "a", false).await;
+    s.create(&podinfo("restart", "podinfo:6.0.0", &[])).await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    s.record_weights(Duration::from_secs(30), |w| w.contains(&10))
+        .await;
+    s.set_image("podinfo:6.0.2").await;
+    let second_zero = |w: &[u8]| w.iter().skip(1).position(|&x| x == 0).map(|i| i + 1);
+    let weights = s
+        .record_weights(Duration::from_secs(90), |w| {
+            second_zero(w).is_some_and(|i| w[i + 1..].ends_with(&[50, 0]))
+        })
+        .await;
+    let i = second_zero(&weights).unwrap();
+    assert!(weights[..i].contains(&10), "{weights:?}");
+    assert_eq!(
+        weights[i + 1..],
+        [2, 5, 10, 20, 30, 50, 0],
+        "after the restart every step again: {weights:?}"
+    );
+    s.phase_is(Phase::Succeeded, Duration::from_secs(30)).await;
+    assert!(s
+        .events()
+        .await
+        .contains(&"New revision detected! Restarting analysis for podinfo.restart".to_owned()));
+    let primary = s.deployments().get("podinfo-primary").await.unwrap();
+    assert_eq!(
+        primary.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("podinfo:6.0.2")
+    );
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn resume(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "resume").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows.clone(), "a", false).await;
+    s.create(&podinfo(
+        "resume",
+        "podinfo:6.0.0",
+        &[("meshcanary.io/interval", "2s")],
+    ))
+    .await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    let before = s
+        .record_weights(Duration::from_secs(30), |w| w.contains(&10))
+        .await;
+    agent.kill();
+    let at_kill = s.status().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let agent = Agent::start(cp, windows, "b", false).await;
+    let mut weights = before.clone();
+    let rest = s
+        .record_weights(Duration::from_secs(90), |w| {
+            w.last() == Some(&0) && w.len() > 1
+        })
+        .await;
+    weights.extend(rest.into_iter().skip_while(|w| before.contains(w)));
+    assert_eq!(
+        weights,
+        [0, 2, 5, 10, 20, 30, 50, 0],
+        "killed at {at_kill:?}"
+    );
+    s.phase_is(Phase::Succeeded, Duration::from_secs(30)).await;
+    let events = s.events().await;
+    for a in ADVANCES {
+        let a = a.replace("{ns}", "resume");
+        assert_eq!(
+            events.iter().filter(|e| **e == a).count(),
+            1,
+            "{a} once: {events:#?}"
+        );
+    }
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn two_agents(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "leader").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let a = Agent::start(cp, windows.clone(), "agent-a", true).await;
+    let b = Agent::start(cp, windows.clone(), "agent-b", true).await;
+    support::eventually(Duration::from_secs(30), "a leader", || {
+        a.is_leader() || b.is_leader()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(a.is_leader() ^ b.is_leader(), "exactly one leader");
+    s.create(&podinfo(
+        "leader",
+        "podinfo:6.0.0",
+        &[("meshcanary.io/interval", "2s")],
+    ))
+    .await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
+        .await;
+    // Only the leader wrote: the follower made no decisions.
+    let (leader, follower) = if a.is_leader() { (a, b) } else { (b, a) };
+    let decisions = |ag: &Agent| {
+        support::counter(&ag.metrics.render(&[], &[], &[]), "meshcanary_decisions_total{namespace=\"leader\",workload=\"podinfo\",kind=\"advance\"}")
+    };
+    assert!(decisions(&leader) >= 2.0);
+    assert_eq!(decisions(&follower), 0.0);
+    leader.kill();
+    let weights = s
+        .record_weights(Duration::from_secs(90), |w| {
+            w.last() == Some(&0) && w.len() > 1
+        })
+        .await;
+    assert!(weights.ends_with(&[30, 50, 0]), "{weights:?}");
+    s.phase_is(Phase::Succeeded, Duration::from_secs(30)).await;
+    assert!(follower.is_leader());
+    assert!(decisions(&follower) >= 1.0);
+    follower.stop().await;
+    s.cleanup().await;
+}
+
+async fn invalid(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "invalid").await;
+    let agent = Agent::start(cp, Script::default(), "a", false).await;
+    s.create(&podinfo(
+        "invalid",
+        "podinfo:6.0.0",
+        &[("meshcanary.io/step-weights", "10,5")],
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let e = s.events().await;
+        if !e.is_empty() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no Warning event");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(events, ["annotation meshcanary.io/step-weights has value \"10,5\": expected increasing whole percentages from 1 to 99, comma separated; meshcanary leaves podinfo.invalid untouched"]);
+    let api: Api<Event> = Api::namespaced(s.client.clone(), "invalid");
+    let items = api.list(&ListParams::default()).await.unwrap().items;
+    let e = items
+        .iter()
+        .find(|e| e.reporting_component.as_deref() == Some("meshcanary"))
+        .unwrap();
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(s
+        .deployments()
+        .get_opt("podinfo-primary")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.status().await.is_none());
+    assert_eq!(s.replicas("podinfo").await, Some(2), "untouched");
+    let m = agent.metrics.render(&[], &[], &[]);
+    assert_eq!(
+        support::counter(
+            &m,
+            "meshcanary_rollout_invalid_config{namespace=\"invalid\""
+        ),
+        1.0
+    );
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn apiserver_restart(cp: &mut ControlPlane) {
+    let s = Scenario::new(cp, "outage").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "a", false).await;
+    s.create(&podinfo(
+        "outage",
+        "podinfo:6.0.0",
+        &[("meshcanary.io/interval", "2s")],
+    ))
+    .await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
+        .await;
+    cp.restart_apiserver().await;
+    let s = Scenario::new(cp, "outage").await;
+    s.record_weights(Duration::from_secs(120), |w| w.contains(&50))
+        .await;
+    s.phase_is(Phase::Succeeded, Duration::from_secs(60)).await;
+    let events = s.events().await;
+    for a in ADVANCES {
+        let a = a.replace("{ns}", "outage");
+        assert!(
+            events.iter().filter(|e| **e == a).count() <= 1,
+            "{a} at most once: {events:#?}"
+        );
+    }
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn garbage_collection(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "gc").await;
+    let agent = Agent::start(cp, Script::default(), "a", false).await;
+    s.create(&podinfo("gc", "podinfo:6.0.0", &[])).await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    agent.stop().await;
+    s.deployments()
+        .delete("podinfo", &Default::default())
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(s.client.clone(), "gc");
+    let routers: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), "gc", &appmesh::resource("VirtualRouter"));
+    let nodes: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), "gc", &appmesh::resource("VirtualNode"));
+    support::eventually_async(Duration::from_secs(60), "everything collected", || async {
+        s.deployments()
+            .list(&ListParams::default())
+            .await
+            .is_ok_and(|l| l.items.is_empty())
+            && services
+                .list(&ListParams::default())
+                .await
+                .is_ok_and(|l| l.items.is_empty())
+            && routers
+                .list(&ListParams::default())
+                .await
+                .is_ok_and(|l| l.items.is_empty())
+            && nodes
+                .list(&ListParams::default())
+                .await
+                .is_ok_and(|l| l.items.is_empty())
+    })
+    .await;
+}
