@@ -18,7 +18,6 @@
 # after about two minutes (Ctrl-C stops it earlier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(scripts/testenv.sh)"
 eval "$(scripts/testenv.sh --kube)"
 echo "demo: building meshcanary (release; the first build takes a few minutes)" >&2
 cargo build --release --locked --bin meshcanary --example testapp --example lab >&2
@@ -88,7 +87,8 @@ phase() { status | sed -n 's/.*"phase":"\([A-Za-z]*\)".*/\1/p'; }
 weight() { status | sed -n 's/.*"canaryWeight":\([0-9]*\).*/\1/p'; }
 wait_phase() { # phase seconds
   for _ in $(seq $(($2 * 10))); do [ "$(phase)" = "$1" ] && return 0; sleep 0.1; done
-  echo "demo: podinfo did not reach $1 within $2 s (at $(phase)); see $work/meshcanary.log" >&2; exit 1
+  echo "demo: podinfo did not reach $1 within $2 s (at $(phase)); the agent's last log lines:" >&2
+  tail -20 "$work/meshcanary.log" >&2; exit 1
 }
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }

@@ -39,6 +39,8 @@ fi
 # Debian's Go and cached under $cache/kube (about 5 minutes on 2 cores, once).
 if [ "${1:-}" = --kube ]; then
   command -v etcd >/dev/null || { log "installing etcd-server"; apt-get install -y -qq etcd-server >&2; }
+  # The control-plane tests generate the service-account signing key with openssl.
+  command -v openssl >/dev/null || { log "installing openssl"; apt-get install -y -qq openssl >&2; }
   if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
     kube_bin=$KUBEBUILDER_ASSETS
   else

@@ -87,12 +87,13 @@ pub enum DocsWhat {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// A sidecar to scrape: `[namespace/]workload/role=http://host:admin-port` (role is
-    /// `primary` or `canary`). Repeatable; the environment form is comma-separated.
+    /// `primary` or `canary`). Repeatable; the environment form is comma-separated. Needed
+    /// unless --node-name turns on Kubernetes discovery.
     #[arg(
         long = "target",
         env = "MESHCANARY_TARGETS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "node_name"
     )]
     pub targets: Vec<String>,
     /// Fast-tier interval (decisions).
