@@ -298,9 +298,24 @@ async fn rollouts_against_a_real_apiserver() {
         .with_test_writer()
         .try_init();
     let mut cp = ControlPlane::start().await;
+    // Every pod runs on node-a, except the primaries of namespace `disc`, on node-b.
     let kubelet = Kubelet::start(
         cp.client().await,
-        Arc::new(|_| ("node-a".into(), "127.0.0.1".into())),
+        Arc::new(|pod| {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+            let primary = pod
+                .metadata
+                .name
+                .as_deref()
+                .unwrap_or_default()
+                .contains("-primary-");
+            let node = if ns == "disc" && primary {
+                "node-b"
+            } else {
+                "node-a"
+            };
+            (node.into(), "127.0.0.1".into())
+        }),
     );
     let started = Instant::now();
     let mut results = Vec::new();
@@ -367,6 +382,10 @@ async fn rollouts_against_a_real_apiserver() {
     scenario!(
         "an apiserver restart mid-rollout is survived",
         apiserver_restart(&mut cp).await
+    );
+    scenario!(
+        "discovery: each node's agent scrapes its own opted-in sidecars",
+        discovery(&cp).await
     );
     scenario!(
         "deleting NAME removes what meshcanary created",
@@ -839,4 +858,123 @@ async fn garbage_collection(cp: &ControlPlane) {
                 .is_ok_and(|l| l.items.is_empty())
     })
     .await;
+}
+
+async fn discovery(cp: &ControlPlane) {
+    use meshcanary::discover::pods::{self, DiscoveryConfig};
+    let s = Scenario::new(cp, "disc").await;
+    // A non-mesh namespace with the same workload: never scraped.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(s.client.clone());
+    let plain = serde_json::from_value(serde_json::json!({"metadata": {"name": "plain"}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &plain)
+        .await
+        .unwrap();
+    let body =
+        std::fs::read(support::repo().join("tests/fixtures/envoy-1.40-1-clusters.prom")).unwrap();
+    let admin =
+        support::FakeAdmin::start(support::FakeAdmin::ok(&body, true), Duration::ZERO).await;
+    let port = admin.port.to_string();
+    let with_port = |ns: &str| {
+        let mut d = podinfo(ns, "podinfo:6.0.0", &[]);
+        let t = d
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .metadata
+            .get_or_insert_with(Default::default);
+        t.annotations = Some([("meshcanary.io/envoy-admin-port".to_owned(), port.clone())].into());
+        d
+    };
+    let agent = Agent::start(cp, Script::default(), "a", false).await;
+    s.create(&with_port("disc")).await;
+    let plain_deployments: Api<Deployment> = Api::namespaced(s.client.clone(), "plain");
+    plain_deployments
+        .create(&PostParams::default(), &with_port("plain"))
+        .await
+        .unwrap();
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    s.phase_is(Phase::Progressing, Duration::from_secs(30))
+        .await;
+    // The analysis halts (the script has no windows): node-b has the two primary pods,
+    // node-a the two canary pods.
+    let (stop, rx) = watch::channel(false);
+    let mut agents = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let config = DiscoveryConfig {
+            node_name: node.into(),
+            namespace_selector: "appmesh.k8s.aws/sidecarInjectorWebhook=enabled".into(),
+            envoy_container: "envoy".into(),
+        };
+        let targets = pods::start(cp.agent_client().await, config, rx.clone());
+        let config = support::RunningAgent::config(&[], 32 << 20, |_| {});
+        agents.push(support::RunningAgent::launch(config, Some(targets)).await);
+    }
+    let keys = |a: &support::RunningAgent| {
+        let mut k: Vec<String> = a
+            .shared
+            .target_statuses()
+            .iter()
+            .filter(|t| t.up)
+            .map(|t| t.target.key.to_string())
+            .collect();
+        k.sort();
+        k
+    };
+    support::eventually(
+        Duration::from_secs(30),
+        "both nodes scraping their own pods",
+        || {
+            keys(&agents[0]) == ["disc/podinfo/canary", "disc/podinfo/canary"]
+                && keys(&agents[1]) == ["disc/podinfo/primary", "disc/podinfo/primary"]
+        },
+    )
+    .await;
+    let ids: Vec<String> = agents[0]
+        .shared
+        .target_statuses()
+        .iter()
+        .map(|t| t.target.id.clone())
+        .collect();
+    assert!(
+        ids.iter().all(|id| id.starts_with("disc/podinfo-")),
+        "{ids:?}"
+    );
+    let now = meshcanary::agent::unix_ms();
+    assert!(agents[0]
+        .shared
+        .summaries(now)
+        .iter()
+        .any(|(k, _)| k.to_string() == "disc/podinfo/canary"));
+    // The canary scaled to 0: its targets and its window go; node-b is unaffected.
+    agent.stop().await;
+    let zero = serde_json::json!({"spec": {"replicas": 0}});
+    s.deployments()
+        .patch("podinfo", &PatchParams::default(), &Patch::Merge(&zero))
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(30),
+        "the canary's targets and window dropped",
+        || {
+            agents[0].shared.target_statuses().is_empty()
+                && agents[0]
+                    .shared
+                    .summaries(meshcanary::agent::unix_ms())
+                    .is_empty()
+        },
+    )
+    .await;
+    assert_eq!(keys(&agents[1]).len(), 2, "node-b keeps its primaries");
+    let _ = stop.send(true);
+    for a in agents {
+        a.shutdown().await;
+    }
+    s.cleanup().await;
+    let _ = plain_deployments
+        .delete("podinfo", &Default::default())
+        .await;
 }

@@ -119,10 +119,6 @@ impl Plan {
             .unwrap_or_default();
         labels = primary_labels(&labels, &self.name);
         template["metadata"]["labels"] = json!(labels);
-        // meshcanary's own annotations stay on NAME.
-        if let Some(a) = template["metadata"]["annotations"].as_object_mut() {
-            a.retain(|k, _| !k.starts_with(annotations::PREFIX));
-        }
         let mut meta = self.meta(&self.primary_name());
         meta["annotations"] = json!({ annotations::REVISION: hash });
         json!({
@@ -253,7 +249,7 @@ mod tests {
                 "selector": {"matchLabels": {"app": "podinfo"}},
                 "template": {
                     "metadata": {"labels": {"app": "podinfo", "tier": "web"},
-                                 "annotations": {"meshcanary.io/x": "y", "keep": "me"}},
+                                 "annotations": {"meshcanary.io/envoy-admin-port": "15000", "keep": "me"}},
                     "spec": {"containers": [
                         {"name": "envoy", "image": "envoy", "ports": [{"containerPort": 9901}]},
                         {"name": "podinfo", "image": "podinfo:6.0.0", "ports": [{"containerPort": 9898}]}
@@ -298,9 +294,10 @@ mod tests {
             primary["spec"]["template"]["metadata"]["labels"]["tier"],
             "web"
         );
+        // Pod annotations (the Envoy admin port, say) are part of the template.
         assert_eq!(
             primary["spec"]["template"]["metadata"]["annotations"],
-            json!({"keep": "me"})
+            json!({"meshcanary.io/envoy-admin-port": "15000", "keep": "me"})
         );
         assert_eq!(
             primary["spec"]["template"]["spec"]["containers"][1]["image"],

@@ -244,6 +244,15 @@ impl RunningAgent {
         max_body_bytes: usize,
         adjust: impl FnOnce(&mut AgentConfig),
     ) -> RunningAgent {
+        Self::launch(Self::config(targets, max_body_bytes, adjust), None).await
+    }
+
+    /// The test configuration: 200 ms fast tier, 2 s full tier, a 60 s window.
+    pub fn config(
+        targets: &[String],
+        max_body_bytes: usize,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> AgentConfig {
         let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut config = AgentConfig {
             targets: targets
@@ -270,7 +279,19 @@ impl RunningAgent {
         };
         adjust(&mut config);
         config.validate().unwrap();
-        let agent = Agent::new(config).expect("agent config");
+        config
+    }
+
+    /// Run an agent with `config`, scraping what `discovery` publishes too, if given.
+    pub async fn launch(
+        config: AgentConfig,
+        discovery: Option<watch::Receiver<Vec<meshcanary::discover::Target>>>,
+    ) -> RunningAgent {
+        let listen = config.listen.expect("tests listen");
+        let mut agent = Agent::new(config).expect("agent config");
+        if let Some(d) = discovery {
+            agent = agent.with_discovery(d);
+        }
         let shared = agent.shared();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(agent.run(rx));
