@@ -376,6 +376,10 @@ async fn rollouts_against_a_real_apiserver() {
         two_agents(&cp).await
     );
     scenario!(
+        "losing the Lease stops writes at once",
+        lease_lost(&cp).await
+    );
+    scenario!(
         "invalid annotations: a Warning event, nothing created",
         invalid(&cp).await
     );
@@ -549,10 +553,10 @@ async fn promotion(cp: &ControlPlane) {
     assert_eq!(s.events_ending(expected.last().unwrap()).await, expected);
     let m = agent.metrics.render(&[], &[], &[]);
     assert_eq!(support::counter(&m, "meshcanary_decisions_total{namespace=\"promote\",workload=\"podinfo\",kind=\"promote\"}"), 1.0);
-    assert!(
-        support::counter(&m, "meshcanary_weight_applied_seconds_count") >= 7.0,
-        "{m}"
-    );
+    let writes = support::counter(&m, "meshcanary_weight_applied_seconds_count");
+    assert!(writes >= 7.0, "{m}");
+    let mean_ms = support::counter(&m, "meshcanary_weight_applied_seconds_sum") / writes * 1000.0;
+    eprintln!("decision to verified weight: mean {mean_ms:.1} ms over {writes} writes");
     agent.stop().await;
     s.cleanup().await;
 }
@@ -977,4 +981,68 @@ async fn discovery(cp: &ControlPlane) {
     let _ = plain_deployments
         .delete("podinfo", &Default::default())
         .await;
+}
+
+async fn lease_lost(cp: &ControlPlane) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let s = Scenario::new(cp, "lost").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "agent-x", true).await;
+    support::eventually(Duration::from_secs(30), "leader", || agent.is_leader()).await;
+    s.create(&podinfo(
+        "lost",
+        "podinfo:6.0.0",
+        &[("meshcanary.io/interval", "2s")],
+    ))
+    .await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
+        .await;
+    // Someone else takes the Lease and keeps renewing it, as a newly elected leader would.
+    let leases: Api<Lease> = Api::namespaced(cp.client().await, "meshcanary");
+    let thief = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                let now =
+                    serde_json::to_value(MicroTime(k8s_openapi::jiff::Timestamp::now())).unwrap();
+                let steal = serde_json::json!({"spec": {"holderIdentity": "intruder", "renewTime": now, "leaseDurationSeconds": 3}});
+                let _ = leases
+                    .patch(
+                        "meshcanary-test",
+                        &PatchParams::default(),
+                        &Patch::Merge(&steal),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let stolen = Instant::now();
+    support::eventually(Duration::from_secs(10), "leadership lost", || {
+        !agent.is_leader()
+    })
+    .await;
+    eprintln!(
+        "leadership lost {:.1} s after the Lease was taken",
+        stolen.elapsed().as_secs_f64()
+    );
+    let before = (s.status().await, s.weight().await);
+    // Three step intervals: a leader would have advanced at least once.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        (s.status().await, s.weight().await),
+        before,
+        "no write after losing the Lease"
+    );
+    agent.stop().await;
+    leases
+        .delete("meshcanary-test", &Default::default())
+        .await
+        .unwrap();
+    s.cleanup().await;
 }
