@@ -1039,6 +1039,8 @@ async fn lease_lost(cp: &ControlPlane) {
         before,
         "no write after losing the Lease"
     );
+    assert!(!agent.is_leader());
+    thief.abort();
     agent.stop().await;
     leases
         .delete("meshcanary-test", &Default::default())
