@@ -116,6 +116,18 @@ pub struct TargetStatus {
 /// The judge's latest verdict per (namespace, workload), shared with `/metrics` and `watch`.
 pub type Judgements = Arc<Mutex<BTreeMap<(String, String), Judgement>>>;
 
+impl TargetStatus {
+    /// A target not scraped yet.
+    pub fn new(target: Target) -> Self {
+        TargetStatus {
+            target,
+            up: false,
+            scraped_once: false,
+            last_error: None,
+        }
+    }
+}
+
 /// State shared by the target tasks, the telemetry endpoints and the watch view.
 pub struct Shared {
     pub windows: Mutex<Windows>,
@@ -195,15 +207,7 @@ impl Agent {
         let mut targets = BTreeMap::new();
         for t in &config.targets {
             AdminUrls::new(&t.admin_url, &config.fast_filter)?;
-            targets.insert(
-                t.id.clone(),
-                TargetStatus {
-                    target: t.clone(),
-                    up: false,
-                    scraped_once: false,
-                    last_error: None,
-                },
-            );
+            targets.insert(t.id.clone(), TargetStatus::new(t.clone()));
         }
         let shared = Arc::new(Shared {
             windows: Mutex::new(Windows::new(config.window)),
@@ -266,15 +270,7 @@ impl Agent {
         for t in new {
             match spawn(t, tasks) {
                 Ok(removed) => {
-                    lock(&self.shared.targets).insert(
-                        t.id.clone(),
-                        TargetStatus {
-                            target: t.clone(),
-                            up: false,
-                            scraped_once: false,
-                            last_error: None,
-                        },
-                    );
+                    lock(&self.shared.targets).insert(t.id.clone(), TargetStatus::new(t.clone()));
                     running.insert(t.id.clone(), (t.clone(), removed));
                 }
                 Err(error) => {

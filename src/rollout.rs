@@ -190,6 +190,15 @@ impl Transition {
         self.status.halted = false;
     }
 
+    /// Progressing with `revision`, from weight 0 and no failed checks, not yet analysing.
+    fn begin_revision(&mut self, revision: &str, now_ms: u64) {
+        self.enter(Phase::Progressing, now_ms);
+        self.status.revision = revision.to_owned();
+        self.status.canary_weight = 0;
+        self.status.failed_checks = 0;
+        self.status.analysing = false;
+    }
+
     /// Keep the router and the canary's size where the status says they should be.
     fn converge(&mut self, obs: &Observed, canary_replicas: i32) {
         if obs.weight != Some(self.status.canary_weight) {
@@ -254,11 +263,7 @@ pub fn step(
             if known {
                 tr.converge(obs, 0);
             } else {
-                tr.enter(Phase::Progressing, now_ms);
-                tr.status.revision = hash.clone();
-                tr.status.canary_weight = 0;
-                tr.status.failed_checks = 0;
-                tr.status.analysing = false;
+                tr.begin_revision(hash, now_ms);
                 tr.event(
                     Severity::Normal,
                     "Synced",
@@ -316,11 +321,7 @@ fn progressing(
 ) {
     let status = tr.status.clone();
     if obs.canary.template_hash != status.revision {
-        tr.enter(Phase::Progressing, now_ms);
-        tr.status.revision = obs.canary.template_hash.clone();
-        tr.status.canary_weight = 0;
-        tr.status.failed_checks = 0;
-        tr.status.analysing = false;
+        tr.begin_revision(&obs.canary.template_hash, now_ms);
         tr.event(
             Severity::Normal,
             "Synced",
@@ -555,6 +556,15 @@ mod tests {
             tr.actions
         }
 
+        /// An initialized workload whose template just changed to `v2`, judged `verdict`.
+        fn new_revision(p: &RolloutPolicy, verdict: Option<Judgement>) -> World {
+            let mut w = World::new();
+            w.run_until(p, Phase::Initialized, 5);
+            w.obs.canary.template_hash = "v2".into();
+            w.obs.judgement = verdict;
+            w
+        }
+
         fn phase(&self) -> Phase {
             self.status.as_ref().unwrap().phase
         }
@@ -613,13 +623,13 @@ mod tests {
     #[test]
     fn failed_checks_roll_back_at_the_threshold() {
         let p = policy();
-        let mut w = World::new();
-        w.run_until(&p, Phase::Initialized, 5);
-        w.obs.canary.template_hash = "v2".into();
-        w.obs.judgement = judged(Verdict::Failed(FailedCheck::SuccessRate {
-            value: 0.5396,
-            min: 0.99,
-        }));
+        let mut w = World::new_revision(
+            &p,
+            judged(Verdict::Failed(FailedCheck::SuccessRate {
+                value: 0.5396,
+                min: 0.99,
+            })),
+        );
         w.run_until(&p, Phase::Failed, 20);
         assert_eq!(w.obs.weight, Some(0));
         assert_eq!(w.obs.canary.replicas, 0);
@@ -652,10 +662,7 @@ mod tests {
     #[test]
     fn a_sequential_rejection_rolls_back_at_once() {
         let p = policy();
-        let mut w = World::new();
-        w.run_until(&p, Phase::Initialized, 5);
-        w.obs.canary.template_hash = "v2".into();
-        w.obs.judgement = judged(Verdict::Pass { early: false });
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
         w.run_until(&p, Phase::Progressing, 3);
         w.tick(&p);
         w.obs.judgement = judged(Verdict::Rollback(Test::Errors));
@@ -670,12 +677,12 @@ mod tests {
     #[test]
     fn no_data_halts_once_per_step_and_neither_advances_nor_fails() {
         let p = policy();
-        let mut w = World::new();
-        w.run_until(&p, Phase::Initialized, 5);
-        w.obs.canary.template_hash = "v2".into();
-        w.obs.judgement = judged(Verdict::NoData {
-            reason: "too_few_requests",
-        });
+        let mut w = World::new_revision(
+            &p,
+            judged(Verdict::NoData {
+                reason: "too_few_requests",
+            }),
+        );
         for _ in 0..100 {
             w.tick(&p);
             w.now_ms += 1000;
@@ -691,10 +698,7 @@ mod tests {
     #[test]
     fn a_new_revision_mid_analysis_restarts_it() {
         let p = policy();
-        let mut w = World::new();
-        w.run_until(&p, Phase::Initialized, 5);
-        w.obs.canary.template_hash = "v2".into();
-        w.obs.judgement = judged(Verdict::Pass { early: false });
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
         for _ in 0..25 {
             w.tick(&p);
             w.now_ms += 1000;
@@ -720,10 +724,7 @@ mod tests {
     #[test]
     fn a_resumed_status_repeats_and_skips_nothing() {
         let p = policy();
-        let mut w = World::new();
-        w.run_until(&p, Phase::Initialized, 5);
-        w.obs.canary.template_hash = "v2".into();
-        w.obs.judgement = judged(Verdict::Pass { early: false });
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
         for _ in 0..15 {
             w.tick(&p);
             w.now_ms += 1000;
@@ -746,10 +747,7 @@ mod tests {
     #[test]
     fn advance_early_needs_both_the_evidence_and_the_policy() {
         let mut p = policy();
-        let mut w = World::new();
-        w.run_until(&p, Phase::Initialized, 5);
-        w.obs.canary.template_hash = "v2".into();
-        w.obs.judgement = judged(Verdict::Pass { early: true });
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: true }));
         w.tick(&p);
         w.tick(&p);
         assert_eq!(w.status.as_ref().unwrap().canary_weight, 2);

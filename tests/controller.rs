@@ -274,6 +274,18 @@ impl Scenario {
         }
     }
 
+    /// Create podinfo with `extra` annotations, wait until it is initialized, start a new
+    /// revision and wait until the router shows `weight`; the weights seen so far.
+    async fn analysing(&self, extra: &[(&str, &str)], weight: u8) -> Vec<u8> {
+        self.create(&podinfo(&self.ns, "podinfo:6.0.0", extra))
+            .await;
+        self.phase_is(Phase::Initialized, Duration::from_secs(60))
+            .await;
+        self.set_image("podinfo:6.0.1").await;
+        self.record_weights(Duration::from_secs(30), |w| w.contains(&weight))
+            .await
+    }
+
     async fn cleanup(&self) {
         let _ = self
             .deployments()
@@ -566,16 +578,7 @@ async fn rollback(cp: &ControlPlane) {
     let windows = Script::default();
     windows.set(window(1.0));
     let agent = Agent::start(cp, windows.clone(), "a", false).await;
-    s.create(&podinfo(
-        "rollback",
-        "podinfo:6.0.0",
-        &[("meshcanary.io/judge", "threshold")],
-    ))
-    .await;
-    s.phase_is(Phase::Initialized, Duration::from_secs(60))
-        .await;
-    s.set_image("podinfo:6.0.1").await;
-    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
+    s.analysing(&[("meshcanary.io/judge", "threshold")], 5)
         .await;
     windows.set(window(0.5396));
     let st = s.phase_is(Phase::Failed, Duration::from_secs(30)).await;
@@ -620,12 +623,7 @@ async fn new_revision(cp: &ControlPlane) {
     let windows = Script::default();
     windows.set(window(1.0));
     let agent = Agent::start(cp, windows, "a", false).await;
-    s.create(&podinfo("restart", "podinfo:6.0.0", &[])).await;
-    s.phase_is(Phase::Initialized, Duration::from_secs(60))
-        .await;
-    s.set_image("podinfo:6.0.1").await;
-    s.record_weights(Duration::from_secs(30), |w| w.contains(&10))
-        .await;
+    s.analysing(&[], 10).await;
     s.set_image("podinfo:6.0.2").await;
     let second_zero = |w: &[u8]| w.iter().skip(1).position(|&x| x == 0).map(|i| i + 1);
     let weights = s
@@ -661,18 +659,7 @@ async fn resume(cp: &ControlPlane) {
     let windows = Script::default();
     windows.set(window(1.0));
     let agent = Agent::start(cp, windows.clone(), "a", false).await;
-    s.create(&podinfo(
-        "resume",
-        "podinfo:6.0.0",
-        &[("meshcanary.io/interval", "2s")],
-    ))
-    .await;
-    s.phase_is(Phase::Initialized, Duration::from_secs(60))
-        .await;
-    s.set_image("podinfo:6.0.1").await;
-    let before = s
-        .record_weights(Duration::from_secs(30), |w| w.contains(&10))
-        .await;
+    let before = s.analysing(&[("meshcanary.io/interval", "2s")], 10).await;
     agent.kill();
     let at_kill = s.status().await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -715,17 +702,7 @@ async fn two_agents(cp: &ControlPlane) {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(a.is_leader() ^ b.is_leader(), "exactly one leader");
-    s.create(&podinfo(
-        "leader",
-        "podinfo:6.0.0",
-        &[("meshcanary.io/interval", "2s")],
-    ))
-    .await;
-    s.phase_is(Phase::Initialized, Duration::from_secs(60))
-        .await;
-    s.set_image("podinfo:6.0.1").await;
-    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
-        .await;
+    s.analysing(&[("meshcanary.io/interval", "2s")], 5).await;
     // Only the leader wrote: the follower made no decisions.
     let (leader, follower) = if a.is_leader() { (a, b) } else { (b, a) };
     let decisions = |ag: &Agent| {
@@ -799,17 +776,7 @@ async fn apiserver_restart(cp: &mut ControlPlane) {
     let windows = Script::default();
     windows.set(window(1.0));
     let agent = Agent::start(cp, windows, "a", false).await;
-    s.create(&podinfo(
-        "outage",
-        "podinfo:6.0.0",
-        &[("meshcanary.io/interval", "2s")],
-    ))
-    .await;
-    s.phase_is(Phase::Initialized, Duration::from_secs(60))
-        .await;
-    s.set_image("podinfo:6.0.1").await;
-    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
-        .await;
+    s.analysing(&[("meshcanary.io/interval", "2s")], 5).await;
     cp.restart_apiserver().await;
     let s = Scenario::new(cp, "outage").await;
     s.record_weights(Duration::from_secs(120), |w| w.contains(&50))
@@ -991,17 +958,7 @@ async fn lease_lost(cp: &ControlPlane) {
     windows.set(window(1.0));
     let agent = Agent::start(cp, windows, "agent-x", true).await;
     support::eventually(Duration::from_secs(30), "leader", || agent.is_leader()).await;
-    s.create(&podinfo(
-        "lost",
-        "podinfo:6.0.0",
-        &[("meshcanary.io/interval", "2s")],
-    ))
-    .await;
-    s.phase_is(Phase::Initialized, Duration::from_secs(60))
-        .await;
-    s.set_image("podinfo:6.0.1").await;
-    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
-        .await;
+    s.analysing(&[("meshcanary.io/interval", "2s")], 5).await;
     // Someone else takes the Lease and keeps renewing it, as a newly elected leader would.
     let leases: Api<Lease> = Api::namespaced(cp.client().await, "meshcanary");
     let thief = {
