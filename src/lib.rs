@@ -14,6 +14,7 @@ pub mod controller;
 pub mod discover;
 pub mod judge;
 pub mod parse;
+pub mod peers;
 pub mod remote_write;
 pub mod rollout;
 pub mod router;

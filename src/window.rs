@@ -271,6 +271,79 @@ impl Window {
         &self.edges_ms
     }
 
+    /// Every slot that holds data, in ring order.
+    pub fn slots(&self) -> impl Iterator<Item = &Slot> {
+        self.ring.iter().filter(|s| s.index != 0)
+    }
+
+    /// When a pod of this window was last scraped.
+    pub fn last_update_ms(&self) -> Option<u64> {
+        self.last_update_ms
+    }
+
+    /// Make this window a copy of a peer's, slot by slot: `slot` replaces what the ring
+    /// holds at its position unless that is newer. Used by the leader's replica of a peer.
+    pub fn restore(&mut self, slot: Slot) {
+        let len = self.ring.len() as u64;
+        let at = &mut self.ring[(slot.index % len) as usize];
+        if at.index <= slot.index {
+            *at = slot;
+        }
+    }
+
+    /// Set what a peer reported besides slots: its histogram edges, last update and totals.
+    pub fn restore_state(
+        &mut self,
+        edges_ms: Vec<f64>,
+        last_update_ms: Option<u64>,
+        totals: Totals,
+    ) {
+        self.edges_ms = edges_ms;
+        self.last_update_ms = last_update_ms;
+        self.totals = totals;
+    }
+
+    /// Add another window of the same key (another node's pods) into this one. Latency is
+    /// added only where both use the same histogram edges.
+    pub fn merge(&mut self, other: &Window) {
+        if self.edges_ms.is_empty() && !other.edges_ms.is_empty() {
+            self.edges_ms.clone_from(&other.edges_ms);
+            for slot in &mut self.ring {
+                slot.buckets = vec![0; other.edges_ms.len() + 1];
+            }
+            self.totals.buckets = vec![0; other.edges_ms.len() + 1];
+        }
+        let same_edges = self.edges_ms == other.edges_ms;
+        if let Some(t) = other.last_update_ms {
+            self.touch(t);
+        }
+        self.totals.requests = self.totals.requests.saturating_add(other.totals.requests);
+        self.totals.errors = self.totals.errors.saturating_add(other.totals.errors);
+        if same_edges {
+            for (t, o) in self.totals.buckets.iter_mut().zip(&other.totals.buckets) {
+                *t = t.saturating_add(*o);
+            }
+        }
+        let len = self.ring.len() as u64;
+        for o in other.slots() {
+            let slot = &mut self.ring[(o.index % len) as usize];
+            if slot.index > o.index {
+                continue; // ours is newer: theirs fell out of the window
+            }
+            if slot.index < o.index {
+                slot.clear(o.index);
+            }
+            slot.since_ms = slot.since_ms.min(o.since_ms);
+            slot.requests = slot.requests.saturating_add(o.requests);
+            slot.errors = slot.errors.saturating_add(o.errors);
+            if same_edges {
+                for (b, d) in slot.buckets.iter_mut().zip(&o.buckets) {
+                    *b = b.saturating_add(*d);
+                }
+            }
+        }
+    }
+
     /// Derived values at `now_ms`.
     pub fn summary(&self, now_ms: u64) -> Summary {
         let mut requests = 0u64;

@@ -1,0 +1,348 @@
+//! Stage 5, peers: every agent serves its node's window slots; the leader merges them into
+//! cluster-wide windows, because a workload's canary and primary pods sit on different nodes.
+//!
+//! **Protocol.** `GET /v1/windows?since=<slot>` answers a [`WindowsReply`]: for every window
+//! of the node, the slots whose number is at least `since`, its running totals, histogram
+//! edges and last update; `cursor` is the slot in progress. The leader asks again with
+//! `since=cursor`, so a finished slot crosses the wire once and the slot in progress is sent
+//! again and overwritten (idempotent: a lost reply loses nothing, the next one carries it).
+//!
+//! **Encoding: protobuf** (prost, as remote write already uses): counts are varints, so a
+//! poll of a node with a hundred windows is a few kilobytes; fields can be added without
+//! breaking older peers; decoding is strict about types. JSON would be three to five times
+//! larger and parse slower for no reader who needs to look at it by hand (`/metrics` is
+//! the human view).
+//!
+//! **Freshness.** The merged view is fresh only while every known peer answered within the
+//! staleness limit and both arms had data within it: a peer that does not answer makes the
+//! judge say "no data" (halt), never "healthy".
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use crate::telemetry::lock;
+use crate::window::{
+    Role, Slot, Totals, Window, WindowConfig, WindowKey, WindowPair, WindowSource, Windows,
+};
+
+/// One node's windows since a cursor.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WindowsReply {
+    /// The slot in progress: ask again with `since=cursor`.
+    #[prost(uint64, tag = "1")]
+    pub cursor: u64,
+    #[prost(string, tag = "2")]
+    pub node: String,
+    #[prost(message, repeated, tag = "3")]
+    pub windows: Vec<WindowMsg>,
+}
+
+/// One (namespace, workload, role) window.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WindowMsg {
+    #[prost(string, tag = "1")]
+    pub namespace: String,
+    #[prost(string, tag = "2")]
+    pub workload: String,
+    /// `primary` or `canary`.
+    #[prost(string, tag = "3")]
+    pub role: String,
+    #[prost(double, repeated, tag = "4")]
+    pub edges_ms: Vec<f64>,
+    #[prost(uint64, optional, tag = "5")]
+    pub last_update_ms: Option<u64>,
+    #[prost(message, optional, tag = "6")]
+    pub totals: Option<CountsMsg>,
+    #[prost(message, repeated, tag = "7")]
+    pub slots: Vec<SlotMsg>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CountsMsg {
+    #[prost(uint64, tag = "1")]
+    pub requests: u64,
+    #[prost(uint64, tag = "2")]
+    pub errors: u64,
+    #[prost(uint64, repeated, tag = "3")]
+    pub buckets: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SlotMsg {
+    #[prost(uint64, tag = "1")]
+    pub index: u64,
+    #[prost(uint64, tag = "2")]
+    pub since_ms: u64,
+    #[prost(message, optional, tag = "3")]
+    pub counts: Option<CountsMsg>,
+}
+
+/// This node's windows for a poll with `since`.
+pub fn snapshot(windows: &Windows, since: u64, now_ms: u64, node: &str) -> WindowsReply {
+    let config = windows.config();
+    let mut out = WindowsReply {
+        cursor: now_ms / config.slot_ms,
+        node: node.to_owned(),
+        windows: Vec::new(),
+    };
+    for key in windows.keys() {
+        let Some(w) = windows.get(key) else { continue };
+        let t = w.totals();
+        out.windows.push(WindowMsg {
+            namespace: key.namespace.clone(),
+            workload: key.workload.clone(),
+            role: key.role.as_str().to_owned(),
+            edges_ms: w.edges_ms().to_vec(),
+            last_update_ms: w.last_update_ms(),
+            totals: Some(CountsMsg {
+                requests: t.requests,
+                errors: t.errors,
+                buckets: t.buckets.clone(),
+            }),
+            slots: w
+                .slots()
+                .filter(|s| s.index >= since)
+                .map(|s| SlotMsg {
+                    index: s.index,
+                    since_ms: s.since_ms,
+                    counts: Some(CountsMsg {
+                        requests: s.requests,
+                        errors: s.errors,
+                        buckets: s.buckets.clone(),
+                    }),
+                })
+                .collect(),
+        });
+    }
+    out
+}
+
+/// The leader's copy of one peer's windows.
+#[derive(Debug)]
+pub struct Replica {
+    windows: Windows,
+    /// Where the next poll starts.
+    pub cursor: u64,
+    /// When the peer last answered (unix ms).
+    pub answered_ms: Option<u64>,
+}
+
+impl Replica {
+    pub fn new(config: WindowConfig) -> Self {
+        Replica {
+            windows: Windows::new(config),
+            cursor: 0,
+            answered_ms: None,
+        }
+    }
+
+    /// Fold a reply in. Windows the peer no longer has are dropped.
+    pub fn apply(&mut self, reply: WindowsReply, now_ms: u64) {
+        let mut present = Vec::new();
+        for w in reply.windows {
+            let Ok(role) = w.role.parse::<Role>() else {
+                continue;
+            };
+            let key = WindowKey {
+                namespace: w.namespace,
+                workload: w.workload,
+                role,
+            };
+            let window = self.windows.entry(&key);
+            let totals = w.totals.map_or_else(Totals::default, |c| Totals {
+                requests: c.requests,
+                errors: c.errors,
+                buckets: c.buckets,
+            });
+            window.restore_state(w.edges_ms, w.last_update_ms, totals);
+            for s in w.slots {
+                let c = s.counts.unwrap_or_default();
+                window.restore(Slot {
+                    index: s.index,
+                    requests: c.requests,
+                    errors: c.errors,
+                    buckets: c.buckets,
+                    since_ms: s.since_ms,
+                });
+            }
+            present.push(key);
+        }
+        let gone: Vec<WindowKey> = self
+            .windows
+            .keys()
+            .into_iter()
+            .filter(|k| !present.contains(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.windows.remove(&key);
+        }
+        self.cursor = reply.cursor;
+        self.answered_ms = Some(now_ms);
+    }
+}
+
+/// Cluster-wide windows: every peer's replica, merged on read.
+pub struct Merged {
+    config: WindowConfig,
+    stale_after_ms: u64,
+    pub peers: Mutex<BTreeMap<String, Replica>>,
+}
+
+impl Merged {
+    pub fn new(config: WindowConfig, stale_after_ms: u64) -> Self {
+        Merged {
+            config,
+            stale_after_ms,
+            peers: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl WindowSource for Merged {
+    fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair> {
+        let peers = lock(&self.peers);
+        let mut merged = Windows::new(self.config);
+        let mut all_answered = !peers.is_empty();
+        for replica in peers.values() {
+            all_answered &= replica
+                .answered_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) <= self.stale_after_ms);
+            for role in [Role::Canary, Role::Primary] {
+                let key = WindowKey {
+                    namespace: namespace.to_owned(),
+                    workload: workload.to_owned(),
+                    role,
+                };
+                if let Some(w) = replica.windows.get(&key) {
+                    merged.entry(&key).merge(w);
+                }
+            }
+        }
+        let mut pair = merged.pair(namespace, workload, now_ms, self.stale_after_ms)?;
+        pair.fresh &= all_answered;
+        Some(pair)
+    }
+}
+
+/// A window of one key merged from several (exposed for tests of the merge itself).
+pub fn merge_all<'a>(
+    config: WindowConfig,
+    windows: impl IntoIterator<Item = &'a Window>,
+) -> Window {
+    let mut out = Window::new(config);
+    for w in windows {
+        out.merge(w);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+    use crate::window::Delta;
+
+    fn delta(requests: u64, errors: u64, since_ms: u64) -> Delta {
+        Delta {
+            requests,
+            errors,
+            latency: None,
+            edges_ms: Vec::new(),
+            since_ms,
+            reset: false,
+        }
+    }
+
+    fn key(role: Role) -> WindowKey {
+        WindowKey {
+            namespace: "test".into(),
+            workload: "podinfo".into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn polls_with_a_cursor_rebuild_the_peer_exactly() {
+        let config = WindowConfig::default();
+        let mut node = Windows::new(config);
+        let mut replica = Replica::new(config);
+        let t0 = 1_000_000_000u64;
+        for i in 0..50u64 {
+            let now = t0 + i * 1000;
+            node.entry(&key(Role::Canary))
+                .record(&delta(10, i % 3, now - 1000), now);
+            node.entry(&key(Role::Primary))
+                .record(&delta(90, 0, now - 1000), now);
+            // The leader polls every other second; a lost reply (every 7th) costs nothing.
+            if i % 2 == 1 {
+                let reply = snapshot(&node, replica.cursor, now, "node-a");
+                let bytes = reply.encode_to_vec();
+                if i % 7 != 0 {
+                    replica.apply(WindowsReply::decode(bytes.as_slice()).unwrap(), now);
+                }
+            }
+        }
+        let now = t0 + 49_000;
+        let reply = snapshot(&node, replica.cursor, now, "node-a");
+        replica.apply(reply, now);
+        for role in [Role::Canary, Role::Primary] {
+            let (a, b) = (
+                node.get(&key(role)).unwrap(),
+                replica.windows.get(&key(role)).unwrap(),
+            );
+            assert_eq!(a.summary(now), b.summary(now), "{role:?}");
+            assert_eq!(a.totals(), b.totals());
+        }
+        // After the first full reply, a poll carries one or two slots per window.
+        let small = snapshot(&node, replica.cursor, now, "node-a");
+        assert!(small.windows.iter().all(|w| w.slots.len() <= 2));
+    }
+
+    #[test]
+    fn merged_windows_add_nodes_and_go_stale_with_a_silent_peer() {
+        let config = WindowConfig::default();
+        let merged = Merged::new(config, 3000);
+        let now = 2_000_000_000u64;
+        let mut a = Windows::new(config);
+        let mut b = Windows::new(config);
+        a.entry(&key(Role::Canary))
+            .record(&delta(100, 50, now - 1000), now);
+        b.entry(&key(Role::Primary))
+            .record(&delta(900, 1, now - 1000), now);
+        b.entry(&key(Role::Canary))
+            .record(&delta(100, 0, now - 1000), now);
+        for (name, w) in [("a", &a), ("b", &b)] {
+            let mut r = Replica::new(config);
+            r.apply(snapshot(w, 0, now, name), now);
+            lock(&merged.peers).insert(name.into(), r);
+        }
+        let pair = merged.pair("test", "podinfo", now).unwrap();
+        assert_eq!((pair.canary.requests, pair.canary.errors), (200, 50));
+        assert_eq!(pair.primary_totals.requests, 900);
+        assert!(pair.fresh);
+        // Node b stops answering: the merged view is stale, not healthy.
+        let later = now + 5000;
+        lock(&merged.peers).get_mut("a").unwrap().answered_ms = Some(later);
+        assert!(!merged.pair("test", "podinfo", later).unwrap().fresh);
+        assert!(merged.pair("test", "other", now).is_none());
+    }
+
+    #[test]
+    fn merging_keeps_the_newest_slots() {
+        let config = WindowConfig {
+            slot_ms: 1000,
+            slots: 5,
+            min_requests: 1,
+        };
+        let now = 3_000_000_000u64;
+        let mut old = Window::new(config);
+        old.record(&delta(7, 7, now - 10_000), now - 9_000); // out of the window by now
+        let mut new = Window::new(config);
+        new.record(&delta(5, 1, now - 1000), now);
+        let m = merge_all(config, [&new, &old]);
+        assert_eq!((m.summary(now).requests, m.summary(now).errors), (5, 1));
+        assert_eq!(m.totals().requests, 12, "totals still add up");
+    }
+}
