@@ -137,8 +137,14 @@ pub fn targets(
     out
 }
 
-/// Keep a reflector's store filled; errors are logged and retried with backoff.
-fn reflect<K>(api: Api<K>, config: watcher::Config, what: &'static str) -> Store<K>
+/// Keep a reflector's store filled until `shutdown`; errors are logged and retried with
+/// backoff.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+) -> Store<K>
 where
     K: kube::Resource
         + Clone
@@ -155,9 +161,15 @@ where
         .touched_objects();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(error) = item {
-                tracing::warn!(%error, what, "Watch failed; retrying");
+        loop {
+            let item = tokio::select! {
+                () = crate::agent::stopping(&mut shutdown) => return,
+                item = stream.next() => item,
+            };
+            match item {
+                None => return,
+                Some(Err(error)) => tracing::warn!(%error, what, "Watch failed; retrying"),
+                Some(Ok(_)) => {}
             }
         }
     });
@@ -174,16 +186,19 @@ pub fn start(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name)),
         "pods",
+        shutdown.clone(),
     );
     let namespaces = reflect(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default().labels(&config.namespace_selector),
         "namespaces",
+        shutdown.clone(),
     );
     let deployments = reflect(
         Api::<Deployment>::all(client),
         watcher::Config::default(),
         "deployments",
+        shutdown.clone(),
     );
     let (tx, rx) = watch::channel(Vec::new());
     tokio::spawn(async move {
