@@ -37,7 +37,7 @@ use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, S
 use crate::router::appmesh;
 use crate::router::Router;
 use crate::telemetry::{lock, DecisionLabels, JudgeLabels, Metrics, OperationLabels, PhaseLabels};
-use crate::window::WindowSource;
+use crate::window::{Summary, WindowSource};
 use objects::{template_hash, Plan};
 
 /// The field manager of every server-side apply.
@@ -370,11 +370,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 None
             }
         };
-        let judgement = match &status {
+        let now_ms = crate::agent::unix_ms();
+        let (judgement, analysed) = match &status {
             Some(s) if s.phase == Phase::Progressing && s.analysing => {
-                Some(self.judge(&id, &policy))
+                let (j, canary) = self.judge(&id, &policy, now_ms);
+                (Some(j), canary)
             }
-            _ => None,
+            _ => (None, None),
         };
         let observed = Observed {
             canary: deployment_state(dep, false),
@@ -386,12 +388,11 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             name: &name,
             namespace: &namespace,
         };
-        let now_ms = crate::agent::unix_ms();
         let tr = rollout::step(status.as_ref(), &observed, &policy, &who, now_ms);
         if status.as_ref() != Some(&tr.status) {
             self.write_status(dep, &tr.status, leader).await?;
         }
-        self.export(&labels, &tr.status, &policy, judgement.as_ref());
+        self.export(&labels, &tr.status, &policy, analysed.as_ref());
         for action in tr.actions {
             self.ensure_leader(leader)?;
             match action {
@@ -444,15 +445,21 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         Ok(())
     }
 
-    /// The judge's verdict on a workload under analysis, published for `/metrics`.
-    fn judge(&mut self, id: &(String, String), policy: &RolloutPolicy) -> Judgement {
-        let now_ms = crate::agent::unix_ms();
+    /// The judge's verdict on a workload under analysis (published for `/metrics`), and the
+    /// canary window it analysed.
+    fn judge(
+        &mut self,
+        id: &(String, String),
+        policy: &RolloutPolicy,
+        now_ms: u64,
+    ) -> (Judgement, Option<Summary>) {
         let state = self
             .judges
             .entry(id.clone())
             .or_insert_with(|| JudgeState::new(&policy.judge));
-        let judgement = match self.windows.pair(&id.0, &id.1, now_ms) {
-            Some(pair) => state.judge(&Observation::of(&pair, now_ms), &policy.judge),
+        let pair = self.windows.pair(&id.0, &id.1, now_ms);
+        let judgement = match &pair {
+            Some(pair) => state.judge(&Observation::of(pair, now_ms), &policy.judge),
             None => Judgement {
                 verdict: Verdict::NoData {
                     reason: "no_window",
@@ -463,7 +470,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         if let Some(j) = &self.judgements {
             lock(j).insert(id.clone(), judgement.clone());
         }
-        judgement
+        (judgement, pair.map(|p| p.canary))
     }
 
     fn export(
@@ -471,7 +478,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         labels: &JudgeLabels,
         status: &Status,
         policy: &RolloutPolicy,
-        judgement: Option<&Judgement>,
+        analysed: Option<&Summary>,
     ) {
         let m = &self.metrics;
         m.rollout_weight
@@ -499,18 +506,12 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         if let Some(max) = policy.judge.latency_p99_max_ms {
             m.rollout_p99_max.get_or_create(labels).set(max / 1000.0);
         }
-        if judgement.is_some() {
-            let now_ms = crate::agent::unix_ms();
-            if let Some(pair) = self
-                .windows
-                .pair(&labels.namespace, &labels.workload, now_ms)
-            {
-                if let Some(sr) = pair.canary.success_rate {
-                    m.rollout_success_rate.get_or_create(labels).set(sr);
-                }
-                if let Some(p99) = pair.canary.p99_ms {
-                    m.rollout_p99.get_or_create(labels).set(p99 / 1000.0);
-                }
+        if let Some(canary) = analysed {
+            if let Some(sr) = canary.success_rate {
+                m.rollout_success_rate.get_or_create(labels).set(sr);
+            }
+            if let Some(p99) = canary.p99_ms {
+                m.rollout_p99.get_or_create(labels).set(p99 / 1000.0);
             }
         }
     }
