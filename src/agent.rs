@@ -57,6 +57,8 @@ pub struct KubeSettings {
     pub discovery: crate::discover::pods::DiscoveryConfig,
     /// `None`: scrape only, never lead.
     pub controller: Option<crate::controller::ControllerConfig>,
+    /// `None`: no window exchange; the leader sees only its own node.
+    pub peers: Option<crate::peers::cluster::PeerConfig>,
 }
 
 impl AgentConfig {

@@ -250,6 +250,41 @@ pub struct AgentArgs {
     /// How often the leader reconciles and judges every rollout.
     #[arg(long, env = "MESHCANARY_DECISION_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub decision_interval: Duration,
+    /// Exchange windows with the other agents, so the leader judges every node's pods (off:
+    /// the leader sees only its own node, for single-node clusters).
+    #[arg(long, env = "MESHCANARY_PEERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub peers: bool,
+    /// Where this agent serves its windows to the leader (`GET /v1/windows`); peers are
+    /// reached on the same port at their pod IPs.
+    #[arg(long, env = "MESHCANARY_PEER_LISTEN", default_value = "0.0.0.0:9103")]
+    pub peer_listen: SocketAddr,
+    /// Label selector of the agents' pods (in the agent's namespace).
+    #[arg(
+        long,
+        env = "MESHCANARY_PEER_SELECTOR",
+        default_value = "app.kubernetes.io/name=meshcanary"
+    )]
+    pub peer_selector: String,
+    /// Projected ServiceAccount token sent to peers (re-read at every poll; never logged).
+    #[arg(
+        long,
+        env = "MESHCANARY_PEER_TOKEN_FILE",
+        default_value = "/var/run/secrets/meshcanary/peer-token"
+    )]
+    pub peer_token_file: std::path::PathBuf,
+    /// Audience of the peer token; peers check it with a TokenReview.
+    #[arg(
+        long,
+        env = "MESHCANARY_PEER_AUDIENCE",
+        default_value = "meshcanary-peers"
+    )]
+    pub peer_audience: String,
+    /// The agents' ServiceAccount: peers answer only tokens of this account.
+    #[arg(long, env = "MESHCANARY_SERVICE_ACCOUNT", default_value = "meshcanary")]
+    pub service_account: String,
+    /// How long the leader waits for a peer's windows before its node counts as stale.
+    #[arg(long, env = "MESHCANARY_PEER_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
     /// This agent's identity for the Lease and Events (default: the node name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -321,7 +356,26 @@ impl AgentArgs {
                 if self.decision_interval.is_zero() {
                     anyhow::bail!("--decision-interval must be greater than 0");
                 }
+                if self.peer_timeout.is_zero() {
+                    anyhow::bail!("--peer-timeout must be greater than 0");
+                }
+                if self.peers && self.peer_timeout >= self.decision_interval {
+                    anyhow::bail!(
+                        "--peer-timeout ({:?}) must be shorter than --decision-interval ({:?})",
+                        self.peer_timeout,
+                        self.decision_interval
+                    );
+                }
                 Some(crate::agent::KubeSettings {
+                    peers: self.peers.then(|| crate::peers::cluster::PeerConfig {
+                        listen: self.peer_listen,
+                        namespace: self.lease_namespace.clone(),
+                        selector: self.peer_selector,
+                        token_file: Some(self.peer_token_file),
+                        audience: self.peer_audience,
+                        service_account: self.service_account,
+                        timeout: self.peer_timeout,
+                    }),
                     discovery: crate::discover::pods::DiscoveryConfig {
                         node_name: node_name.clone(),
                         namespace_selector: self.namespace_selector,
@@ -594,20 +648,66 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
             .await
             .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
         tracing::info!(node = %kube.discovery.node_name, "Kubernetes mode: discovering this node's sidecars");
+        let node = kube.discovery.node_name.clone();
         let targets = crate::discover::pods::start(client.clone(), kube.discovery, rx.clone());
         agent = agent.with_discovery(targets);
+        let shared = agent.shared();
+        let identity = kube
+            .controller
+            .as_ref()
+            .map_or_else(|| node.clone(), |c| c.identity.clone());
+        let cluster = match &kube.peers {
+            Some(pc) => {
+                let listener = tokio::net::TcpListener::bind(pc.listen)
+                    .await
+                    .with_context(|| format!("binding the peer listener on {}", pc.listen))?;
+                let reviewer = crate::peers::auth::Reviewer::new(
+                    client.clone(),
+                    pc.audience.clone(),
+                    format!(
+                        "system:serviceaccount:{}:{}",
+                        pc.namespace, pc.service_account
+                    ),
+                );
+                let server = crate::peers::serve::PeerServer {
+                    shared: Arc::clone(&shared),
+                    node: node.clone(),
+                    reviewer: Some(Arc::new(reviewer)),
+                };
+                tracing::info!(addr = %pc.listen, "Serving windows to peers on /v1/windows");
+                tokio::spawn(server.serve(listener, rx.clone()));
+                kube.controller.as_ref().map(|_| {
+                    let peers = crate::peers::cluster::discover(client.clone(), pc, rx.clone());
+                    crate::peers::cluster::Cluster::new(
+                        Arc::clone(&shared),
+                        identity,
+                        node,
+                        peers,
+                        pc.clone(),
+                    )
+                })
+            }
+            None => None,
+        };
         if let Some(cc) = kube.controller {
             agent = agent.without_judge();
-            let shared = agent.shared();
-            let c = crate::controller::Controller::new(
-                client.clone(),
-                crate::router::appmesh::AppMesh::new(client),
-                Arc::clone(&shared),
-                cc,
-                Arc::clone(&shared.metrics),
-            )
-            .publish_judgements(Arc::clone(&shared.judgements));
-            controller = Some(tokio::spawn(c.run(rx.clone())));
+            let router = crate::router::appmesh::AppMesh::new(client.clone());
+            let metrics = Arc::clone(&shared.metrics);
+            let judgements = Arc::clone(&shared.judgements);
+            let task = match cluster {
+                Some(cluster) => {
+                    let c =
+                        crate::controller::Controller::new(client, router, cluster, cc, metrics)
+                            .publish_judgements(judgements);
+                    tokio::spawn(c.run(rx.clone()))
+                }
+                None => {
+                    let c = crate::controller::Controller::new(client, router, shared, cc, metrics)
+                        .publish_judgements(judgements);
+                    tokio::spawn(c.run(rx.clone()))
+                }
+            };
+            controller = Some(task);
         }
     }
     if with_view {

@@ -233,6 +233,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
 
     /// Reconcile every opted-in Deployment once.
     async fn tick(&mut self, store: &Store<Deployment>, leader: &watch::Receiver<bool>) {
+        self.windows.refresh().await;
         let all = store.state();
         let mut seen = Vec::new();
         for dep in &all {

@@ -17,7 +17,11 @@
 //! staleness limit and both arms had data within it: a peer that does not answer makes the
 //! judge say "no data" (halt), never "healthy".
 
-use std::collections::BTreeMap;
+pub mod auth;
+pub mod cluster;
+pub mod serve;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use crate::telemetry::lock;
@@ -125,6 +129,10 @@ pub struct Replica {
     pub cursor: u64,
     /// When the peer last answered (unix ms).
     pub answered_ms: Option<u64>,
+    /// Per window: the totals the peer last reported, and what is added to them so they
+    /// never go down when the peer restarts and counts from zero again (the judge
+    /// differences consecutive totals).
+    reported: HashMap<WindowKey, (Totals, Totals)>,
 }
 
 impl Replica {
@@ -133,6 +141,7 @@ impl Replica {
             windows: Windows::new(config),
             cursor: 0,
             answered_ms: None,
+            reported: HashMap::new(),
         }
     }
 
@@ -148,12 +157,13 @@ impl Replica {
                 workload: w.workload,
                 role,
             };
-            let window = self.windows.entry(&key);
-            let totals = w.totals.map_or_else(Totals::default, |c| Totals {
+            let reported = w.totals.map_or_else(Totals::default, |c| Totals {
                 requests: c.requests,
                 errors: c.errors,
                 buckets: c.buckets,
             });
+            let totals = self.monotone(&key, reported);
+            let window = self.windows.entry(&key);
             window.restore_state(w.edges_ms, w.last_update_ms, totals);
             for s in w.slots {
                 let c = s.counts.unwrap_or_default();
@@ -176,15 +186,57 @@ impl Replica {
             .collect();
         for key in gone {
             self.windows.remove(&key);
+            self.reported.remove(&key);
         }
         self.cursor = reply.cursor;
         self.answered_ms = Some(now_ms);
     }
 }
 
+impl Replica {
+    /// `reported` plus the base carried over the peer's restarts.
+    fn monotone(&mut self, key: &WindowKey, reported: Totals) -> Totals {
+        let (last, base) = self.reported.entry(key.clone()).or_default();
+        if reported.requests < last.requests || reported.errors < last.errors {
+            // The peer restarted (or its pod was replaced on the same node): carry on
+            // from where its totals were.
+            *base = add(base, last);
+        }
+        *last = reported;
+        add(base, last)
+    }
+
+    /// Whether this replica held a window of the workload when it last answered.
+    fn has_workload(&self, namespace: &str, workload: &str) -> bool {
+        self.windows
+            .keys()
+            .iter()
+            .any(|k| k.namespace == namespace && k.workload == workload)
+    }
+}
+
+fn add(a: &Totals, b: &Totals) -> Totals {
+    let buckets = if a.buckets.is_empty() {
+        b.buckets.clone()
+    } else if a.buckets.len() == b.buckets.len() {
+        a.buckets
+            .iter()
+            .zip(&b.buckets)
+            .map(|(x, y)| x + y)
+            .collect()
+    } else {
+        b.buckets.clone()
+    };
+    Totals {
+        requests: a.requests + b.requests,
+        errors: a.errors + b.errors,
+        buckets,
+    }
+}
+
 /// Cluster-wide windows: every peer's replica, merged on read.
 pub struct Merged {
-    config: WindowConfig,
+    pub(crate) config: WindowConfig,
     stale_after_ms: u64,
     pub peers: Mutex<BTreeMap<String, Replica>>,
 }
@@ -203,11 +255,16 @@ impl WindowSource for Merged {
     fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair> {
         let peers = lock(&self.peers);
         let mut merged = Windows::new(self.config);
+        // Every peer that may hold pods of this workload must be current: one that never
+        // answered may, and one that went silent did if it had the workload's windows.
         let mut all_answered = !peers.is_empty();
         for replica in peers.values() {
-            all_answered &= replica
+            let current = replica
                 .answered_ms
                 .is_some_and(|t| now_ms.saturating_sub(t) <= self.stale_after_ms);
+            let relevant =
+                replica.answered_ms.is_none() || replica.has_workload(namespace, workload);
+            all_answered &= current || !relevant;
             for role in [Role::Canary, Role::Primary] {
                 let key = WindowKey {
                     namespace: namespace.to_owned(),
@@ -327,6 +384,55 @@ mod tests {
         lock(&merged.peers).get_mut("a").unwrap().answered_ms = Some(later);
         assert!(!merged.pair("test", "podinfo", later).unwrap().fresh);
         assert!(merged.pair("test", "other", now).is_none());
+        // A silent node without pods of a workload does not halt that workload; a node that
+        // never answered does (it may have them).
+        let mut c = Windows::new(config);
+        c.entry(&WindowKey {
+            namespace: "other".into(),
+            workload: "shop".into(),
+            role: Role::Canary,
+        })
+        .record(&delta(10, 0, now - 1000), now);
+        let mut rc = Replica::new(config);
+        rc.apply(snapshot(&c, 0, now, "c"), now);
+        lock(&merged.peers).insert("c".into(), rc);
+        lock(&merged.peers).get_mut("b").unwrap().answered_ms = Some(later);
+        let later_pair = |m: &Merged| m.pair("test", "podinfo", later).unwrap();
+        assert!(!later_pair(&merged).fresh, "data is older than the limit");
+        lock(&merged.peers).get_mut("a").unwrap().windows = {
+            let mut a2 = Windows::new(config);
+            a2.entry(&key(Role::Canary))
+                .record(&delta(100, 50, later - 1000), later);
+            a2
+        };
+        let mut b2 = Windows::new(config);
+        b2.entry(&key(Role::Primary))
+            .record(&delta(900, 1, later - 1000), later);
+        lock(&merged.peers).get_mut("b").unwrap().windows = b2;
+        assert!(
+            later_pair(&merged).fresh,
+            "c is silent but has no podinfo pods"
+        );
+        lock(&merged.peers).insert("d".into(), Replica::new(config));
+        assert!(!later_pair(&merged).fresh, "d never answered");
+    }
+
+    #[test]
+    fn a_restarted_peer_keeps_totals_monotone() {
+        let config = WindowConfig::default();
+        let now = 4_000_000_000u64;
+        let mut replica = Replica::new(config);
+        let mut node = Windows::new(config);
+        node.entry(&key(Role::Canary))
+            .record(&delta(100, 3, now - 1000), now);
+        replica.apply(snapshot(&node, 0, now, "a"), now);
+        // The agent restarts: its totals start from zero.
+        let mut node = Windows::new(config);
+        node.entry(&key(Role::Canary))
+            .record(&delta(20, 1, now), now + 1000);
+        replica.apply(snapshot(&node, replica.cursor, now + 1000, "a"), now + 1000);
+        let t = replica.windows.get(&key(Role::Canary)).unwrap().totals();
+        assert_eq!((t.requests, t.errors), (120, 4));
     }
 
     #[test]

@@ -137,6 +137,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -252,6 +257,12 @@ pub struct Metrics {
     pub weight_applied: prometheus_client::metrics::histogram::Histogram,
     pub leader: Gauge,
     pub controller_errors: Family<OperationLabels, Counter>,
+    pub peer_requests: Family<ResultLabels, Counter>,
+    pub peers_known: Gauge,
+    pub peers_up: Gauge,
+    pub peer_polls: Family<ResultLabels, Counter>,
+    pub peer_poll_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub merged_window_age: GaugeF,
     pub rw_samples: Family<OutcomeLabels, Counter>,
     pub rw_retries: Family<ReasonLabels, Counter>,
     pub rw_batches: Family<StatusClassLabels, Counter>,
@@ -333,6 +344,14 @@ impl Metrics {
             ),
             leader: Gauge::default(),
             controller_errors: Family::default(),
+            peer_requests: Family::default(),
+            peers_known: Gauge::default(),
+            peers_up: Gauge::default(),
+            peer_polls: Family::default(),
+            peer_poll_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 12),
+            ),
+            merged_window_age: GaugeF::default(),
             rw_samples: Family::default(),
             rw_retries: Family::default(),
             rw_batches: Family::default(),
@@ -509,6 +528,27 @@ impl Metrics {
             Box::new(m.leader.clone()),
         );
         reg("meshcanary_controller_errors", "Kubernetes API operations of the controller that failed, by operation and reason; retried at the next tick.", &["operation", "reason"], Box::new(m.controller_errors.clone()));
+        reg("meshcanary_peer_requests", "Window requests this agent answered on the peer port, by result: ok, or why it refused (no_token, token_rejected, wrong_user, review_failed, bad_request, not_found).", &["result"], Box::new(m.peer_requests.clone()));
+        reg(
+            "meshcanary_peers_known",
+            "Agents the leader polls for windows (from the DaemonSet's pods, itself included).",
+            &[],
+            Box::new(m.peers_known.clone()),
+        );
+        reg(
+            "meshcanary_peers_up",
+            "Agents whose windows are fresh (answered within the staleness limit).",
+            &[],
+            Box::new(m.peers_up.clone()),
+        );
+        reg("meshcanary_peer_polls", "The leader's window polls of peers, by result: ok, connect, timeout, unauthorized, status, decode, no_token.", &["result"], Box::new(m.peer_polls.clone()));
+        reg(
+            "meshcanary_peer_poll_seconds",
+            "Time of one successful window poll of a peer.",
+            &[],
+            Box::new(m.peer_poll_seconds.clone()),
+        );
+        reg("meshcanary_merged_window_age_seconds", "Age of the oldest peer answer in the leader's merged windows; above the staleness limit, decisions on the affected workloads halt.", &[], Box::new(m.merged_window_age.clone()));
         reg(
             "meshcanary_remote_write_samples",
             "Remote-write samples by outcome: queued (on disk), sent, dropped_http_4xx (rejected by the receiver), dropped_disk_cap, dropped_corrupt, dropped_queue_error.",

@@ -163,11 +163,21 @@ pub struct WindowPair {
 pub trait WindowSource: Send + Sync + 'static {
     /// The canary and primary windows of `namespace/workload` at `now_ms`, if both exist.
     fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair>;
+
+    /// Bring the windows up to date before a decision tick (the merged source polls its
+    /// peers here; a node-local source is always current).
+    fn refresh(&self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
 }
 
-impl<T: WindowSource + ?Sized> WindowSource for std::sync::Arc<T> {
+impl<T: WindowSource> WindowSource for std::sync::Arc<T> {
     fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair> {
         (**self).pair(namespace, workload, now_ms)
+    }
+
+    fn refresh(&self) -> impl std::future::Future<Output = ()> + Send {
+        (**self).refresh()
     }
 }
 
