@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod kube;
+pub mod lab;
 pub mod testapp;
 
 use std::path::{Path, PathBuf};
@@ -83,6 +84,8 @@ where
 
 /// A real Envoy configured like an App Mesh sidecar by `scripts/envoy-config.sh`.
 pub struct Sidecar {
+    /// The address Envoy listens on (admin and ingress): a pod IP in the lab.
+    pub addr: String,
     pub admin_port: u16,
     pub ingress_port: u16,
     config: PathBuf,
@@ -92,11 +95,30 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(app_port: u16, vnode: &str, flush: &str) -> Sidecar {
+        Self::start_at(
+            "127.0.0.1",
+            free_port(),
+            free_port(),
+            app_port,
+            vnode,
+            flush,
+        )
+        .await
+    }
+
+    /// A sidecar listening on `addr` (admin on `admin_port`, ingress on `ingress_port`).
+    pub async fn start_at(
+        addr: &str,
+        admin_port: u16,
+        ingress_port: u16,
+        app_port: u16,
+        vnode: &str,
+        flush: &str,
+    ) -> Sidecar {
         let dir = TempDir::new("sidecar");
-        let admin_port = free_port();
-        let ingress_port = free_port();
         let out = Command::new("bash")
             .arg(repo().join("scripts/envoy-config.sh"))
+            .args(["--addr", addr])
             .args(["--admin-port", &admin_port.to_string()])
             .args(["--ingress-port", &ingress_port.to_string()])
             .args(["--app-port", &app_port.to_string()])
@@ -111,6 +133,7 @@ impl Sidecar {
         let config = dir.path.join("envoy.yaml");
         std::fs::write(&config, out.stdout).expect("writing the Envoy config");
         let mut sidecar = Sidecar {
+            addr: addr.to_owned(),
             admin_port,
             ingress_port,
             config,
@@ -126,13 +149,13 @@ impl Sidecar {
             .arg("-c")
             .arg(&self.config)
             // A distinct base id per instance: several Envoys share this machine.
-            .args(["--base-id", &self.admin_port.to_string(), "-l", "error"])
+            .args(["--base-id", &self.ingress_port.to_string(), "-l", "error"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting Envoy");
         self.child = Some(child);
-        let ready = format!("http://127.0.0.1:{}/ready", self.admin_port);
+        let ready = format!("http://{}:{}/ready", self.addr, self.admin_port);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if get(&ready).await.is_ok_and(|(status, _)| status == 200) {
@@ -144,7 +167,11 @@ impl Sidecar {
     }
 
     pub fn admin_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
+        format!("http://{}:{}", self.addr, self.admin_port)
+    }
+
+    pub fn ingress_url(&self) -> String {
+        format!("http://{}:{}", self.addr, self.ingress_port)
     }
 
     pub fn stop(&mut self) {
@@ -163,7 +190,7 @@ impl Sidecar {
     /// Send `n` requests to `path` through the ingress listener, one after another, and
     /// return how many got each status.
     pub async fn drive(&self, path: &str, n: usize) -> Vec<u16> {
-        let url = format!("http://127.0.0.1:{}{path}", self.ingress_port);
+        let url = format!("{}{path}", self.ingress_url());
         let mut statuses = Vec::with_capacity(n);
         for _ in 0..n {
             let (status, _) = get(&url).await.expect("request through Envoy");

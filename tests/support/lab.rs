@@ -1,0 +1,636 @@
+//! The lab: the whole loop on real components, for the lab test, `examples/lab.rs` (the
+//! demo and the time-to-rollback benchmark).
+//!
+//! - a real control plane (etcd, kube-apiserver, kube-controller-manager) and the kubelet
+//!   stand-in, with two nodes: `node-a` runs the primary pods, `node-b` the canary pods;
+//! - per role, the test app behind a real Envoy sidecar on its own loopback address (the
+//!   pod IP the kubelet stand-in reports for that role's pods; one pod per role);
+//! - a gateway Envoy in front of both (the apex), whose weighted route follows the
+//!   VirtualRouter: the stand-in for App Mesh's controller watches the VirtualRouter and
+//!   rewrites the gateway's file-based route configuration atomically (write, then rename;
+//!   Envoy reloads it from the watched directory);
+//! - one `meshcanary agent` process per node, as the DaemonSet's pods: a Pod object per
+//!   agent (so they find each other), the agents' ServiceAccount with the RBAC of
+//!   `manifests/` (impersonated), and a token with the peer audience from the TokenRequest
+//!   API (what the projected volume holds in a cluster).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::Client;
+use meshcanary::rollout::Status;
+
+use super::kube::{ControlPlane, Kubelet, Placement};
+use super::{free_port, App, Sidecar, TempDir};
+
+/// The namespace the lab's workload runs in.
+pub const NAMESPACE: &str = "test";
+pub const WORKLOAD: &str = "podinfo";
+const NODES: [&str; 2] = ["node-a", "node-b"];
+
+/// How the lab is laid out.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// The `meshcanary` binary the agents run.
+    pub meshcanary: PathBuf,
+    /// The first three octets of the lab's loopback addresses (`127.0.0` gives 127.0.0.2
+    /// for the primary pod, .3 for the canary pod, .4 and .5 for the agents).
+    pub net: String,
+    pub decision_interval: Duration,
+    pub lease_duration: Duration,
+    /// The agents' window (the checks' analysis window).
+    pub window: Duration,
+    /// Where agents write their logs (and the lab its files).
+    pub dir: Option<PathBuf>,
+}
+
+impl LabOptions {
+    pub fn new(meshcanary: PathBuf) -> Self {
+        LabOptions {
+            meshcanary,
+            net: format!("127.{}.{}", 100 + fastrand::u8(..100), fastrand::u8(1..250)),
+            decision_interval: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(5),
+            window: Duration::from_secs(10),
+            dir: None,
+        }
+    }
+}
+
+/// One role's pod: the test app behind its sidecar.
+pub struct PodSide {
+    pub ip: String,
+    pub app: App,
+    pub sidecar: Sidecar,
+}
+
+/// A `meshcanary agent` process.
+pub struct AgentProcess {
+    pub node: String,
+    pub pod: String,
+    pub ip: String,
+    child: Option<Child>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    fn spawn(&mut self, bin: &Path) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = Command::new(bin)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting meshcanary agent");
+        self.child = Some(child);
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}:9102/metrics", self.ip)
+    }
+
+    /// SIGKILL: no Lease release, no drain.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The gateway Envoy and its route file.
+pub struct Gateway {
+    pub port: u16,
+    pub admin_port: u16,
+    child: Child,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.follower.abort();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The running lab. Everything stops when it is dropped.
+pub struct Lab {
+    pub options: LabOptions,
+    pub agents: BTreeMap<String, AgentProcess>,
+    pub gateway: Gateway,
+    pub primary: PodSide,
+    pub canary: PodSide,
+    /// Envoy admin port of both sidecars (on their own IPs), set on the pod template.
+    pub admin_port: u16,
+    kubelet: Kubelet,
+    pub client: Client,
+    pub cp: ControlPlane,
+    pub dir: PathBuf,
+    _tmp: Option<TempDir>,
+}
+
+impl Lab {
+    pub async fn start(options: LabOptions) -> Lab {
+        let (tmp, dir) = match &options.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).expect("lab dir");
+                (None, d.clone())
+            }
+            None => {
+                let t = TempDir::new("lab");
+                let p = t.path.clone();
+                (Some(t), p)
+            }
+        };
+        let net = options.net.clone();
+        let ip = |n: u8| format!("{net}.{n}");
+        let cp = ControlPlane::start().await;
+        cp.mesh_namespace(NAMESPACE).await;
+        let manifests = super::repo().join("manifests");
+        cp.kubectl(&[
+            "apply",
+            "-f",
+            manifests.join("namespace.yaml").to_str().unwrap(),
+        ]);
+        cp.kubectl(&["apply", "-f", manifests.join("rbac.yaml").to_str().unwrap()]);
+        let (primary_ip, canary_ip) = (ip(2), ip(3));
+        let placement: Placement = {
+            let (primary_ip, canary_ip) = (primary_ip.clone(), canary_ip.clone());
+            Arc::new(move |pod: &Pod| {
+                let annotated = pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("lab.meshcanary.io/pod-ip"))
+                    .cloned();
+                let bound = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                if let (Some(ip), Some(node)) = (annotated, bound) {
+                    return (node, ip);
+                }
+                let primary = pod
+                    .metadata
+                    .name
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("-primary-");
+                if primary {
+                    ("node-a".into(), primary_ip.clone())
+                } else {
+                    ("node-b".into(), canary_ip.clone())
+                }
+            })
+        };
+        let client = cp.client().await;
+        let kubelet = Kubelet::start(client.clone(), placement);
+        // The pods' sidecars: one admin port for both (it is on the pod template).
+        let admin_port = free_port();
+        let side = |ip: String, role: &'static str| async move {
+            let app = App::start().await;
+            let sidecar = Sidecar::start_at(
+                &ip,
+                admin_port,
+                free_port(),
+                app.port,
+                &format!("{WORKLOAD}-{role}"),
+                "1s",
+            )
+            .await;
+            PodSide { ip, app, sidecar }
+        };
+        let primary = side(primary_ip, "primary").await;
+        let canary = side(canary_ip, "canary").await;
+        let gateway = Gateway::start(&dir, &client, &primary, &canary).await;
+        let mut lab = Lab {
+            agents: BTreeMap::new(),
+            gateway,
+            primary,
+            canary,
+            admin_port,
+            kubelet,
+            client,
+            cp,
+            dir,
+            options,
+            _tmp: tmp,
+        };
+        lab.start_agents().await;
+        lab
+    }
+
+    async fn start_agents(&mut self) {
+        let kubeconfig = self.agent_kubeconfig();
+        let token = self.dir.join("peer-token");
+        let out = self.cp.kubectl(&[
+            "create",
+            "token",
+            "meshcanary",
+            "-n",
+            "meshcanary",
+            "--audience",
+            "meshcanary-peers",
+            "--duration",
+            "2h",
+        ]);
+        std::fs::write(&token, out.trim()).expect("writing the peer token");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "meshcanary");
+        for (i, node) in NODES.iter().enumerate() {
+            let ip = format!("{}.{}", self.options.net, 4 + i);
+            let pod_name = format!("meshcanary-{node}");
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": pod_name,
+                    "labels": {"app.kubernetes.io/name": "meshcanary"},
+                    "annotations": {"lab.meshcanary.io/pod-ip": ip},
+                },
+                "spec": {
+                    "nodeName": node,
+                    "serviceAccountName": "meshcanary",
+                    "containers": [{"name": "meshcanary", "image": "meshcanary/meshcanary:0.1.0"}],
+                },
+            }))
+            .unwrap();
+            pods.create(&PostParams::default(), &pod)
+                .await
+                .expect("creating an agent pod");
+            let secs = |d: Duration| format!("{}ms", d.as_millis());
+            let mut agent = AgentProcess {
+                node: (*node).to_owned(),
+                pod: pod_name.clone(),
+                ip: ip.clone(),
+                child: None,
+                args: [
+                    "agent",
+                    "--listen",
+                    &format!("{ip}:9102"),
+                    "--peer-listen",
+                    &format!("{ip}:9103"),
+                    "--peer-token-file",
+                    token.to_str().unwrap(),
+                    "--window",
+                    &secs(self.options.window),
+                    "--full-interval",
+                    "0",
+                    "--decision-interval",
+                    &secs(self.options.decision_interval),
+                    "--lease-duration",
+                    &secs(self.options.lease_duration),
+                ]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+                envs: vec![
+                    ("NODE_NAME".into(), (*node).to_owned()),
+                    ("POD_NAME".into(), pod_name),
+                    ("POD_NAMESPACE".into(), "meshcanary".into()),
+                    ("KUBECONFIG".into(), kubeconfig.to_str().unwrap().to_owned()),
+                    (
+                        "RUST_LOG".into(),
+                        std::env::var("LAB_AGENT_LOG").unwrap_or_else(|_| "meshcanary=info".into()),
+                    ),
+                ],
+                log: self.dir.join(format!("agent-{node}.log")),
+            };
+            agent.spawn(&self.options.meshcanary);
+            self.agents.insert((*node).to_owned(), agent);
+        }
+    }
+
+    /// A kubeconfig that acts as the agents' ServiceAccount (impersonated), so the agents
+    /// run with exactly the RBAC of `manifests/`.
+    fn agent_kubeconfig(&self) -> PathBuf {
+        let mut kc = kube::config::Kubeconfig::read_from(&self.cp.kubeconfig).expect("kubeconfig");
+        for user in &mut kc.auth_infos {
+            if let Some(auth) = user.auth_info.as_mut() {
+                auth.impersonate = Some("system:serviceaccount:meshcanary:meshcanary".into());
+                auth.impersonate_groups = Some(vec![
+                    "system:serviceaccounts".into(),
+                    "system:serviceaccounts:meshcanary".into(),
+                    "system:authenticated".into(),
+                ]);
+            }
+        }
+        let path = self.dir.join("agent-kubeconfig");
+        // JSON is YAML.
+        std::fs::write(&path, serde_json::to_vec(&kc).unwrap()).expect("agent kubeconfig");
+        path
+    }
+
+    /// Kill a node's agent (SIGKILL).
+    pub fn kill_agent(&mut self, node: &str) {
+        self.agents.get_mut(node).expect("a lab node").kill();
+    }
+
+    /// Start a killed agent again (same pod, same identity).
+    pub fn restart_agent(&mut self, node: &str) {
+        let bin = self.options.meshcanary.clone();
+        let agent = self.agents.get_mut(node).expect("a lab node");
+        agent.kill();
+        agent.spawn(&bin);
+    }
+
+    /// The identity holding the controller Lease.
+    pub async fn leader(&self) -> Option<String> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "meshcanary");
+        let lease = leases.get_opt("meshcanary-leader").await.ok()??;
+        let spec = lease.spec?;
+        spec.holder_identity.filter(|h| !h.is_empty())
+    }
+
+    /// The node of the leader agent.
+    pub async fn leader_node(&self) -> Option<String> {
+        let leader = self.leader().await?;
+        self.agents
+            .values()
+            .find(|a| a.pod == leader)
+            .map(|a| a.node.clone())
+    }
+
+    /// Apply `podinfo` with `image` and the walkthrough's annotations plus `extra`.
+    pub async fn deploy(&self, image: &str, annotations: &BTreeMap<String, String>) {
+        let mut a = serde_json::json!({
+            "meshcanary.io/enabled": "true",
+            "meshcanary.io/port": "9898",
+        });
+        for (k, v) in annotations {
+            a[k] = serde_json::json!(v);
+        }
+        let d = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": WORKLOAD, "namespace": NAMESPACE, "annotations": a},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": WORKLOAD}},
+                "template": {
+                    "metadata": {
+                        "labels": {"app": WORKLOAD},
+                        "annotations": {"meshcanary.io/envoy-admin-port": self.admin_port.to_string()},
+                    },
+                    "spec": {"containers": [
+                        {"name": WORKLOAD, "image": image, "ports": [{"containerPort": 9898}]},
+                        {"name": "envoy", "image": "envoy:v1.40"},
+                    ]},
+                },
+            },
+        });
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), NAMESPACE);
+        api.patch(
+            WORKLOAD,
+            &PatchParams::apply("lab").force(),
+            &Patch::Apply(&d),
+        )
+        .await
+        .expect("applying podinfo");
+    }
+
+    pub async fn status(&self) -> Option<Status> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let d = api.get_opt(WORKLOAD).await.ok()??;
+        let s = d.metadata.annotations?.get("meshcanary.io/status")?.clone();
+        serde_json::from_str(&s).ok()
+    }
+
+    /// The canary weight in the VirtualRouter.
+    pub async fn router_weight(&self) -> Option<u8> {
+        read_router_weight(&self.client).await
+    }
+
+    /// Requests the gateway has sent to the canary so far.
+    pub async fn gateway_canary_requests(&self) -> u64 {
+        let url = format!(
+            "http://127.0.0.1:{}/stats?filter=^cluster\\.{WORKLOAD}-canary\\.upstream_rq_total$",
+            self.gateway.admin_port
+        );
+        super::get(&url)
+            .await
+            .ok()
+            .and_then(|(_, body)| body.rsplit(": ").next()?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The apex: the gateway's listener.
+    pub fn apex_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.gateway.port)
+    }
+
+    /// `hey` against `url` (bounded: it stops by itself after `duration`).
+    pub fn hey(&self, url: &str, concurrency: u32, qps: u32, duration: Duration) -> Hey {
+        let bin = std::env::var_os("HEY_BIN").unwrap_or_else(|| "hey".into());
+        let child = Command::new(bin)
+            .args(["-z", &format!("{}s", duration.as_secs().max(1))])
+            .args(["-c", &concurrency.to_string(), "-q", &qps.to_string()])
+            .arg(url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting hey (Debian package `hey`)");
+        Hey(child)
+    }
+
+    /// The lab's Kubernetes events of `podinfo`, oldest first, as `TYPE REASON MESSAGE`.
+    pub async fn events(&self) -> Vec<(String, String, String)> {
+        use k8s_openapi::api::events::v1::Event;
+        let api: Api<Event> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let mut list: Vec<Event> = api
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        list.retain(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(WORKLOAD));
+        list.sort_by_key(|e| {
+            e.series
+                .as_ref()
+                .map(|s| s.last_observed_time.0)
+                .or(e.event_time.as_ref().map(|t| t.0))
+        });
+        list.into_iter()
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Wait for `cond` on the status, polling every 100 ms.
+    pub async fn wait_status(
+        &self,
+        within: Duration,
+        what: &str,
+        cond: impl Fn(&Status) -> bool,
+    ) -> Status {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.status().await {
+                if cond(&s) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status {:?}; agent logs in {}",
+                self.status().await,
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A running `hey`, stopped when dropped.
+pub struct Hey(Child);
+
+impl Drop for Hey {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn read_router_weight(client: &Client) -> Option<u8> {
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        NAMESPACE,
+        &meshcanary::router::appmesh::resource("VirtualRouter"),
+    );
+    let vr = api.get_opt(WORKLOAD).await.ok()??;
+    meshcanary::router::appmesh::read_weight(vr.data.get("spec")?, WORKLOAD).ok()
+}
+
+impl Gateway {
+    async fn start(dir: &Path, client: &Client, primary: &PodSide, canary: &PodSide) -> Gateway {
+        let routes = dir.join("gateway-routes");
+        std::fs::create_dir_all(&routes).expect("route dir");
+        write_routes(&routes, 0);
+        let (port, admin_port) = (free_port(), free_port());
+        let cluster = |name: &str, side: &PodSide| {
+            format!(
+                "  - name: {name}\n    connect_timeout: 1s\n    type: STATIC\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
+                side.ip, side.sidecar.ingress_port
+            )
+        };
+        let config = format!(
+            r#"node: {{ id: gateway, cluster: gateway }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+static_resources:
+  listeners:
+  - name: apex
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: apex
+          rds:
+            route_config_name: apex
+            config_source:
+              resource_api_version: V3
+              path_config_source:
+                path: {path}
+                watched_directory: {{ path: {watched} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+{primary}{canary}"#,
+            path = routes.join("routes.yaml").display(),
+            watched = routes.display(),
+            primary = cluster(&format!("{WORKLOAD}-primary"), primary),
+            canary = cluster(&format!("{WORKLOAD}-canary"), canary),
+        );
+        let file = dir.join("gateway.yaml");
+        std::fs::write(&file, config).expect("gateway config");
+        let child = Command::new(super::envoy_bin())
+            .arg("-c")
+            .arg(&file)
+            .args(["--base-id", &port.to_string(), "-l", "error"])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.join("gateway.log"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
+            .spawn()
+            .expect("starting the gateway Envoy");
+        let ready = format!("http://127.0.0.1:{admin_port}/ready");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !super::get(&ready).await.is_ok_and(|(s, _)| s == 200) {
+            assert!(Instant::now() < deadline, "the gateway Envoy did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The App Mesh controller stand-in: follow the VirtualRouter.
+        let client = client.clone();
+        let follower = tokio::spawn(async move {
+            let mut current = 0u8;
+            loop {
+                if let Some(w) = read_router_weight(&client).await {
+                    if w != current {
+                        write_routes(&routes, w);
+                        current = w;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Gateway {
+            port,
+            admin_port,
+            child,
+            follower,
+        }
+    }
+}
+
+/// Write the gateway's route configuration for a canary weight, atomically.
+fn write_routes(dir: &Path, canary_weight: u8) {
+    let primary_weight = 100 - u32::from(canary_weight);
+    let body = format!(
+        r#"resources:
+- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+  name: apex
+  virtual_hosts:
+  - name: apex
+    domains: ["*"]
+    routes:
+    - match: {{ prefix: "/" }}
+      route:
+        timeout: 30s
+        weighted_clusters:
+          clusters:
+          - {{ name: {WORKLOAD}-primary, weight: {primary_weight} }}
+          - {{ name: {WORKLOAD}-canary, weight: {canary_weight} }}
+"#
+    );
+    let tmp = dir.join(".routes.yaml.tmp");
+    std::fs::write(&tmp, body).expect("writing routes");
+    std::fs::rename(&tmp, dir.join("routes.yaml")).expect("renaming routes");
+}
