@@ -2,11 +2,16 @@
 //! two nodes, the primary and canary pods as test apps behind real Envoy sidecars, a
 //! gateway Envoy that follows the VirtualRouter, and one `meshcanary agent` per node.
 //!
-//! Prints `KEY=value` lines once ready (KUBECONFIG, APEX, CANARY, GATEWAY_ADMIN, LAB_DIR,
-//! AGENT_<NODE>), then runs until SIGTERM or Ctrl-C and stops everything it started.
-//! `scripts/demo.sh` and `scripts/bench-ttr.sh` drive it with kubectl, hey and curl.
+//! With `--scenario FILE` (see `tests/support/scenario.rs` and `lab/*.yaml`) it runs the
+//! scenario, prints the event stream and one line per rollout, writes the measurements as
+//! JSON lines to `--results FILE` if given, and exits (status 1 if a rollout did not end as
+//! expected). `scripts/demo.sh` and `scripts/bench-ttr.sh` run it this way.
 //!
-//! `lab [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
+//! Without a scenario it prints `KEY=value` lines once ready (KUBECONFIG, APEX, CANARY,
+//! GATEWAY_ADMIN, LAB_DIR, AGENT_<NODE>) and runs until SIGTERM or Ctrl-C, for poking at
+//! by hand with kubectl, hey and curl.
+//!
+//! `lab [--scenario FILE [--results FILE]] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -35,9 +40,12 @@ async fn main() {
     let mut options = support::lab::LabOptions::new(default_bin);
     options.net = "127.0.0".into();
     options.window = Duration::from_secs(30);
+    let (mut scenario, mut results) = (None, None);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
+            "--scenario" => scenario = Some(PathBuf::from(value())),
+            "--results" => results = Some(PathBuf::from(value())),
             "--meshcanary" => options.meshcanary = value().into(),
             "--net" => options.net = value(),
             "--dir" => options.dir = Some(value().into()),
@@ -47,7 +55,52 @@ async fn main() {
             ),
         }
     }
-    let lab = support::lab::Lab::start(options).await;
+    let scenario = scenario.map(|path| {
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        support::scenario::Scenario::parse(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    });
+    let mut lab = support::lab::Lab::start(options).await;
+    if let Some(scenario) = scenario {
+        println!(
+            "lab: scenario {} ({} run(s)); {}",
+            scenario.name,
+            scenario.runs,
+            scenario.description.trim()
+        );
+        let out = support::scenario::run(&mut lab, &scenario, |line| println!("{line}")).await;
+        if let Some(path) = results {
+            let lines: String = out
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}\n",
+                        serde_json::json!({
+                            "scenario": scenario.name,
+                            "run": r.run,
+                            "image": r.image,
+                            "expect": format!("{:?}", r.expect).to_lowercase(),
+                            "outcome": format!("{:?}", r.outcome).to_lowercase(),
+                            "seconds": r.seconds,
+                            "ttr_router": r.ttr_router,
+                            "ttr_gateway": r.ttr_gateway,
+                            "false_rollback": r.false_rollback(),
+                        })
+                    )
+                })
+                .collect();
+            std::fs::write(&path, lines)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        }
+        println!();
+        for r in &out {
+            println!("summary: {}", r.summary());
+        }
+        let ok = out.iter().all(|r| r.as_expected());
+        drop(lab);
+        std::process::exit(i32::from(!ok));
+    }
     println!("KUBECONFIG={}", lab.cp.kubeconfig.display());
     println!("APEX={}", lab.apex_url());
     println!("CANARY={}", lab.canary.sidecar.ingress_url());

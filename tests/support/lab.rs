@@ -452,8 +452,8 @@ impl Lab {
         Hey(child)
     }
 
-    /// The lab's Kubernetes events of `podinfo`, oldest first, as `TYPE REASON MESSAGE`.
-    pub async fn events(&self) -> Vec<(String, String, String)> {
+    /// meshcanary's Kubernetes events about `podinfo`, oldest first.
+    pub async fn events(&self) -> Vec<LabEvent> {
         use k8s_openapi::api::events::v1::Event;
         let api: Api<Event> = Api::namespaced(self.client.clone(), NAMESPACE);
         let mut list: Vec<Event> = api
@@ -461,7 +461,11 @@ impl Lab {
             .await
             .map(|l| l.items)
             .unwrap_or_default();
-        list.retain(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(WORKLOAD));
+        // meshcanary's own events, as `kubectl describe canary` shows Flagger's.
+        list.retain(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(WORKLOAD)
+                && e.reporting_controller.as_deref() == Some("meshcanary")
+        });
         list.sort_by_key(|e| {
             e.series
                 .as_ref()
@@ -469,12 +473,15 @@ impl Lab {
                 .or(e.event_time.as_ref().map(|t| t.0))
         });
         list.into_iter()
-            .map(|e| {
-                (
-                    e.type_.unwrap_or_default(),
-                    e.reason.unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                )
+            .map(|e| LabEvent {
+                id: format!(
+                    "{}/{}",
+                    e.metadata.name.unwrap_or_default(),
+                    e.series.as_ref().map_or(1, |s| s.count)
+                ),
+                type_: e.type_.unwrap_or_default(),
+                reason: e.reason.unwrap_or_default(),
+                note: e.note.unwrap_or_default(),
             })
             .collect()
     }
@@ -502,6 +509,15 @@ impl Lab {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// One Kubernetes event of the workload; `id` changes when a series repeats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabEvent {
+    pub id: String,
+    pub type_: String,
+    pub reason: String,
+    pub note: String,
 }
 
 /// A running `hey`, stopped when dropped.

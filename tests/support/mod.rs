@@ -5,6 +5,7 @@
 
 pub mod kube;
 pub mod lab;
+pub mod scenario;
 pub mod testapp;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,466 @@
+//! Lab scenarios: a YAML file says the load, the rollout policy, a list of rollouts (each an
+//! image, an optional fault and the expected outcome) and how many times to repeat them.
+//! [`run`] drives a [`Lab`] through it and measures each rollout: its outcome and, for a
+//! faulted one, the time from the fault starting to (a) the canary weight being 0 in the
+//! VirtualRouter and (b) the gateway Envoy sending the canary its last request.
+//!
+//! ```yaml
+//! name: havoc
+//! runs: 10
+//! load: {concurrency: 2, qps: 20}        # hey at the apex (qps per worker, as hey's -q)
+//! policy:                                # meshcanary.io/ annotations of podinfo
+//!   step-weights: 2,5,10,20,30,50
+//!   interval: 5s
+//!   threshold: 5
+//!   success-rate-min: 99
+//! rollouts:
+//!   - image: ghcr.io/stefanprodan/podinfo:6.0.2
+//!     fault:
+//!       at-weight: 5                     # or at-seconds: 10 (after the analysis starts)
+//!       direct-errors: {concurrency: 1, qps: 5, path: /status/500}
+//!       # error-percent: 5               # the canary app fails this share of its requests
+//!       # added-latency-ms: 300          # the canary app answers this much later
+//!       # kill: {what: leader, after-seconds: 2}   # leader | peer | canary-envoy
+//!     expect: rollback                   # or promotion
+//! ```
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use meshcanary::rollout::{Phase, Status};
+use serde::Deserialize;
+
+use super::lab::{Hey, Lab};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "one")]
+    pub runs: usize,
+    pub load: Load,
+    /// `meshcanary.io/<key>: value` annotations.
+    pub policy: BTreeMap<String, serde_norway::Value>,
+    pub rollouts: Vec<Rollout>,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Load {
+    pub concurrency: u32,
+    pub qps: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Rollout {
+    pub image: String,
+    #[serde(default)]
+    pub fault: Option<Fault>,
+    pub expect: Expect,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expect {
+    Promotion,
+    Rollback,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Fault {
+    #[serde(default)]
+    pub at_weight: Option<u8>,
+    #[serde(default)]
+    pub at_seconds: Option<f64>,
+    #[serde(default)]
+    pub direct_errors: Option<DirectErrors>,
+    #[serde(default)]
+    pub error_percent: Option<f64>,
+    #[serde(default)]
+    pub added_latency_ms: Option<u64>,
+    #[serde(default)]
+    pub kill: Option<Kill>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DirectErrors {
+    pub concurrency: u32,
+    pub qps: u32,
+    #[serde(default = "status_500")]
+    pub path: String,
+}
+
+fn status_500() -> String {
+    "/status/500".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Kill {
+    pub what: KillWhat,
+    #[serde(default)]
+    pub after_seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum KillWhat {
+    Leader,
+    Peer,
+    CanaryEnvoy,
+}
+
+impl Scenario {
+    /// Parse a scenario file's text.
+    ///
+    /// ### Errors
+    /// The YAML error, with its line.
+    pub fn parse(text: &str) -> Result<Scenario, String> {
+        let s: Scenario = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        if s.rollouts.is_empty() {
+            return Err("a scenario needs at least one rollout".into());
+        }
+        for r in &s.rollouts {
+            if let Some(f) = &r.fault {
+                if f.at_weight.is_some() == f.at_seconds.is_some() {
+                    return Err(format!(
+                        "rollout {}: a fault needs exactly one of at-weight and at-seconds",
+                        r.image
+                    ));
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        self.policy
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_norway::Value::String(s) => s.clone(),
+                    other => serde_norway::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                };
+                (format!("meshcanary.io/{k}"), v)
+            })
+            .collect()
+    }
+}
+
+/// How a rollout ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Promoted,
+    RolledBack,
+    /// Neither within the time limit.
+    Stuck,
+}
+
+/// One rollout's measurements.
+#[derive(Clone, Debug)]
+pub struct RolloutResult {
+    pub run: usize,
+    pub image: String,
+    pub expect: Expect,
+    pub outcome: Outcome,
+    /// From the new image to the end of the rollout.
+    pub seconds: f64,
+    /// Fault start to canary weight 0 in the VirtualRouter.
+    pub ttr_router: Option<f64>,
+    /// Fault start to the last request the gateway sent the canary.
+    pub ttr_gateway: Option<f64>,
+    pub leader: Option<String>,
+}
+
+impl RolloutResult {
+    pub fn as_expected(&self) -> bool {
+        matches!(
+            (self.expect, self.outcome),
+            (Expect::Promotion, Outcome::Promoted) | (Expect::Rollback, Outcome::RolledBack)
+        )
+    }
+
+    /// A healthy rollout that was rolled back.
+    pub fn false_rollback(&self) -> bool {
+        self.expect == Expect::Promotion && self.outcome == Outcome::RolledBack
+    }
+
+    pub fn summary(&self) -> String {
+        let outcome = match self.outcome {
+            Outcome::Promoted => "Succeeded (promoted)",
+            Outcome::RolledBack => "Failed (rolled back)",
+            Outcome::Stuck => "stuck (neither promoted nor rolled back)",
+        };
+        let mut s = format!(
+            "run {} {}: {outcome} after {:.1} s",
+            self.run, self.image, self.seconds
+        );
+        if let Some(t) = self.ttr_router {
+            s += &format!(", weight 0 {t:.1} s after the fault started");
+        }
+        if let Some(t) = self.ttr_gateway {
+            s += &format!(", last canary request via the gateway at {t:.1} s");
+        }
+        if !self.as_expected() {
+            s += &format!(" (expected {:?})", self.expect);
+        }
+        s
+    }
+}
+
+/// Prints the workload's events once each, as they appear.
+#[derive(Default)]
+pub struct EventLog {
+    seen: std::collections::BTreeSet<String>,
+}
+
+impl EventLog {
+    pub async fn print_new(&mut self, lab: &Lab, print: &mut impl FnMut(&str)) {
+        for e in lab.events().await {
+            if self.seen.insert(e.id) {
+                print(&format!(
+                    "  event: {:<8} {:<18} {}",
+                    e.type_, e.reason, e.note
+                ));
+            }
+        }
+    }
+}
+
+async fn wait_status(
+    lab: &Lab,
+    events: &mut EventLog,
+    print: &mut impl FnMut(&str),
+    within: Duration,
+    cond: impl Fn(&Status) -> bool,
+) -> Option<Status> {
+    let deadline = Instant::now() + within;
+    let mut last_print = Instant::now();
+    while Instant::now() < deadline {
+        if let Some(s) = lab.status().await {
+            if cond(&s) {
+                events.print_new(lab, print).await;
+                return Some(s);
+            }
+        }
+        if last_print.elapsed() > Duration::from_millis(500) {
+            events.print_new(lab, print).await;
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Run `scenario` on `lab`, printing events and one line per rollout through `print`.
+pub async fn run(
+    lab: &mut Lab,
+    scenario: &Scenario,
+    mut print: impl FnMut(&str),
+) -> Vec<RolloutResult> {
+    let annotations = scenario.annotations();
+    let mut events = EventLog::default();
+    let limit = Duration::from_secs(300);
+    if lab.status().await.is_none() {
+        lab.deploy("ghcr.io/stefanprodan/podinfo:6.0.0", &annotations)
+            .await;
+        wait_status(lab, &mut events, &mut print, Duration::from_secs(90), |s| {
+            s.phase == Phase::Initialized
+        })
+        .await
+        .expect("podinfo initialized within 90 s");
+    }
+    let total = limit * (scenario.runs * scenario.rollouts.len()) as u32;
+    let _load = lab.hey(
+        &lab.apex_url(),
+        scenario.load.concurrency,
+        scenario.load.qps,
+        total.min(Duration::from_secs(6 * 3600)),
+    );
+    let mut results = Vec::new();
+    for run in 0..scenario.runs {
+        for rollout in &scenario.rollouts {
+            let image = if scenario.runs > 1 {
+                format!("{}-run{run}", rollout.image)
+            } else {
+                rollout.image.clone()
+            };
+            let before = lab.status().await.map(|s| s.revision);
+            print(&format!("lab: new image {image}"));
+            let started = Instant::now();
+            lab.deploy(&image, &annotations).await;
+            let progressing = wait_status(lab, &mut events, &mut print, limit, |s| {
+                s.phase == Phase::Progressing && Some(&s.revision) != before.as_ref()
+            })
+            .await;
+            let mut result = RolloutResult {
+                run,
+                image: image.clone(),
+                expect: rollout.expect,
+                outcome: Outcome::Stuck,
+                seconds: 0.0,
+                ttr_router: None,
+                ttr_gateway: None,
+                leader: lab.leader_node().await,
+            };
+            if progressing.is_some() {
+                measure(lab, rollout, &mut result, &mut events, &mut print, limit).await;
+            }
+            result.seconds = started.elapsed().as_secs_f64();
+            print(&format!("lab: {}", result.summary()));
+            results.push(result);
+        }
+    }
+    results
+}
+
+/// Follow one rollout from Progressing to its end, starting and clearing its fault.
+async fn measure(
+    lab: &mut Lab,
+    rollout: &Rollout,
+    result: &mut RolloutResult,
+    events: &mut EventLog,
+    print: &mut impl FnMut(&str),
+    limit: Duration,
+) {
+    let analysis = Instant::now();
+    let deadline = analysis + limit;
+    let mut fault_at: Option<Instant> = None;
+    let mut direct: Option<Hey> = None;
+    let mut killed: Option<String> = None;
+    let mut envoy_killed = false;
+    let mut zero_at: Option<Instant> = None;
+    let mut last_canary_request: Option<Instant> = None;
+    let mut canary_requests = lab.gateway_canary_requests().await;
+    let mut last_print = Instant::now();
+    let mut ended: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if now > deadline {
+            break;
+        }
+        let status = lab.status().await;
+        let weight = lab.router_weight().await;
+        // Start the fault.
+        if let (Some(f), None) = (&rollout.fault, fault_at) {
+            let due = match (f.at_weight, f.at_seconds) {
+                (Some(w), _) => weight.is_some_and(|cw| cw >= w),
+                (_, Some(s)) => analysis.elapsed().as_secs_f64() >= s,
+                _ => false,
+            };
+            if due {
+                fault_at = Some(Instant::now());
+                if let Some(d) = &f.direct_errors {
+                    let url = format!("{}{}", lab.canary.sidecar.ingress_url(), d.path);
+                    direct = Some(lab.hey(&url, d.concurrency, d.qps, limit));
+                }
+                if f.error_percent.is_some() || f.added_latency_ms.is_some() {
+                    lab.canary.app.fault.set(
+                        f.error_percent.unwrap_or(0.0),
+                        500,
+                        Duration::from_millis(f.added_latency_ms.unwrap_or(0)),
+                    );
+                }
+                print(&format!(
+                    "lab: fault started at canary weight {}",
+                    weight.unwrap_or(0)
+                ));
+            }
+        }
+        // Kill what the fault says, `after-seconds` after it started.
+        if let (Some(f), Some(t0)) = (&rollout.fault, fault_at) {
+            if let Some(k) = &f.kill {
+                if killed.is_none()
+                    && !envoy_killed
+                    && t0.elapsed().as_secs_f64() >= k.after_seconds
+                {
+                    match k.what {
+                        KillWhat::CanaryEnvoy => {
+                            lab.canary.sidecar.stop();
+                            envoy_killed = true;
+                            print("lab: killed the canary's Envoy");
+                        }
+                        KillWhat::Leader | KillWhat::Peer => {
+                            let leader = lab.leader_node().await;
+                            let node = lab
+                                .agents
+                                .keys()
+                                .find(|n| {
+                                    (Some(*n) == leader.as_ref()) == (k.what == KillWhat::Leader)
+                                })
+                                .cloned();
+                            if let Some(node) = node {
+                                lab.kill_agent(&node);
+                                print(&format!("lab: killed the agent on {node} ({:?})", k.what));
+                                killed = Some(node);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Measure.
+        if let Some(t0) = fault_at {
+            if zero_at.is_none() && weight == Some(0) {
+                zero_at = Some(Instant::now());
+                result.ttr_router = Some(t0.elapsed().as_secs_f64());
+            }
+            let n = lab.gateway_canary_requests().await;
+            if n > canary_requests {
+                last_canary_request = Some(Instant::now());
+                canary_requests = n;
+            }
+        }
+        let phase = status.as_ref().map(|s| s.phase);
+        if ended.is_none() && matches!(phase, Some(Phase::Succeeded | Phase::Failed)) {
+            ended = Some(Instant::now());
+            result.outcome = if phase == Some(Phase::Succeeded) {
+                Outcome::Promoted
+            } else {
+                Outcome::RolledBack
+            };
+        }
+        // After the end, watch the gateway 3 s more: the canary must get nothing.
+        if let Some(e) = ended {
+            let settled = zero_at.map_or(e, |z| z.max(e));
+            if fault_at.is_none() || settled.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+        }
+        if last_print.elapsed() > Duration::from_millis(500) {
+            events.print_new(lab, print).await;
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    events.print_new(lab, print).await;
+    if let (Some(t0), Some(last)) = (fault_at, last_canary_request) {
+        result.ttr_gateway = Some(last.duration_since(t0).as_secs_f64());
+    } else if fault_at.is_some() && result.ttr_router.is_some() {
+        // The gateway sent the canary nothing after the fault started.
+        result.ttr_gateway = Some(0.0);
+    }
+    // Clear the fault for the next rollout.
+    drop(direct);
+    lab.canary.app.fault.set(0.0, 500, Duration::ZERO);
+    if envoy_killed {
+        lab.canary.sidecar.restart().await;
+    }
+    if let Some(node) = killed {
+        lab.restart_agent(&node);
+        print(&format!("lab: restarted the agent on {node}"));
+    }
+}
