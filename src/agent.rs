@@ -62,6 +62,20 @@ pub struct KubeSettings {
 }
 
 impl AgentConfig {
+    /// This agent's `instance` label on its own metrics: its identity in Kubernetes (pod
+    /// name, else node name), else its listen address.
+    pub fn instance(&self) -> String {
+        match &self.kube {
+            Some(k) => k
+                .controller
+                .as_ref()
+                .map_or_else(|| k.discovery.node_name.clone(), |c| c.identity.clone()),
+            None => self
+                .listen
+                .map_or_else(|| "meshcanary".to_owned(), |a| a.to_string()),
+        }
+    }
+
     /// Check settings that only make sense together.
     ///
     /// ### Errors
@@ -339,6 +353,7 @@ impl Agent {
                         rw.clone(),
                         tx.clone(),
                         every,
+                        self.config.instance(),
                         shutdown.clone(),
                     ));
                 }
@@ -676,10 +691,16 @@ async fn self_scrape(
     config: crate::remote_write::RemoteWriteConfig,
     tx: SeriesSender,
     every: Duration,
+    instance: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
-    let mut labels = vec![("job".to_owned(), "meshcanary".to_owned())];
+    // `instance` tells the agents apart: without it, every agent of a cluster would write
+    // the same series and the receiver would reject their interleaved samples.
+    let mut labels = vec![
+        ("instance".to_owned(), instance),
+        ("job".to_owned(), "meshcanary".to_owned()),
+    ];
     labels.extend(config.external_labels.iter().cloned());
     loop {
         tokio::select! {
