@@ -11,7 +11,7 @@
 //! GATEWAY_ADMIN, LAB_DIR, AGENT_<NODE>) and runs until SIGTERM or Ctrl-C, for poking at
 //! by hand with kubectl, hey and curl.
 //!
-//! `lab [--scenario FILE [--results FILE]] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
+//! `lab [--scenario FILE [--runs N] [--results FILE]] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -40,12 +40,13 @@ async fn main() {
     let mut options = support::lab::LabOptions::new(default_bin);
     options.net = "127.0.0".into();
     options.window = Duration::from_secs(30);
-    let (mut scenario, mut results) = (None, None);
+    let (mut scenario, mut results, mut runs) = (None, None, None);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--scenario" => scenario = Some(PathBuf::from(value())),
             "--results" => results = Some(PathBuf::from(value())),
+            "--runs" => runs = Some(value().parse::<usize>().expect("--runs N")),
             "--meshcanary" => options.meshcanary = value().into(),
             "--net" => options.net = value(),
             "--dir" => options.dir = Some(value().into()),
@@ -58,8 +59,10 @@ async fn main() {
     let scenario = scenario.map(|path| {
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        support::scenario::Scenario::parse(&text)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        let mut s = support::scenario::Scenario::parse(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        s.runs = runs.unwrap_or(s.runs);
+        s
     });
     let mut lab = support::lab::Lab::start(options).await;
     if let Some(scenario) = scenario {
@@ -98,6 +101,13 @@ async fn main() {
             println!("summary: {}", r.summary());
         }
         let ok = out.iter().all(|r| r.as_expected());
+        if let Some(p) = &lab.prometheus {
+            // Prometheus's data goes with the lab; its log stays with the agents'.
+            let _ = std::fs::copy(
+                p.dir.path.join("prometheus.log"),
+                lab.dir.join("prometheus.log"),
+            );
+        }
         drop(lab);
         std::process::exit(i32::from(!ok));
     }
@@ -111,6 +121,13 @@ async fn main() {
     println!("GATEWAY_ADMIN=http://127.0.0.1:{}", lab.gateway.admin_port);
     println!("LAB_DIR={}", lab.dir.display());
     println!("ENVOY_ADMIN_PORT={}", lab.admin_port);
+    if let Some(p) = &lab.prometheus {
+        println!(
+            "PROMETHEUS=http://127.0.0.1:{} (log in {})",
+            p.port,
+            p.dir.path.display()
+        );
+    }
     for a in lab.agents.values() {
         println!(
             "AGENT_{}=http://{}:9102",

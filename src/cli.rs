@@ -66,6 +66,17 @@ pub enum Command {
         /// False-rollback budget of the sequential tests.
         #[arg(long, default_value_t = 0.01)]
         alpha: f64,
+        /// Print only the oracle's time to rollback for a canary with this many requests per
+        /// second (with --canary-event and --primary-event): the information limit a lab
+        /// scenario is compared with.
+        #[arg(long)]
+        oracle_canary_rps: Option<f64>,
+        /// Probability that a canary request is an event (a 5xx, or slower than the edge).
+        #[arg(long, default_value_t = 0.5)]
+        canary_event: f64,
+        /// The same probability for the primary (the null the oracle knows).
+        #[arg(long, default_value_t = 0.001)]
+        primary_event: f64,
     },
     /// Print generated reference documentation.
     Docs {
@@ -577,9 +588,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             aa_runs,
             ab_runs,
             alpha,
+            oracle_canary_rps,
+            canary_event,
+            primary_event,
         } => {
             if !(alpha > 0.0 && alpha < 1.0) {
                 anyhow::bail!("--alpha must be between 0 and 1, got {alpha}");
+            }
+            if let Some(rps) = oracle_canary_rps {
+                let ok = |p: f64| p > 0.0 && p < 1.0;
+                if !(rps > 0.0
+                    && ok(canary_event)
+                    && ok(primary_event)
+                    && canary_event > primary_event)
+                {
+                    anyhow::bail!("--oracle-canary-rps must be positive and 0 < --primary-event < --canary-event < 1");
+                }
+                let (median, p95) = crate::simulate::oracle_ttr(
+                    rps,
+                    primary_event,
+                    canary_event,
+                    alpha,
+                    10_000,
+                    seed,
+                );
+                return out(&format!(
+                    "oracle ttr median {median:.1} s, p95 {p95:.1} s (10000 runs, alpha {alpha})\n"
+                ));
             }
             let cfg = crate::simulate::SimConfig {
                 seed,

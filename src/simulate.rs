@@ -240,6 +240,39 @@ impl Oracle {
     }
 }
 
+/// The oracle's median and p95 time to rollback (s) for a canary serving `canary_rps`
+/// (Poisson) whose requests are events (5xx, or slower than an edge) with probability `p1`
+/// against a known `p0`: data arrives once a second, as from the agent's fast tier.
+pub fn oracle_ttr(
+    canary_rps: f64,
+    p0: f64,
+    p1: f64,
+    alpha: f64,
+    runs: usize,
+    seed: u64,
+) -> (f64, f64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (hit, miss) = ((p1 / p0).ln(), ((1.0 - p1) / (1.0 - p0)).ln());
+    let bound = (1.0 / alpha).ln();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let mut llr = 0.0;
+            for second in 1..=3600u32 {
+                let n = poisson(&mut rng, canary_rps);
+                let events = (0..n).filter(|_| rng.f64() < p1).count() as f64;
+                llr += events * hit + (n as f64 - events) * miss;
+                if llr >= bound {
+                    return f64::from(second);
+                }
+            }
+            f64::INFINITY
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.95))
+}
+
 /// What the judge sees each second: totals only (the sequential tests do not read windows).
 fn observation<'a>(canary: &'a Totals, primary: &'a Totals, now_ms: u64) -> Observation<'a> {
     let empty = WindowValues::default();
@@ -531,6 +564,14 @@ mod tests {
             shares: vec![0.1],
             ..SimConfig::default()
         }
+    }
+
+    #[test]
+    fn the_oracle_is_fast_for_a_clear_fault_and_slow_for_a_subtle_one() {
+        let (clear, _) = super::oracle_ttr(7.0, 0.001, 0.7, 0.01, 500, 1);
+        assert!((1.0..=1.0).contains(&clear), "{clear}");
+        let (subtle, p95) = super::oracle_ttr(2.0, 0.001, 0.05, 0.01, 500, 1);
+        assert!(subtle > 2.0 && p95 >= subtle, "{subtle} {p95}");
     }
 
     #[test]

@@ -404,6 +404,10 @@ async fn rollouts_against_a_real_apiserver() {
         discovery(&cp).await
     );
     scenario!(
+        "peers: only the agents' own token, for their audience, gets windows",
+        peer_auth(&cp).await
+    );
+    scenario!(
         "deleting NAME removes what meshcanary created",
         garbage_collection(&cp).await
     );
@@ -1010,4 +1014,80 @@ async fn lease_lost(cp: &ControlPlane) {
         .await
         .unwrap();
     s.cleanup().await;
+}
+
+async fn peer_auth(cp: &ControlPlane) {
+    use meshcanary::peers::auth::Reviewer;
+    use meshcanary::peers::serve::PeerServer;
+    use prost::Message as _;
+    let config = support::RunningAgent::config(&[], 1 << 20, |_| {});
+    let agent = meshcanary::agent::Agent::new(config).unwrap();
+    let shared = agent.shared();
+    let reviewer = Reviewer::new(
+        cp.agent_client().await,
+        "meshcanary-peers".into(),
+        "system:serviceaccount:meshcanary:meshcanary".into(),
+    );
+    let server = PeerServer {
+        shared: Arc::clone(&shared),
+        node: "node-a".into(),
+        reviewer: Some(Arc::new(reviewer)),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/v1/windows?since=0",
+        listener.local_addr().unwrap()
+    );
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(server.serve(listener, rx));
+    cp.kubectl(&["create", "serviceaccount", "intruder", "-n", "meshcanary"]);
+    let token = |sa: &str, audience: &str| {
+        let t = cp.kubectl(&[
+            "create",
+            "token",
+            sa,
+            "-n",
+            "meshcanary",
+            "--audience",
+            audience,
+        ]);
+        format!("Bearer {}", t.trim())
+    };
+    let good = token("meshcanary", "meshcanary-peers");
+    for (auth, want) in [
+        (Some(good.clone()), 200),
+        (Some(good.clone()), 200), // the cached verdict
+        (None, 401),
+        (
+            Some(token("meshcanary", "https://kubernetes.default.svc")),
+            401,
+        ),
+        (Some(token("intruder", "meshcanary-peers")), 401),
+        (Some("Bearer not-a-token".into()), 401),
+    ] {
+        let (status, body) = support::get_with(&url, auth.as_deref()).await.unwrap();
+        assert_eq!(status, want, "{}", String::from_utf8_lossy(&body));
+        if status == 200 {
+            let reply = meshcanary::peers::WindowsReply::decode(body).expect("a protobuf reply");
+            assert_eq!(reply.node, "node-a");
+        }
+    }
+    let metrics = shared.render_metrics();
+    for (result, n) in [
+        ("ok", 2.0),
+        ("no_token", 1.0),
+        ("token_rejected", 2.0),
+        ("wrong_user", 1.0),
+    ] {
+        assert_eq!(
+            support::counter(
+                &metrics,
+                &format!("meshcanary_peer_requests_total{{result=\"{result}\"}}")
+            ),
+            n,
+            "{result}"
+        );
+    }
+    let _ = stop.send(true);
+    let _ = task.await;
 }

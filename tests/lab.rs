@@ -3,15 +3,16 @@
 //! through a gateway Envoy that follows the VirtualRouter, driven by `lab/ci.yaml`: a
 //! shortened reference walkthrough. A healthy new image is promoted; a second one, hit by
 //! `/status/500` straight at the canary, is rolled back and the gateway stops sending it
-//! traffic.
+//! traffic. Then the reliability checks, each a scenario in `lab/`: the leader killed
+//! mid-rollout, a peer agent killed, the apiserver restarted, ten healthy promotions.
 
 mod support;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::lab::{Lab, LabOptions};
-use support::scenario::{self, Scenario};
+use support::scenario::{self, RolloutResult, Scenario};
 
 async fn metric(url: &str, name: &str) -> f64 {
     match support::get(url).await {
@@ -20,24 +21,185 @@ async fn metric(url: &str, name: &str) -> f64 {
     }
 }
 
+fn scenario(file: &str) -> Scenario {
+    let text = std::fs::read_to_string(support::repo().join("lab").join(file)).unwrap();
+    Scenario::parse(&text).unwrap_or_else(|e| panic!("lab/{file}: {e}"))
+}
+
+/// The canary weight only rose until its peak (50), then went to 0 with the promotion: no
+/// step repeated or undone.
+fn steps_in_order(r: &RolloutResult) {
+    let w: Vec<u8> = r.weights.iter().map(|x| x.1).collect();
+    let peak = w.iter().copied().max().unwrap_or(0);
+    let at = w.iter().position(|x| *x == peak).unwrap_or(0);
+    assert!(
+        peak == 50
+            && w[..=at].windows(2).all(|p| p[0] < p[1])
+            && w[at + 1..].iter().all(|x| *x == 0),
+        "weights not in step order: {:?}",
+        r.weights
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn promotion_then_rollback_across_two_nodes() {
+async fn the_loop_across_two_nodes() {
     let mut options = LabOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_meshcanary")));
     options.window = Duration::from_secs(30);
     let mut lab = Lab::start(options).await;
-    let text = std::fs::read_to_string(support::repo().join("lab/ci.yaml")).unwrap();
-    let scenario = Scenario::parse(&text).expect("lab/ci.yaml parses");
-    let results = scenario::run(&mut lab, &scenario, |line| eprintln!("{line}")).await;
+    let started = Instant::now();
+    let mut report = Vec::new();
+    macro_rules! check {
+        ($name:literal, $body:expr) => {{
+            let t = Instant::now();
+            $body;
+            report.push(format!(
+                "{:<64} ok in {:>5.1} s",
+                $name,
+                t.elapsed().as_secs_f64()
+            ));
+            eprintln!("{}", report.last().unwrap());
+        }};
+    }
+    check!(
+        "walkthrough (lab/ci.yaml): promotion, then rollback",
+        walkthrough(&mut lab).await
+    );
+    check!("leader killed mid-rollout: the other agent finishes it", {
+        let r = run_one(&mut lab, "leader-killed.yaml").await;
+        assert!(r.killed_at.is_some(), "the leader was killed");
+        steps_in_order(&r);
+    });
+    check!(
+        "peer killed: decisions halt while its node is stale, then resume",
+        {
+            let r = run_one(&mut lab, "peer-killed.yaml").await;
+            let (killed, back) = (r.killed_at.unwrap(), r.restarted_at.unwrap());
+            // Past the staleness limit (3 s) plus a tick, nothing moves until the peer is back.
+            let moved: Vec<&(f64, u8)> = r
+                .weights
+                .iter()
+                .filter(|(t, _)| *t > killed + 4.0 && *t < back)
+                .collect();
+            assert!(moved.is_empty(), "weights changed while a node was silent: {:?} (killed at {killed:.1} s, back at {back:.1} s)", r.weights);
+            steps_in_order(&r);
+        }
+    );
+    check!("apiserver restarted mid-rollout: the promotion goes on", {
+        let r = run_one(&mut lab, "apiserver-restart.yaml").await;
+        steps_in_order(&r);
+    });
+    check!(
+        "Prometheus down 60 s mid-rollout: promoted, no sample lost",
+        prometheus_down(&mut lab).await
+    );
+    check!(
+        "a healthy canary promoted 10 times in a row, no false rollback",
+        {
+            let results = run(&mut lab, "healthy-10.yaml").await;
+            assert_eq!(results.len(), 10);
+            for r in &results {
+                assert!(!r.false_rollback(), "{}", r.summary());
+            }
+        }
+    );
+    eprintln!(
+        "lab checks in {:.1} s:\n{}",
+        started.elapsed().as_secs_f64(),
+        report.join("\n")
+    );
+}
 
-    assert_eq!(results.len(), 2);
+async fn run(lab: &mut Lab, file: &str) -> Vec<RolloutResult> {
+    let s = scenario(file);
+    let results = scenario::run(lab, &s, |line| eprintln!("{line}")).await;
     for r in &results {
         assert!(
             r.as_expected(),
-            "{}; logs in {}",
+            "{file}: {}; logs in {}",
             r.summary(),
             lab.dir.display()
         );
     }
+    results
+}
+
+async fn run_one(lab: &mut Lab, file: &str) -> RolloutResult {
+    run(lab, file).await.remove(0)
+}
+
+async fn prometheus_down(lab: &mut Lab) {
+    let started_ms = meshcanary::agent::unix_ms();
+    let r = run_one(lab, "prometheus-down.yaml").await;
+    steps_in_order(&r);
+    let outage_s = r.restarted_at.unwrap() - r.fault_at.unwrap();
+    assert!(outage_s >= 60.0, "the outage lasted {outage_s:.1} s");
+    // Every agent's queue drains into the returned Prometheus.
+    for agent in lab.agents.values() {
+        let url = agent.metrics_url();
+        support::eventually_async(
+            Duration::from_secs(60),
+            "the remote-write queue drained",
+            || {
+                let url = url.clone();
+                async move {
+                    match support::get(&url).await {
+                        Ok((_, body)) => body
+                            .lines()
+                            .filter(|l| l.starts_with("meshcanary_remote_write_queue_samples"))
+                            .all(|l| l.ends_with(" 0")),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
+    }
+    for agent in lab.agents.values() {
+        let dropped = metric(
+            &agent.metrics_url(),
+            "meshcanary_remote_write_samples_total{outcome=\"dropped_http_4xx\"}",
+        )
+        .await;
+        assert_eq!(
+            dropped, 0.0,
+            "Prometheus rejected samples of {}",
+            agent.node
+        );
+    }
+    // Each sidecar's series has a sample every full scrape (5 s) through the outage.
+    let prometheus = lab.prometheus.as_ref().expect("the lab runs Prometheus");
+    let range = (meshcanary::agent::unix_ms() - started_ms) / 1000 + 5;
+    let series = prometheus
+        .query(&format!(
+            "envoy_server_uptime{{kubernetes_namespace=\"test\"}}[{range}s]"
+        ))
+        .await;
+    assert!(!series.is_empty(), "no sidecar series in Prometheus");
+    let outage_from = started_ms as f64 / 1000.0 + 5.0;
+    let mut checked = 0;
+    for s in &series {
+        let ts: Vec<f64> = s["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v[0].as_f64().unwrap())
+            .collect();
+        // Only pods that lived through the outage (a canary pod comes and goes).
+        if ts.first().is_none_or(|t| *t > outage_from)
+            || ts.last().is_none_or(|t| *t < outage_from + outage_s)
+        {
+            continue;
+        }
+        let gap = ts.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+        assert!(gap < 8.0, "a {gap:.1} s gap in {}", s["metric"]);
+        checked += 1;
+    }
+    assert!(checked >= 1, "no series spans the outage: {series:?}");
+}
+
+async fn walkthrough(lab: &mut Lab) {
+    let results = run(lab, "ci.yaml").await;
+    assert_eq!(results.len(), 2);
     // The rollback: the router and then the gateway stopped sending to the canary.
     let ttr = results[1].ttr_router.expect("the router reached weight 0");
     let gateway = results[1].ttr_gateway.expect("the gateway stopped");

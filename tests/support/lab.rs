@@ -50,6 +50,8 @@ pub struct LabOptions {
     pub window: Duration,
     /// Where agents write their logs (and the lab its files).
     pub dir: Option<PathBuf>,
+    /// Run Prometheus as the agents' remote-write receiver (full tier every 5 s).
+    pub prometheus: bool,
 }
 
 impl LabOptions {
@@ -61,6 +63,7 @@ impl LabOptions {
             lease_duration: Duration::from_secs(5),
             window: Duration::from_secs(10),
             dir: None,
+            prometheus: true,
         }
     }
 }
@@ -151,6 +154,8 @@ pub struct Lab {
     kubelet: Kubelet,
     pub client: Client,
     pub cp: ControlPlane,
+    /// The agents' remote-write receiver, if [`LabOptions::prometheus`].
+    pub prometheus: Option<super::Prometheus>,
     pub dir: PathBuf,
     _tmp: Option<TempDir>,
 }
@@ -226,7 +231,13 @@ impl Lab {
         let primary = side(primary_ip, "primary").await;
         let canary = side(canary_ip, "canary").await;
         let gateway = Gateway::start(&dir, &client, &primary, &canary).await;
+        let prometheus = if options.prometheus {
+            Some(super::Prometheus::start().await)
+        } else {
+            None
+        };
         let mut lab = Lab {
+            prometheus,
             agents: BTreeMap::new(),
             gateway,
             primary,
@@ -279,6 +290,19 @@ impl Lab {
                 .await
                 .expect("creating an agent pod");
             let secs = |d: Duration| format!("{}ms", d.as_millis());
+            let remote_write: Vec<String> = match &self.prometheus {
+                Some(p) => vec![
+                    "--remote-write-url".into(),
+                    p.write_url(),
+                    "--remote-write-queue-dir".into(),
+                    self.dir.join(format!("queue-{node}")).display().to_string(),
+                    "--full-interval".into(),
+                    "5s".into(),
+                    "--full-timeout".into(),
+                    "2s".into(),
+                ],
+                None => vec!["--full-interval".into(), "0".into()],
+            };
             let mut agent = AgentProcess {
                 node: (*node).to_owned(),
                 pod: pod_name.clone(),
@@ -294,8 +318,6 @@ impl Lab {
                     token.to_str().unwrap(),
                     "--window",
                     &secs(self.options.window),
-                    "--full-interval",
-                    "0",
                     "--decision-interval",
                     &secs(self.options.decision_interval),
                     "--lease-duration",
@@ -303,6 +325,7 @@ impl Lab {
                 ]
                 .iter()
                 .map(|s| (*s).to_owned())
+                .chain(remote_write)
                 .collect(),
                 envs: vec![
                     ("NODE_NAME".into(), (*node).to_owned()),

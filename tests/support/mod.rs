@@ -234,11 +234,27 @@ impl Drop for App {
 
 /// A one-shot GET on a fresh connection: (status, body).
 pub async fn get(url: &str) -> Result<(u16, String), String> {
+    get_with(url, None)
+        .await
+        .map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A one-shot GET with an optional `Authorization` header: (status, body bytes).
+pub async fn get_with(
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<(u16, bytes::Bytes), String> {
     use http_body_util::BodyExt as _;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+    let mut req = http::Request::get(url);
+    if let Some(a) = authorization {
+        req = req.header(http::header::AUTHORIZATION, a);
+    }
+    let req = req
+        .body(http_body_util::Empty::new())
+        .map_err(|e| format!("{e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
         .map_err(|_| "timeout".to_owned())?
         .map_err(|e| format!("{e}"))?;
@@ -249,7 +265,7 @@ pub async fn get(url: &str) -> Result<(u16, String), String> {
         .await
         .map_err(|e| format!("{e}"))?
         .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, body))
 }
 
 /// An agent running in this process.
@@ -571,45 +587,72 @@ pub fn remote_write_config(url: &str, dir: &Path) -> meshcanary::remote_write::R
 /// A real Prometheus with the remote-write receiver on, storing into a temp dir.
 pub struct Prometheus {
     pub port: u16,
-    child: Child,
-    _dir: TempDir,
+    child: Option<Child>,
+    /// Its data and `prometheus.log`.
+    pub dir: TempDir,
 }
 
 impl Prometheus {
     pub async fn start() -> Prometheus {
+        let mut p = Prometheus {
+            port: free_port(),
+            child: None,
+            dir: TempDir::new("prometheus"),
+        };
+        std::fs::write(p.dir.path.join("prometheus.yml"), "global: {}\n").unwrap();
+        p.spawn().await;
+        p
+    }
+
+    async fn spawn(&mut self) {
         let bin = std::env::var_os("PROMETHEUS_BIN")
             .map_or_else(|| PathBuf::from("/usr/bin/prometheus"), PathBuf::from);
         assert!(
             bin.exists(),
             "Prometheus not found: run scripts/testenv.sh (or set PROMETHEUS_BIN)"
         );
-        let dir = TempDir::new("prometheus");
-        let config = dir.path.join("prometheus.yml");
-        std::fs::write(&config, "global: {}\n").unwrap();
-        let port = free_port();
         let child = Command::new(bin)
-            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--config.file={}",
+                self.dir.path.join("prometheus.yml").display()
+            ))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.path.join("data").display()
+                self.dir.path.join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
             .arg("--web.enable-remote-write-receiver")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path.join("prometheus.log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+            )
             .spawn()
             .expect("starting Prometheus");
-        let ready = format!("http://127.0.0.1:{port}/-/ready");
+        self.child = Some(child);
+        let ready = format!("http://127.0.0.1:{}/-/ready", self.port);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !get(&ready).await.is_ok_and(|(s, _)| s == 200) {
             assert!(Instant::now() < deadline, "Prometheus did not become ready");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Prometheus {
-            port,
-            child,
-            _dir: dir,
+    }
+
+    /// Kill Prometheus (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+    }
+
+    /// Start it again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
     }
 
     pub fn write_url(&self) -> String {
@@ -640,7 +683,6 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

@@ -16,11 +16,15 @@
 //! rollouts:
 //!   - image: ghcr.io/stefanprodan/podinfo:6.0.2
 //!     fault:
-//!       at-weight: 5                     # or at-seconds: 10 (after the analysis starts)
+//!       at-weight: 5                     # (plus 0-1 s at random: weights change at ticks,
+//!                                        # faults do not) or at-seconds: 10 (after the
+//!                                        # analysis starts)
 //!       direct-errors: {concurrency: 1, qps: 5, path: /status/500}
 //!       # error-percent: 5               # the canary app fails this share of its requests
 //!       # added-latency-ms: 300          # the canary app answers this much later
 //!       # kill: {what: leader, after-seconds: 2}   # leader | peer | canary-envoy
+//!       # restart-apiserver: true
+//!       # stop-prometheus-seconds: 60      # the remote-write receiver
 //!     expect: rollback                   # or promotion
 //! ```
 #![allow(dead_code)]
@@ -89,6 +93,12 @@ pub struct Fault {
     pub added_latency_ms: Option<u64>,
     #[serde(default)]
     pub kill: Option<Kill>,
+    /// Kill the kube-apiserver (SIGKILL) and start it again.
+    #[serde(default)]
+    pub restart_apiserver: bool,
+    /// Stop the remote-write receiver (Prometheus) for this many seconds.
+    #[serde(default)]
+    pub stop_prometheus_seconds: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -110,6 +120,9 @@ pub struct Kill {
     pub what: KillWhat,
     #[serde(default)]
     pub after_seconds: f64,
+    /// Start it again this long after the kill (default: when the rollout has ended).
+    #[serde(default)]
+    pub restart_after_seconds: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -183,6 +196,14 @@ pub struct RolloutResult {
     /// Fault start to the last request the gateway sent the canary.
     pub ttr_gateway: Option<f64>,
     pub leader: Option<String>,
+    /// Every change of the VirtualRouter's canary weight: (seconds since the analysis
+    /// started, weight).
+    pub weights: Vec<(f64, u8)>,
+    /// Seconds since the analysis started: when the fault started, and when a killed
+    /// process was started again.
+    pub fault_at: Option<f64>,
+    pub killed_at: Option<f64>,
+    pub restarted_at: Option<f64>,
 }
 
 impl RolloutResult {
@@ -315,6 +336,10 @@ pub async fn run(
                 ttr_router: None,
                 ttr_gateway: None,
                 leader: lab.leader_node().await,
+                weights: Vec::new(),
+                fault_at: None,
+                killed_at: None,
+                restarted_at: None,
             };
             if progressing.is_some() {
                 measure(lab, rollout, &mut result, &mut events, &mut print, limit).await;
@@ -342,6 +367,8 @@ async fn measure(
     let mut direct: Option<Hey> = None;
     let mut killed: Option<String> = None;
     let mut envoy_killed = false;
+    let mut kill_time: Option<Instant> = None;
+    let mut prometheus_stopped: Option<Instant> = None;
     let mut zero_at: Option<Instant> = None;
     let mut last_canary_request: Option<Instant> = None;
     let mut canary_requests = lab.gateway_canary_requests().await;
@@ -354,6 +381,11 @@ async fn measure(
         }
         let status = lab.status().await;
         let weight = lab.router_weight().await;
+        if let Some(w) = weight {
+            if result.weights.last().map(|l| l.1) != Some(w) {
+                result.weights.push((analysis.elapsed().as_secs_f64(), w));
+            }
+        }
         // Start the fault.
         if let (Some(f), None) = (&rollout.fault, fault_at) {
             let due = match (f.at_weight, f.at_seconds) {
@@ -362,7 +394,24 @@ async fn measure(
                 _ => false,
             };
             if due {
+                // Weights change at decision ticks; a real fault starts at any moment.
+                if f.at_weight.is_some() {
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(..1000))).await;
+                }
                 fault_at = Some(Instant::now());
+                result.fault_at = Some(analysis.elapsed().as_secs_f64());
+                canary_requests = lab.gateway_canary_requests().await;
+                if f.stop_prometheus_seconds.is_some() {
+                    if let Some(p) = lab.prometheus.as_mut() {
+                        p.stop();
+                        prometheus_stopped = Some(Instant::now());
+                        print("lab: stopped Prometheus (the remote-write receiver)");
+                    }
+                }
+                if f.restart_apiserver {
+                    print("lab: restarting the kube-apiserver");
+                    lab.cp.restart_apiserver().await;
+                }
                 if let Some(d) = &f.direct_errors {
                     let url = format!("{}{}", lab.canary.sidecar.ingress_url(), d.path);
                     direct = Some(lab.hey(&url, d.concurrency, d.qps, limit));
@@ -383,14 +432,13 @@ async fn measure(
         // Kill what the fault says, `after-seconds` after it started.
         if let (Some(f), Some(t0)) = (&rollout.fault, fault_at) {
             if let Some(k) = &f.kill {
-                if killed.is_none()
-                    && !envoy_killed
-                    && t0.elapsed().as_secs_f64() >= k.after_seconds
-                {
+                if kill_time.is_none() && t0.elapsed().as_secs_f64() >= k.after_seconds {
                     match k.what {
                         KillWhat::CanaryEnvoy => {
                             lab.canary.sidecar.stop();
                             envoy_killed = true;
+                            kill_time = Some(Instant::now());
+                            result.killed_at = Some(analysis.elapsed().as_secs_f64());
                             print("lab: killed the canary's Envoy");
                         }
                         KillWhat::Leader | KillWhat::Peer => {
@@ -406,10 +454,39 @@ async fn measure(
                                 lab.kill_agent(&node);
                                 print(&format!("lab: killed the agent on {node} ({:?})", k.what));
                                 killed = Some(node);
+                                kill_time = Some(Instant::now());
+                                result.killed_at = Some(analysis.elapsed().as_secs_f64());
                             }
                         }
                     }
                 }
+            }
+        }
+        // Bring Prometheus back when its outage is over (the rollout goes on meanwhile).
+        let outage = rollout
+            .fault
+            .as_ref()
+            .and_then(|f| f.stop_prometheus_seconds);
+        if let (Some(secs), Some(t)) = (outage, prometheus_stopped) {
+            if t.elapsed().as_secs_f64() >= secs {
+                if let Some(p) = lab.prometheus.as_mut() {
+                    p.restart().await;
+                    print("lab: Prometheus is back");
+                }
+                prometheus_stopped = None;
+                result.restarted_at = Some(analysis.elapsed().as_secs_f64());
+            }
+        }
+        // Start the killed process again when the fault says so.
+        let restart_after = rollout
+            .fault
+            .as_ref()
+            .and_then(|f| f.kill.as_ref())
+            .and_then(|k| k.restart_after_seconds);
+        if let (Some(after), Some(t)) = (restart_after, kill_time) {
+            if result.restarted_at.is_none() && t.elapsed().as_secs_f64() >= after {
+                restart(lab, &mut envoy_killed, &mut killed, print).await;
+                result.restarted_at = Some(analysis.elapsed().as_secs_f64());
             }
         }
         // Measure.
@@ -453,13 +530,36 @@ async fn measure(
         // The gateway sent the canary nothing after the fault started.
         result.ttr_gateway = Some(0.0);
     }
+    if result.outcome != Outcome::RolledBack {
+        // Weight 0 after a promotion is not a rollback.
+        result.ttr_router = None;
+        result.ttr_gateway = None;
+    }
     // Clear the fault for the next rollout.
     drop(direct);
     lab.canary.app.fault.set(0.0, 500, Duration::ZERO);
-    if envoy_killed {
-        lab.canary.sidecar.restart().await;
+    restart(lab, &mut envoy_killed, &mut killed, print).await;
+    if prometheus_stopped.is_some() {
+        if let Some(p) = lab.prometheus.as_mut() {
+            p.restart().await;
+            result.restarted_at = Some(analysis.elapsed().as_secs_f64());
+            print("lab: Prometheus is back");
+        }
     }
-    if let Some(node) = killed {
+}
+
+/// Start again what a fault killed.
+async fn restart(
+    lab: &mut Lab,
+    envoy_killed: &mut bool,
+    killed: &mut Option<String>,
+    print: &mut impl FnMut(&str),
+) {
+    if std::mem::take(envoy_killed) {
+        lab.canary.sidecar.restart().await;
+        print("lab: restarted the canary's Envoy");
+    }
+    if let Some(node) = killed.take() {
         lab.restart_agent(&node);
         print(&format!("lab: restarted the agent on {node}"));
     }
