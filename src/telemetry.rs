@@ -820,11 +820,24 @@ pub struct Endpoints {
 }
 
 /// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true.
-pub async fn serve(
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: watch::Receiver<bool>) {
+    serve_http(listener, shutdown, move |req| {
+        let response = route(&req, &endpoints);
+        async move { response }
+    })
+    .await;
+}
+
+/// Accept HTTP/1 connections on `listener` and answer each request with `handler`, until
+/// `shutdown` turns true (the telemetry and the peer port share this).
+pub async fn serve_http<H, F>(
     listener: TcpListener,
-    endpoints: Endpoints,
     mut shutdown: watch::Receiver<bool>,
-) {
+    handler: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -834,15 +847,15 @@ pub async fn serve(
         let (stream, _) = match accepted {
             Ok(a) => a,
             Err(error) => {
-                tracing::warn!(%error, "Accepting a telemetry connection failed");
+                tracing::warn!(%error, "Accepting a connection failed");
                 continue;
             }
         };
-        let endpoints = endpoints.clone();
+        let handler = handler.clone();
         conns.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let endpoints = endpoints.clone();
-                async move { Ok::<_, Infallible>(route(&req, &endpoints)) }
+                let answer = handler(req);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()

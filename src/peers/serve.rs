@@ -2,7 +2,6 @@
 //! protobuf [`WindowsReply`](super::WindowsReply), to peers that authenticate
 //! ([`super::auth`]).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -27,28 +26,12 @@ pub struct PeerServer {
 
 impl PeerServer {
     /// Serve until `shutdown` turns true.
-    pub async fn serve(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                () = crate::agent::stopping(&mut shutdown) => break,
-            };
-            let Ok((stream, _)) = accepted else { continue };
+    pub async fn serve(self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        crate::telemetry::serve_http(listener, shutdown, move |req| {
             let server = self.clone();
-            conns.spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let server = server.clone();
-                    async move { Ok::<_, Infallible>(server.answer(&req).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-            while conns.try_join_next().is_some() {}
-        }
-        conns.abort_all();
+            async move { server.answer(&req).await }
+        })
+        .await;
     }
 
     async fn answer<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {

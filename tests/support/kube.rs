@@ -221,9 +221,9 @@ impl ControlPlane {
         Client::try_from(config).expect("kube client")
     }
 
-    /// A client that acts as the agent's ServiceAccount from `manifests/` (impersonated), so
+    /// The kubeconfig of the agent's ServiceAccount from `manifests/` (impersonated), so
     /// its RBAC is exercised by every call the code makes.
-    pub async fn agent_client(&self) -> Client {
+    pub fn agent_kubeconfig(&self) -> Kubeconfig {
         let mut kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
         for user in &mut kc.auth_infos {
             if let Some(auth) = user.auth_info.as_mut() {
@@ -235,9 +235,15 @@ impl ControlPlane {
                 ]);
             }
         }
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .expect("kube config");
+        kc
+    }
+
+    /// A client that acts as the agent's ServiceAccount ([`Self::agent_kubeconfig`]).
+    pub async fn agent_client(&self) -> Client {
+        let config =
+            Config::from_custom_kubeconfig(self.agent_kubeconfig(), &KubeConfigOptions::default())
+                .await
+                .expect("kube config");
         Client::try_from(config).expect("kube client")
     }
 

@@ -344,20 +344,10 @@ impl Lab {
         }
     }
 
-    /// A kubeconfig that acts as the agents' ServiceAccount (impersonated), so the agents
-    /// run with exactly the RBAC of `manifests/`.
+    /// The agents' ServiceAccount's kubeconfig (impersonated, so the agents run with exactly
+    /// the RBAC of `manifests/`), written for the agent processes.
     fn agent_kubeconfig(&self) -> PathBuf {
-        let mut kc = kube::config::Kubeconfig::read_from(&self.cp.kubeconfig).expect("kubeconfig");
-        for user in &mut kc.auth_infos {
-            if let Some(auth) = user.auth_info.as_mut() {
-                auth.impersonate = Some("system:serviceaccount:meshcanary:meshcanary".into());
-                auth.impersonate_groups = Some(vec![
-                    "system:serviceaccounts".into(),
-                    "system:serviceaccounts:meshcanary".into(),
-                    "system:authenticated".into(),
-                ]);
-            }
-        }
+        let kc = self.cp.agent_kubeconfig();
         let path = self.dir.join("agent-kubeconfig");
         // JSON is YAML.
         std::fs::write(&path, serde_json::to_vec(&kc).unwrap()).expect("agent kubeconfig");
@@ -620,12 +610,12 @@ static_resources:
             )
             .spawn()
             .expect("starting the gateway Envoy");
-        let ready = format!("http://127.0.0.1:{admin_port}/ready");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !super::get(&ready).await.is_ok_and(|(s, _)| s == 200) {
-            assert!(Instant::now() < deadline, "the gateway Envoy did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::wait_ok(
+            &format!("http://127.0.0.1:{admin_port}/ready"),
+            Duration::from_secs(20),
+            "the gateway Envoy",
+        )
+        .await;
         // The App Mesh controller stand-in: follow the VirtualRouter.
         let client = client.clone();
         let follower = tokio::spawn(async move {

@@ -156,15 +156,12 @@ impl Sidecar {
             .spawn()
             .expect("starting Envoy");
         self.child = Some(child);
-        let ready = format!("http://{}:{}/ready", self.addr, self.admin_port);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if get(&ready).await.is_ok_and(|(status, _)| status == 200) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "Envoy did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ok(
+            &format!("http://{}:{}/ready", self.addr, self.admin_port),
+            Duration::from_secs(20),
+            "Envoy",
+        )
+        .await;
     }
 
     pub fn admin_url(&self) -> String {
@@ -229,6 +226,18 @@ impl App {
 impl Drop for App {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Wait until `url` answers 200 (a process's readiness endpoint).
+pub async fn wait_ok(url: &str, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while !get(url).await.is_ok_and(|(status, _)| status == 200) {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not become ready within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -633,12 +642,12 @@ impl Prometheus {
             .spawn()
             .expect("starting Prometheus");
         self.child = Some(child);
-        let ready = format!("http://127.0.0.1:{}/-/ready", self.port);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !get(&ready).await.is_ok_and(|(s, _)| s == 200) {
-            assert!(Instant::now() < deadline, "Prometheus did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ok(
+            &format!("http://127.0.0.1:{}/-/ready", self.port),
+            Duration::from_secs(30),
+            "Prometheus",
+        )
+        .await;
     }
 
     /// Kill Prometheus (its data stays).
