@@ -10,13 +10,10 @@ fn read(path: &str) -> String {
 fn block<'a>(text: &'a str, name: &str) -> &'a str {
     let begin = format!("<!-- {name}:begin -->\n");
     let end = format!("<!-- {name}:end -->");
-    let start = text
-        .find(&begin)
-        .unwrap_or_else(|| panic!("README has no {begin}"))
-        + begin.len();
+    let start = text.find(&begin).unwrap_or_else(|| panic!("no {begin}")) + begin.len();
     let stop = text[start..]
         .find(&end)
-        .unwrap_or_else(|| panic!("README has no {end}"))
+        .unwrap_or_else(|| panic!("no {end}"))
         + start;
     &text[start..stop]
 }
@@ -25,27 +22,27 @@ fn block<'a>(text: &'a str, name: &str) -> &'a str {
 fn readme_metrics_table_matches_the_registered_metrics() {
     let want = meshcanary::telemetry::Metrics::new().reference_table();
     assert_eq!(
-        block(&read("README.md"), "metrics"),
+        block(&read("docs/reference.md"), "metrics"),
         want,
-        "README metrics table is stale: paste `meshcanary docs metrics` between the markers"
+        "docs/reference.md metrics table is stale: paste `meshcanary docs metrics` between the markers"
     );
 }
 
 #[test]
 fn readme_flags_table_matches_the_cli() {
     assert_eq!(
-        block(&read("README.md"), "flags"),
+        block(&read("docs/reference.md"), "flags"),
         meshcanary::cli::flags_table(),
-        "README flags table is stale: paste `meshcanary docs flags` between the markers"
+        "docs/reference.md flags table is stale: paste `meshcanary docs flags` between the markers"
     );
 }
 
 #[test]
 fn readme_annotations_table_matches_the_parser() {
     assert_eq!(
-        block(&read("README.md"), "annotations"),
+        block(&read("docs/reference.md"), "annotations"),
         meshcanary::annotations::reference_table(),
-        "README annotations table is stale: paste `meshcanary docs annotations` between the markers"
+        "docs/reference.md annotations table is stale: paste `meshcanary docs annotations` between the markers"
     );
 }
 
@@ -146,4 +143,64 @@ fn dockerfile_and_manifests_agree() {
             "the PodMonitor selects the agents"
         );
     }
+}
+
+/// Every error reason a `reason()`/`result()` method in the code can put on a metric label is
+/// explained in docs/troubleshooting.md.
+#[test]
+fn troubleshooting_explains_every_error_reason() {
+    let page = read("docs/troubleshooting.md");
+    let mut reasons = Vec::new();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.clone()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for head in [
+            "fn reason(&self) -> &'static str {",
+            "fn result(&self) -> &'static str {",
+        ] {
+            for (at, _) in text.match_indices(head) {
+                let body = &text[at..];
+                let body = &body[..body.find("\n    }\n").unwrap_or(body.len())];
+                for arm in body.split("=>").skip(1) {
+                    let arm = arm.trim_start().trim_start_matches('{').trim_start();
+                    if let Some(rest) = arm.strip_prefix('"') {
+                        reasons.push(rest[..rest.find('"').unwrap()].to_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert!(reasons.len() > 20, "found only {reasons:?}");
+    for r in reasons {
+        assert!(
+            page.contains(&format!("`{r}`")) || page.contains(&format!("\"{r}\"")),
+            "docs/troubleshooting.md does not explain reason {r:?}"
+        );
+    }
+}
+
+/// The README's links into the repository point at files that exist.
+#[test]
+fn readme_links_resolve() {
+    let readme = read("README.md");
+    let mut n = 0;
+    for (at, _) in readme.match_indices("](") {
+        let target = &readme[at + 2..];
+        let target = &target[..target.find(')').unwrap()];
+        if target.starts_with("http") {
+            continue;
+        }
+        let path = target.split('#').next().unwrap();
+        assert!(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(path).exists(),
+            "README links to {target}, which does not exist"
+        );
+        n += 1;
+    }
+    assert!(n >= 6, "README links to {n} files");
 }
