@@ -601,7 +601,7 @@ static_resources:
         let child = Command::new(super::envoy_bin())
             .arg("-c")
             .arg(&file)
-            .args(["--base-id", &port.to_string(), "-l", "error"])
+            .args(["--disable-hot-restart", "-l", "error"])
             .stdout(Stdio::null())
             .stderr(
                 std::fs::File::create(dir.join("gateway.log"))

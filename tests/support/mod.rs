@@ -95,20 +95,43 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// A sidecar on free loopback ports. Free ports are only free until someone binds them
+    /// (tests run in parallel): if Envoy exits because a port was taken meanwhile, it is
+    /// started again on new ports.
     pub async fn start(app_port: u16, vnode: &str, flush: &str) -> Sidecar {
-        Self::start_at(
-            "127.0.0.1",
-            free_port(),
-            free_port(),
-            app_port,
-            vnode,
-            flush,
-        )
-        .await
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut s = Self::configure(
+                "127.0.0.1",
+                free_port(),
+                free_port(),
+                app_port,
+                vnode,
+                flush,
+            );
+            match s.try_spawn().await {
+                Ok(()) => return s,
+                Err(log) => last = log,
+            }
+        }
+        panic!("Envoy did not start three times; its last log:\n{last}");
     }
 
     /// A sidecar listening on `addr` (admin on `admin_port`, ingress on `ingress_port`).
     pub async fn start_at(
+        addr: &str,
+        admin_port: u16,
+        ingress_port: u16,
+        app_port: u16,
+        vnode: &str,
+        flush: &str,
+    ) -> Sidecar {
+        let mut sidecar = Self::configure(addr, admin_port, ingress_port, app_port, vnode, flush);
+        sidecar.spawn().await;
+        sidecar
+    }
+
+    fn configure(
         addr: &str,
         admin_port: u16,
         ingress_port: u16,
@@ -133,35 +156,50 @@ impl Sidecar {
         );
         let config = dir.path.join("envoy.yaml");
         std::fs::write(&config, out.stdout).expect("writing the Envoy config");
-        let mut sidecar = Sidecar {
+        Sidecar {
             addr: addr.to_owned(),
             admin_port,
             ingress_port,
             config,
             child: None,
             _dir: dir,
-        };
-        sidecar.spawn().await;
-        sidecar
+        }
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new(envoy_bin())
+        if let Err(log) = self.try_spawn().await {
+            panic!("Envoy did not become ready; its log:\n{log}");
+        }
+    }
+
+    /// Start Envoy and wait for `/ready`; its log if it exits or is not ready in 20 s.
+    async fn try_spawn(&mut self) -> Result<(), String> {
+        let log = self.config.with_extension("log");
+        let mut child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&self.config)
-            // A distinct base id per instance: several Envoys share this machine.
-            .args(["--base-id", &self.ingress_port.to_string(), "-l", "error"])
+            // No hot restart: no shared memory or domain sockets that several Envoys on
+            // this machine could contend for.
+            .args(["--disable-hot-restart", "-l", "error"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).map_or_else(|_| Stdio::null(), Stdio::from))
             .spawn()
             .expect("starting Envoy");
-        self.child = Some(child);
-        wait_ok(
-            &format!("http://{}:{}/ready", self.addr, self.admin_port),
-            Duration::from_secs(20),
-            "Envoy",
-        )
-        .await;
+        let ready = format!("http://{}:{}/ready", self.addr, self.admin_port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if get(&ready).await.is_ok_and(|(status, _)| status == 200) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            let exited = child.try_wait().ok().flatten().is_some();
+            if exited || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn admin_url(&self) -> String {
