@@ -504,6 +504,12 @@ impl TargetTask {
         let delta = self.counters.advance(snapshot, now_ms);
         {
             let mut windows = lock(&self.shared.windows);
+            // A scrape that was in flight when discovery removed this target must not bring
+            // its window back: `retarget` drops the windows no target feeds after removing
+            // the target, so checking under the windows lock closes the race.
+            if !lock(&self.shared.targets).contains_key(&self.target.id) {
+                return;
+            }
             let window = windows.entry(&self.target.key);
             match &delta {
                 Some(d) => window.record(d, now_ms),
