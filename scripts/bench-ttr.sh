@@ -3,8 +3,9 @@
 # 10 runs on real components, from the moment the fault starts to (a) canary weight 0 in the
 # VirtualRouter and (b) the last request the gateway Envoy sent the canary. Median and p95,
 # next to Flagger's figure for the same scenario at the walkthrough's settings (from its rule)
-# and the judge simulator's oracle (the information limit). Healthy runs count false
-# rollbacks. Ends with: `havoc median ttr: <s> s, p95 <s> s, false rollbacks <n>/<runs>`.
+# and the judge simulator's oracle (the information limit). A false rollback is a healthy
+# run rolled back, or a faulty one rolled back before its fault started (out of all runs).
+# Ends with: `havoc median ttr: <s> s, p95 <s> s, false rollbacks <n>/<runs>`.
 #
 #   scripts/bench-ttr.sh [--runs N] [scenario.yaml ...]     (about 30 minutes for the default)
 set -euo pipefail
@@ -66,11 +67,11 @@ for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
     rs = [json.loads(l) for l in open(path) if l.strip()]
     scen = rs[0]["scenario"] if rs else name
     expected = {"promotion": "promoted", "rollback": "rolledback"}
-    ok = sum(1 for r in rs if r["outcome"] == expected[r["expect"]])
-    for r in rs:
-        if r["expect"] == "promotion":
-            healthy_runs += 1
-            false_rb += r["false_rollback"]
+    ok = sum(1 for r in rs if r["outcome"] == expected[r["expect"]] and not r["false_rollback"])
+    # Every run is healthy until its fault starts (healthy runs throughout), so every run
+    # can roll back falsely: out of all runs.
+    healthy_runs += len(rs)
+    false_rb += sum(1 for r in rs if r["false_rollback"])
     router = [r["ttr_router"] for r in rs if r["ttr_router"] is not None]
     gateway = [r["ttr_gateway"] for r in rs if r["ttr_gateway"] is not None]
     if scen == "havoc":
@@ -80,4 +81,5 @@ for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
     print(f"| {scen} | {len(rs)} | {ok} | {fmt(q(router, .5))} / {fmt(q(router, .95))} | {fmt(q(gateway, .5))} / {fmt(q(gateway, .95))} | {f[0]} / {f[1]} | {o[0]} / {o[1]} |")
 print()
 print(f"havoc median ttr: {fmt(havoc[0])} s, p95 {fmt(havoc[1])} s, false rollbacks {false_rb}/{healthy_runs}")
+
 PY

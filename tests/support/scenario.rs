@@ -196,6 +196,8 @@ pub struct RolloutResult {
     /// Fault start to the last request the gateway sent the canary.
     pub ttr_gateway: Option<f64>,
     pub leader: Option<String>,
+    /// The rollout has a fault (whether or not it started).
+    pub faulted: bool,
     /// Every change of the VirtualRouter's canary weight: (seconds since the analysis
     /// started, weight).
     pub weights: Vec<(f64, u8)>,
@@ -208,15 +210,17 @@ pub struct RolloutResult {
 
 impl RolloutResult {
     pub fn as_expected(&self) -> bool {
-        matches!(
-            (self.expect, self.outcome),
-            (Expect::Promotion, Outcome::Promoted) | (Expect::Rollback, Outcome::RolledBack)
-        )
+        !self.false_rollback()
+            && matches!(
+                (self.expect, self.outcome),
+                (Expect::Promotion, Outcome::Promoted) | (Expect::Rollback, Outcome::RolledBack)
+            )
     }
 
-    /// A healthy rollout that was rolled back.
+    /// A rollback of a healthy rollout, or of a faulty one before its fault started.
     pub fn false_rollback(&self) -> bool {
-        self.expect == Expect::Promotion && self.outcome == Outcome::RolledBack
+        self.outcome == Outcome::RolledBack
+            && (self.expect == Expect::Promotion || (self.faulted && self.fault_at.is_none()))
     }
 
     pub fn summary(&self) -> String {
@@ -235,7 +239,9 @@ impl RolloutResult {
         if let Some(t) = self.ttr_gateway {
             s += &format!(", last canary request via the gateway at {t:.1} s");
         }
-        if !self.as_expected() {
+        if self.faulted && self.fault_at.is_none() && self.outcome == Outcome::RolledBack {
+            s += " (before the fault started: a false rollback)";
+        } else if !self.as_expected() {
             s += &format!(" (expected {:?})", self.expect);
         }
         s
@@ -336,6 +342,7 @@ pub async fn run(
                 ttr_router: None,
                 ttr_gateway: None,
                 leader: lab.leader_node().await,
+                faulted: rollout.fault.is_some(),
                 weights: Vec::new(),
                 fault_at: None,
                 killed_at: None,
