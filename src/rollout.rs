@@ -82,6 +82,9 @@ pub struct Status {
     /// A "no data" halt has been reported for this step (one Event per step, not per tick).
     #[serde(default)]
     pub halted: bool,
+    /// When the last failed check was counted, unix ms: at most one counts per `interval`.
+    #[serde(default)]
+    pub last_failed_check_ms: u64,
 }
 
 /// One Deployment as the controller sees it.
@@ -232,6 +235,7 @@ pub fn step(
                 step_started_ms: now_ms,
                 last_transition_ms: now_ms,
                 halted: false,
+                last_failed_check_ms: 0,
             },
             actions: vec![Action::Bootstrap],
         };
@@ -383,25 +387,35 @@ fn progressing(
             return;
         }
         Some(Verdict::Failed(_)) => {
-            let j = obs.judgement.as_ref().expect("matched Some");
-            tr.status.failed_checks += 1;
-            tr.event(
-                Severity::Warning,
-                "Synced",
-                Message {
-                    target: t,
-                    judgement: j,
-                }
-                .to_string(),
-            );
-            tr.actions.push(Action::Decision(Decision::Halt));
-            if tr.status.failed_checks >= policy.threshold {
-                let why = format!(
-                    "Rolling back {t} failed checks threshold reached {}",
-                    tr.status.failed_checks
+            // Flagger checks once per interval; the judge looks every tick. A window that
+            // stays bad for a whole interval is one failed check, not one per tick: else a
+            // single 5xx at a small share (one bad request in a 30 s window of 12) would
+            // fail `threshold` checks in as many seconds.
+            let counted = status.failed_checks > 0
+                && now_ms.saturating_sub(status.last_failed_check_ms)
+                    < policy.interval.as_millis() as u64;
+            if !counted {
+                let j = obs.judgement.as_ref().expect("matched Some");
+                tr.status.failed_checks += 1;
+                tr.status.last_failed_check_ms = now_ms;
+                tr.event(
+                    Severity::Warning,
+                    "Synced",
+                    Message {
+                        target: t,
+                        judgement: j,
+                    }
+                    .to_string(),
                 );
-                fail(tr, t, why, now_ms);
-                return;
+                tr.actions.push(Action::Decision(Decision::Halt));
+                if tr.status.failed_checks >= policy.threshold {
+                    let why = format!(
+                        "Rolling back {t} failed checks threshold reached {}",
+                        tr.status.failed_checks
+                    );
+                    fail(tr, t, why, now_ms);
+                    return;
+                }
             }
         }
         Some(Verdict::Pass { early }) => {
@@ -630,7 +644,19 @@ mod tests {
                 min: 0.99,
             })),
         );
-        w.run_until(&p, Phase::Failed, 20);
+        // One failed check per interval (10 s here), as Flagger checks: the second counts
+        // 10 s after the first, not at the next tick.
+        w.run_until(&p, Phase::Progressing, 5);
+        let first = loop {
+            w.tick(&p);
+            if w.status.as_ref().unwrap().failed_checks == 1 {
+                break w.now_ms;
+            }
+            w.now_ms += 1000;
+        };
+        w.run_until(&p, Phase::Failed, 30);
+        let s = w.status.as_ref().unwrap();
+        assert_eq!(s.last_transition_ms - first, p.interval.as_millis() as u64);
         assert_eq!(w.obs.weight, Some(0));
         assert_eq!(w.obs.canary.replicas, 0);
         let tail: Vec<&str> = w

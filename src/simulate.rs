@@ -9,6 +9,9 @@
 //!
 //! Methods, all fed the same seconds:
 //! - `meshcanary`: the judge's sequential tests (rollback when any reaches its boundary);
+//! - `meshcanary-default`: what a workload gets at the default policy (`judge: both`): the
+//!   sequential tests, plus the threshold checks on the 30 s window every second, at most one
+//!   failed check counted per 30 s interval, rollback at 5 (as the rollout counts them);
 //! - `flagger-ref`: Flagger's rule at the reference settings: every 1 m, success rate over
 //!   the last 1 m >= 99 % and p99 <= 500 ms, rollback at 5 failed checks; the data it queries
 //!   lags 20 s (15 s scrape interval plus remote write and ingest);
@@ -78,7 +81,17 @@ impl Default for SimConfig {
     }
 }
 
-const METHODS: [&str; 4] = ["meshcanary", "flagger-ref", "flagger-fast", "oracle"];
+const METHODS: [&str; 5] = [
+    "meshcanary",
+    "flagger-ref",
+    "flagger-fast",
+    "oracle",
+    "meshcanary-default",
+];
+/// The default policy's window, step interval and threshold (`meshcanary-default`).
+const WINDOW_S: usize = 30;
+const INTERVAL_S: usize = 30;
+const THRESHOLD: u32 = 5;
 const FLUSH_S: usize = 5;
 const LAG_S: usize = 20;
 
@@ -273,11 +286,56 @@ pub fn oracle_ttr(
     (at(0.5), at(0.95))
 }
 
-/// What the judge sees each second: totals only (the sequential tests do not read windows).
-fn observation<'a>(canary: &'a Totals, primary: &'a Totals, now_ms: u64) -> Observation<'a> {
-    let empty = WindowValues::default();
+/// The canary's window as the threshold checks see it at second `t`: counters of the last
+/// `WINDOW_S` seconds, the histogram as of the last flush.
+fn window(canary: &[Second], t: usize, min_requests: u64) -> WindowValues {
+    let recent = &canary[t.saturating_sub(WINDOW_S)..t];
+    let requests: u64 = recent.iter().map(|s| s.requests).sum();
+    let errors: u64 = recent.iter().map(|s| s.errors).sum();
+    let flushed = t - t % FLUSH_S;
+    let mut buckets = [0u64; ENVOY_EDGES_MS.len() + 1];
+    for s in &canary[flushed.saturating_sub(WINDOW_S)..flushed] {
+        for (b, c) in buckets.iter_mut().zip(&s.buckets) {
+            *b += c;
+        }
+    }
+    let enough = requests >= min_requests.max(1);
+    WindowValues {
+        requests,
+        success_rate: enough.then(|| 1.0 - errors as f64 / requests as f64),
+        p99_ms: enough
+            .then(|| histogram_quantile(0.99, &ENVOY_EDGES_MS, &buckets))
+            .flatten(),
+    }
+}
+
+/// The rollout's counting of failed checks: at most one per interval.
+struct Counted {
+    failed: u32,
+    last: usize,
+}
+
+impl Counted {
+    /// A failed check at second `t`; true when it is the one that reaches the threshold.
+    fn failed_at(&mut self, t: usize) -> bool {
+        if self.failed == 0 || t - self.last >= INTERVAL_S {
+            self.failed += 1;
+            self.last = t;
+        }
+        self.failed >= THRESHOLD
+    }
+}
+
+/// What the judge sees each second: the totals (for the sequential tests) and the canary's
+/// window (for the threshold checks).
+fn observation<'a>(
+    canary: &'a Totals,
+    primary: &'a Totals,
+    canary_window: WindowValues,
+    now_ms: u64,
+) -> Observation<'a> {
     Observation {
-        canary_window: empty,
+        canary_window,
         canary,
         primary,
         edges_ms: &ENVOY_EDGES_MS,
@@ -287,12 +345,16 @@ fn observation<'a>(canary: &'a Totals, primary: &'a Totals, now_ms: u64) -> Obse
 }
 
 /// Time to rollback (seconds) of each method in one run; `None` = never rolled back.
-fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [Option<usize>; 4] {
+fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [Option<usize>; 5] {
+    // One judge serves both meshcanary methods: in `both` mode a sequential rejection is
+    // its verdict whatever the window says, so its first `Rollback` is the sequential
+    // tests' alone.
     let policy = Policy {
-        mode: Mode::Sequential,
+        mode: Mode::Both,
         alpha: cfg.alpha,
         ..Policy::default()
     };
+    let mut counted = Counted { failed: 0, last: 0 };
     let mut judge = JudgeState::new(&policy);
     let mut flagger_ref = Flagger {
         interval: 60,
@@ -315,8 +377,11 @@ fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [O
     // Histogram counts wait for the next flush.
     let (mut c_pending, mut p_pending) = (Second::default(), Second::default());
     let mut canary_seconds = Vec::with_capacity(cfg.duration_s);
-    let mut ttr = [None; 4];
-    judge.judge(&observation(&c_tot, &p_tot, 0), &policy);
+    let mut ttr = [None; 5];
+    judge.judge(
+        &observation(&c_tot, &p_tot, WindowValues::default(), 0),
+        &policy,
+    );
     for t in 1..=cfg.duration_s {
         let c = draw(rng, cfg.total_rps * share, canary_error, fault, true);
         let p = draw(
@@ -350,10 +415,18 @@ fn run(cfg: &SimConfig, fault: Fault, share: f64, rng: &mut fastrand::Rng) -> [O
             ttr[3] = Some(t);
         }
         canary_seconds.push(c);
-        if ttr[0].is_none() {
-            let obs = observation(&c_tot, &p_tot, t as u64 * 1000);
-            if matches!(judge.judge(&obs, &policy).verdict, Verdict::Rollback(_)) {
-                ttr[0] = Some(t);
+        if ttr[0].is_none() || ttr[4].is_none() {
+            let w = window(&canary_seconds, t, policy.min_requests);
+            let obs = observation(&c_tot, &p_tot, w, t as u64 * 1000);
+            match judge.judge(&obs, &policy).verdict {
+                Verdict::Rollback(_) => {
+                    ttr[0].get_or_insert(t);
+                    ttr[4].get_or_insert(t);
+                }
+                Verdict::Failed(_) if ttr[4].is_none() && counted.failed_at(t) => {
+                    ttr[4] = Some(t);
+                }
+                _ => {}
             }
         }
         if ttr[1].is_none() && flagger_ref.check(t, &canary_seconds) {
@@ -375,7 +448,7 @@ pub struct ScenarioResult {
     pub fault: Fault,
     pub share: f64,
     pub runs: usize,
-    pub ttr: [Vec<Option<usize>>; 4],
+    pub ttr: [Vec<Option<usize>>; 5],
 }
 
 fn quantile(sorted: &[usize], q: f64) -> Option<f64> {
@@ -423,7 +496,7 @@ pub fn simulate(cfg: &SimConfig) -> Vec<ScenarioResult> {
             } else {
                 cfg.ab_runs
             };
-            let mut ttr: [Vec<Option<usize>>; 4] = Default::default();
+            let mut ttr: [Vec<Option<usize>>; 5] = Default::default();
             for r in 0..runs {
                 let seed = cfg.seed.wrapping_mul(1_000_003)
                     ^ ((fi as u64) << 48)
