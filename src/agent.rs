@@ -372,7 +372,7 @@ impl Agent {
                 shared: self.shared(),
                 scraper: self.scraper.clone(),
                 counters: PodCounters::default(),
-                written: None,
+                series: remote_write::encode::SeriesCache::default(),
             };
             let (removed_tx, removed) = watch::channel(false);
             tasks.spawn(task.run(shutdown.clone(), removed));
@@ -420,8 +420,8 @@ impl Agent {
 /// One target's scrape loop.
 struct TargetTask {
     remote_write: Option<SeriesSender>,
-    /// The last full-tier body written and the hashes of its series, for stale markers.
-    written: Option<(bytes::Bytes, remote_write::encode::HashSet64)>,
+    /// The full tier's series: their encodings, and which the last scrape had (stale markers).
+    series: remote_write::encode::SeriesCache,
     target: Target,
     urls: AdminUrls,
     config: AgentConfig,
@@ -454,7 +454,7 @@ impl TargetTask {
                 () = stopping(&mut shutdown) => return,
                 () = stopping(&mut removed) => {
                     // The pod is gone: end every series it had, as Prometheus does.
-                    self.write_stale_markers(&remote_write::encode::HashSet64::default()).await;
+                    self.end_series().await;
                     return;
                 }
                 () = tokio::time::sleep_until(next_fast) => {
@@ -546,8 +546,7 @@ impl TargetTask {
                     .inc();
                 tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
                 // As Prometheus does for a failed scrape: every series of the target ends.
-                self.write_stale_markers(&remote_write::encode::HashSet64::default())
-                    .await;
+                self.end_series().await;
                 return;
             }
         };
@@ -582,21 +581,8 @@ impl TargetTask {
         let encoder =
             remote_write::encode::Encoder::new(&labels, &rw_config.drop, rw_config.shards);
         let mut chunks = encoder.new_chunks();
-        let mut hashes = remote_write::encode::HashSet64::with_capacity_and_hasher(
-            self.written.as_ref().map_or(0, |(_, h)| h.len()),
-            Default::default(),
-        );
         let ts = unix_ms_i64();
-        let counts = encoder.encode(
-            &body,
-            ts,
-            &mut chunks,
-            |h| {
-                hashes.insert(h);
-            },
-            None,
-            count_error,
-        );
+        let counts = encoder.encode_cached(&mut self.series, &body, ts, &mut chunks, count_error);
         m.full_samples.inc_by((counts.kept + counts.dropped) as u64);
         m.rw_samples
             .get_or_create(&OutcomeLabels {
@@ -607,8 +593,6 @@ impl TargetTask {
         if rw.send(chunks).await.is_err() {
             tracing::debug!("Remote write has stopped; full-tier samples not queued");
         }
-        self.write_stale_markers(&hashes).await;
-        self.written = Some((body, hashes));
     }
 
     /// The labels the reference collector puts on a target's series.
@@ -626,34 +610,21 @@ impl TargetTask {
         labels
     }
 
-    /// Write stale markers for the series of the previous full scrape that are not in
-    /// `current`, then forget them.
-    async fn write_stale_markers(&mut self, current: &remote_write::encode::HashSet64) {
+    /// Write a stale marker for every series of the last full scrape (it failed, or the
+    /// target is gone), as Prometheus does, and forget them.
+    async fn end_series(&mut self) {
         let (Some(rw), Some(rw_config)) = (&self.remote_write, &self.config.remote_write) else {
             return;
         };
-        let Some((previous, hashes)) = self.written.take() else {
-            return;
-        };
-        let gone: remote_write::encode::HashSet64 = hashes.difference(current).copied().collect();
-        if gone.is_empty() {
+        if self.series.is_empty() {
             return;
         }
-        let ts = unix_ms_i64();
         let labels = self.target_labels(rw_config);
         let encoder =
             remote_write::encode::Encoder::new(&labels, &rw_config.drop, rw_config.shards);
         let mut chunks = encoder.new_chunks();
-        let stale = f64::from_bits(remote_write::proto::STALE_NAN_BITS);
-        let c = encoder.encode(
-            &previous,
-            ts,
-            &mut chunks,
-            |_| {},
-            Some((&gone, stale)),
-            |_| {},
-        );
-        tracing::debug!(target_id = %self.target.id, series = c.kept, "Writing stale markers");
+        let n = encoder.end_all(&mut self.series, unix_ms_i64(), &mut chunks);
+        tracing::debug!(target_id = %self.target.id, series = n, "Writing stale markers");
         let _ = rw.send(chunks).await;
     }
 

@@ -94,6 +94,11 @@ impl<'a> Labels<'a> {
         self.iter().next().is_none()
     }
 
+    /// The text between the braces, as scraped.
+    pub fn raw(&self) -> &'a str {
+        self.raw
+    }
+
     /// The label text as written between the braces.
     pub fn as_raw(&self) -> &'a str {
         self.raw

@@ -90,6 +90,21 @@ fn label_len(name: &str, value: &str) -> usize {
         + value.len()
 }
 
+/// Append the `TimeSeries.labels` fields of `labels` to `out`.
+fn encode_label_fields<N: AsRef<str>, V: AsRef<str>>(out: &mut Vec<u8>, labels: &[(N, V)]) {
+    for (n, v) in labels {
+        let (n, v) = (n.as_ref(), v.as_ref());
+        out.push(0x0a); // TimeSeries.labels = 1
+        varint(out, label_len(n, v) as u64);
+        out.push(0x0a); // Label.name = 1
+        varint(out, n.len() as u64);
+        out.extend_from_slice(n.as_bytes());
+        out.push(0x12); // Label.value = 2
+        varint(out, v.len() as u64);
+        out.extend_from_slice(v.as_bytes());
+    }
+}
+
 /// Append one `timeseries` field (labels already sorted, one sample) to `out`.
 pub fn encode_series<N: AsRef<str>, V: AsRef<str>>(
     out: &mut Vec<u8>,
@@ -105,22 +120,153 @@ pub fn encode_series<N: AsRef<str>, V: AsRef<str>>(
     }
     out.push(0x0a); // WriteRequest.timeseries = 1, length-delimited
     varint(out, series_len as u64);
-    for (n, v) in labels {
-        let (n, v) = (n.as_ref(), v.as_ref());
-        out.push(0x0a); // TimeSeries.labels = 1
-        varint(out, label_len(n, v) as u64);
-        out.push(0x0a); // Label.name = 1
-        varint(out, n.len() as u64);
-        out.extend_from_slice(n.as_bytes());
-        out.push(0x12); // Label.value = 2
-        varint(out, v.len() as u64);
-        out.extend_from_slice(v.as_bytes());
-    }
+    encode_label_fields(out, labels);
     out.push(0x12); // TimeSeries.samples = 2
     varint(out, sample_len as u64);
     out.push(0x09); // Sample.value = 1, fixed64 (double)
     out.extend_from_slice(&value.to_le_bytes());
     out.push(0x10); // Sample.timestamp = 2, varint (int64, two's complement)
+    varint(out, timestamp_ms as u64);
+}
+
+/// What the encoder remembers of one target's series between scrapes: per series (keyed by
+/// a hash of its text as scraped, name and braces) whether the drop rules drop it and, if
+/// not, its output hash and its encoded label fields. A sidecar's series set hardly changes
+/// between scrapes, so a scrape costs one line split, one hash and one lookup per sample,
+/// and the labels are relabelled, sorted and encoded once per series, not once per sample.
+/// It also knows which series the last scrape had, which is what stale markers need.
+///
+/// Memory: per kept series its own encoded labels (the target labels, the same on every
+/// series, are encoded once per scrape and spliced in at offsets kept with the series), so
+/// about as large as the kept part of one scrape body, plus 32 bytes per series. A hash
+/// collision between two raw series (2^-64 per pair) would write one's labels for the other.
+#[derive(Debug, Default)]
+pub struct SeriesCache {
+    entries: std::collections::HashMap<u64, Entry, std::hash::BuildHasherDefault<Identity>>,
+    /// The kept series' encoded `TimeSeries.labels` fields, back to back.
+    arena: Vec<u8>,
+    /// Bytes of `arena` still referenced.
+    live: usize,
+    /// Scrapes encoded so far; an entry's `seen` is the last scrape that had it.
+    generation: u32,
+    /// Hash and encoded fields of the target labels the entries were built with.
+    target: Option<(u64, TargetFields)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    seen: u32,
+    kept: Option<Kept>,
+}
+
+/// A kept series' place in the arena: one little-endian `u32` per target label (where, in
+/// the series' own label fields, that label goes), then the own label fields.
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    hash: u64,
+    start: u32,
+    len: u32,
+}
+
+/// The target labels' encoded fields, in label order.
+#[derive(Debug)]
+struct TargetFields {
+    bytes: Vec<u8>,
+    /// End of each label's fields in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl TargetFields {
+    fn new(target: &[(String, String)]) -> Self {
+        let mut sorted: Vec<(&str, &str)> = target
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        sorted.dedup_by(|a, b| a.0 == b.0);
+        let mut bytes = Vec::new();
+        let mut ends = Vec::with_capacity(sorted.len());
+        for l in &sorted {
+            encode_label_fields(&mut bytes, std::slice::from_ref(l));
+            ends.push(bytes.len());
+        }
+        TargetFields { bytes, ends }
+    }
+
+    fn names(target: &[(String, String)]) -> Vec<&str> {
+        let mut names: Vec<&str> = target
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+}
+
+impl SeriesCache {
+    /// Series the last scrape kept (what a failed scrape must mark stale).
+    pub fn len(&self) -> usize {
+        self.entries.values().filter(|e| e.kept.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn labels(&self, k: Kept) -> &[u8] {
+        &self.arena[k.start as usize..(k.start + k.len) as usize]
+    }
+
+    /// Drop the arena's garbage once it is as large as what is still used.
+    fn compact(&mut self) {
+        if self.arena.len() <= 2 * self.live + 4096 {
+            return;
+        }
+        let mut arena = Vec::with_capacity(self.live);
+        for e in self.entries.values_mut() {
+            if let Some(k) = &mut e.kept {
+                let (from, to) = (k.start as usize, (k.start + k.len) as usize);
+                k.start = arena.len() as u32;
+                arena.extend_from_slice(&self.arena[from..to]);
+            }
+        }
+        self.arena = arena;
+        self.live = self.arena.len();
+    }
+}
+
+/// Append one `timeseries` field from a cached series (`stored`: its arena slice) with the
+/// target's label fields spliced in, and one sample.
+fn encode_cached_series(
+    out: &mut Vec<u8>,
+    stored: &[u8],
+    target: &TargetFields,
+    value: f64,
+    timestamp_ms: i64,
+) {
+    let (offsets, own) = stored.split_at(4 * target.ends.len());
+    let sample_len = 1 + 8 + 1 + varint_len(timestamp_ms as u64);
+    let series_len =
+        own.len() + target.bytes.len() + 1 + varint_len(sample_len as u64) + sample_len;
+    out.push(0x0a);
+    varint(out, series_len as u64);
+    let (mut own_at, mut target_at) = (0, 0);
+    for (i, &end) in target.ends.iter().enumerate() {
+        let at =
+            u32::from_le_bytes(offsets[4 * i..4 * i + 4].try_into().expect("4 bytes")) as usize;
+        out.extend_from_slice(&own[own_at..at]);
+        out.extend_from_slice(&target.bytes[target_at..end]);
+        (own_at, target_at) = (at, end);
+    }
+    out.extend_from_slice(&own[own_at..]);
+    out.push(0x12);
+    varint(out, sample_len as u64);
+    out.push(0x09);
+    out.extend_from_slice(&value.to_le_bytes());
+    out.push(0x10);
     varint(out, timestamp_ms as u64);
 }
 
@@ -145,6 +291,213 @@ impl<'a> Encoder<'a> {
         vec![ShardChunk::default(); self.shards]
     }
 
+    /// The output labels of `sample` (sorted, deduplicated, empty values left out), or
+    /// `None` if the drop rules drop it.
+    fn relabel<'s>(
+        &self,
+        sample: &crate::parse::Sample<'s>,
+        labels: &mut Vec<(Cow<'s, str>, Cow<'s, str>)>,
+    ) -> Option<()>
+    where
+        'a: 's,
+    {
+        if self.drop.drops_name(sample.name) {
+            return None;
+        }
+        labels.clear();
+        labels.push((Cow::Borrowed("__name__"), Cow::Borrowed(sample.name)));
+        for l in sample.labels.iter() {
+            let value = l.value();
+            if self.drop.drops_label(l.name, &value) {
+                return None;
+            }
+            if value.is_empty() {
+                continue;
+            }
+            let name = if self.target_labels.iter().any(|(t, _)| t == l.name) {
+                Cow::Owned(format!("exported_{}", l.name))
+            } else {
+                Cow::Borrowed(l.name)
+            };
+            labels.push((name, value));
+        }
+        for (n, v) in self.target_labels {
+            if !v.is_empty() {
+                labels.push((Cow::Borrowed(n.as_str()), Cow::Borrowed(v.as_str())));
+            }
+        }
+        labels.sort_by(|a, b| a.0.cmp(&b.0));
+        labels.dedup_by(|a, b| a.0 == b.0);
+        Some(())
+    }
+
+    fn target_hash(&self) -> u64 {
+        hash_labels(
+            self.target_labels
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str())),
+        )
+    }
+
+    /// Like [`Encoder::encode`], through `cache`: every kept sample of `body` at
+    /// `timestamp_ms` into `chunks`, then a stale marker (at the same timestamp) for every
+    /// series the previous scrape had and this one does not. If the target labels changed
+    /// since the cache was filled, the old series are marked stale first.
+    pub fn encode_cached(
+        &self,
+        cache: &mut SeriesCache,
+        body: &[u8],
+        timestamp_ms: i64,
+        chunks: &mut [ShardChunk],
+        mut on_error: impl FnMut(&LineError),
+    ) -> Converted {
+        let target = self.target_hash();
+        if cache.target.as_ref().map(|(h, _)| *h) != Some(target) {
+            self.end_all(cache, timestamp_ms, chunks);
+            cache.target = Some((target, TargetFields::new(self.target_labels)));
+        }
+        cache.generation = cache.generation.wrapping_add(1);
+        let generation = cache.generation;
+        let names = TargetFields::names(self.target_labels);
+        let (_, fields) = cache.target.take().expect("set above");
+        let mut counts = Converted::default();
+        let mut labels: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(16);
+        for result in Parser::new(body) {
+            let sample = match result {
+                Ok(s) => s,
+                Err(e) => {
+                    counts.rejected_lines += 1;
+                    on_error(&e);
+                    continue;
+                }
+            };
+            let key = hash_labels([(sample.name, sample.labels.raw())]);
+            let entry = match cache.entries.get_mut(&key) {
+                Some(e) => {
+                    e.seen = generation;
+                    *e
+                }
+                None => {
+                    let kept = self.relabel(&sample, &mut labels).map(|()| {
+                        let hash =
+                            hash_labels(labels.iter().map(|(n, v)| (n.as_ref(), v.as_ref())));
+                        let start = cache.arena.len();
+                        let own_start = start + 4 * names.len();
+                        cache.arena.resize(own_start, 0);
+                        let mut name = 0;
+                        for (n, v) in &labels {
+                            if names.get(name) == Some(&n.as_ref()) {
+                                let at = (cache.arena.len() - own_start) as u32;
+                                let slot = start + 4 * name;
+                                cache.arena[slot..slot + 4].copy_from_slice(&at.to_le_bytes());
+                                name += 1;
+                            } else {
+                                encode_label_fields(&mut cache.arena, &[(n, v)]);
+                            }
+                        }
+                        let len = cache.arena.len() - start;
+                        cache.live += len;
+                        Kept {
+                            hash,
+                            start: start as u32,
+                            len: len as u32,
+                        }
+                    });
+                    let e = Entry {
+                        seen: generation,
+                        kept,
+                    };
+                    cache.entries.insert(key, e);
+                    e
+                }
+            };
+            let Some(k) = entry.kept else {
+                counts.dropped += 1;
+                continue;
+            };
+            let ts = sample.timestamp_ms.unwrap_or(timestamp_ms);
+            let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
+            encode_cached_series(&mut chunk.bytes, cache.labels(k), &fields, sample.value, ts);
+            chunk.samples += 1;
+            chunk.newest_ms = chunk.newest_ms.max(ts);
+            counts.kept += 1;
+        }
+        // Series of earlier scrapes that this one did not have: they end here.
+        let gone: Vec<Kept> = cache
+            .entries
+            .values()
+            .filter(|e| e.seen != generation)
+            .filter_map(|e| e.kept)
+            .collect();
+        if !gone.is_empty() {
+            // The same output series may have come back under other raw text.
+            let current: HashSet64 = cache
+                .entries
+                .values()
+                .filter(|e| e.seen == generation)
+                .filter_map(|e| e.kept.map(|k| k.hash))
+                .collect();
+            let stale = f64::from_bits(super::proto::STALE_NAN_BITS);
+            for k in gone.iter().filter(|k| !current.contains(&k.hash)) {
+                let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
+                encode_cached_series(
+                    &mut chunk.bytes,
+                    cache.labels(*k),
+                    &fields,
+                    stale,
+                    timestamp_ms,
+                );
+                chunk.samples += 1;
+                chunk.newest_ms = chunk.newest_ms.max(timestamp_ms);
+            }
+        }
+        let mut freed = 0;
+        cache.entries.retain(|_, e| {
+            let keep = e.seen == generation;
+            if !keep {
+                freed += e.kept.map_or(0, |k| k.len as usize);
+            }
+            keep
+        });
+        cache.live -= freed;
+        cache.compact();
+        cache.target = Some((target, fields));
+        counts
+    }
+
+    /// Stale markers at `timestamp_ms` for every series the cache holds (a failed scrape,
+    /// or target labels that changed), which it then forgets. Returns how many.
+    pub fn end_all(
+        &self,
+        cache: &mut SeriesCache,
+        timestamp_ms: i64,
+        chunks: &mut [ShardChunk],
+    ) -> usize {
+        let stale = f64::from_bits(super::proto::STALE_NAN_BITS);
+        let mut n = 0;
+        // Written with the target labels the series were cached with.
+        if let Some((_, fields)) = &cache.target {
+            for k in cache.entries.values().filter_map(|e| e.kept) {
+                let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
+                encode_cached_series(
+                    &mut chunk.bytes,
+                    cache.labels(k),
+                    fields,
+                    stale,
+                    timestamp_ms,
+                );
+                chunk.samples += 1;
+                chunk.newest_ms = chunk.newest_ms.max(timestamp_ms);
+                n += 1;
+            }
+        }
+        *cache = SeriesCache {
+            generation: cache.generation,
+            ..SeriesCache::default()
+        };
+        n
+    }
+
     /// Encode every kept sample of `body` at `timestamp_ms` into `chunks` (one per shard),
     /// calling `each` with every kept series' hash. With `only`, keep just the series whose
     /// hash it contains and write `value` instead of theirs (stale markers).
@@ -159,7 +512,7 @@ impl<'a> Encoder<'a> {
     ) -> Converted {
         let mut counts = Converted::default();
         let mut labels: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(16);
-        'samples: for result in Parser::new(body) {
+        for result in Parser::new(body) {
             let sample = match result {
                 Ok(s) => s,
                 Err(e) => {
@@ -168,35 +521,10 @@ impl<'a> Encoder<'a> {
                     continue;
                 }
             };
-            if self.drop.drops_name(sample.name) {
+            if self.relabel(&sample, &mut labels).is_none() {
                 counts.dropped += 1;
                 continue;
             }
-            labels.clear();
-            labels.push((Cow::Borrowed("__name__"), Cow::Borrowed(sample.name)));
-            for l in sample.labels.iter() {
-                let value = l.value();
-                if self.drop.drops_label(l.name, &value) {
-                    counts.dropped += 1;
-                    continue 'samples;
-                }
-                if value.is_empty() {
-                    continue;
-                }
-                let name = if self.target_labels.iter().any(|(t, _)| t == l.name) {
-                    Cow::Owned(format!("exported_{}", l.name))
-                } else {
-                    Cow::Borrowed(l.name)
-                };
-                labels.push((name, value));
-            }
-            for (n, v) in self.target_labels {
-                if !v.is_empty() {
-                    labels.push((Cow::Borrowed(n.as_str()), Cow::Borrowed(v.as_str())));
-                }
-            }
-            labels.sort_by(|a, b| a.0.cmp(&b.0));
-            labels.dedup_by(|a, b| a.0 == b.0);
             let hash = hash_labels(labels.iter().map(|(n, v)| (n.as_ref(), v.as_ref())));
             let value = match only {
                 Some((keep, _)) if !keep.contains(&hash) => continue,
@@ -270,6 +598,112 @@ mod tests {
         );
         compressed.clear();
         assert_eq!(chunks[0].samples as usize, got.kept);
+    }
+
+    fn decoded(chunks: &[ShardChunk]) -> Vec<proto::TimeSeries> {
+        let all: Vec<u8> = chunks.iter().flat_map(|c| c.bytes.clone()).collect();
+        let mut ts = proto::decode(&snap::raw::Encoder::new().compress_vec(&all).unwrap())
+            .unwrap()
+            .timeseries;
+        ts.sort_by(|a, b| a.labels.cmp(&b.labels));
+        ts
+    }
+
+    #[test]
+    fn the_series_cache_writes_what_the_plain_encoder_writes() {
+        let mut body = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/envoy-1.40-1-clusters.prom"
+        ))
+        .unwrap();
+        body.extend_from_slice(b"clash{job=\"x\",esc=\"a\\\"b\\nc\"} -1.5 1700000000123\n");
+        let drop = DropRules::reference();
+        let labels = target();
+        let encoder = Encoder::new(&labels, &drop, 3);
+        let mut cache = SeriesCache::default();
+        for (round, ts) in [1_000i64, 2_000, 3_000].into_iter().enumerate() {
+            // The second round changes every value: hits must write the new ones.
+            let text = if round == 1 {
+                String::from_utf8(body.clone())
+                    .unwrap()
+                    .replace(" 0\n", " 7\n")
+            } else {
+                String::from_utf8(body.clone()).unwrap()
+            };
+            let mut want = encoder.new_chunks();
+            let w = encoder.encode(text.as_bytes(), ts, &mut want, |_| {}, None, |_| {});
+            let mut got = encoder.new_chunks();
+            let g = encoder.encode_cached(&mut cache, text.as_bytes(), ts, &mut got, |_| {});
+            assert_eq!(g, w);
+            for (a, b) in got.iter().zip(&want) {
+                assert_eq!((a.samples, a.newest_ms), (b.samples, b.newest_ms));
+            }
+            assert_eq!(decoded(&got), decoded(&want), "round {round}");
+        }
+        assert_eq!(
+            cache.len(),
+            encoder
+                .encode(&body, 0, &mut encoder.new_chunks(), |_| {}, None, |_| {})
+                .kept
+        );
+    }
+
+    #[test]
+    fn the_series_cache_ends_what_disappears_and_forgets_it() {
+        let drop = DropRules::none();
+        let labels = target();
+        let encoder = Encoder::new(&labels, &drop, 2);
+        let mut cache = SeriesCache::default();
+        let stale = |ts: &proto::TimeSeries| ts.samples[0].value.to_bits() == proto::STALE_NAN_BITS;
+        let mut chunks = encoder.new_chunks();
+        encoder.encode_cached(&mut cache, b"a 1\nb{x=\"1\"} 2\n", 5, &mut chunks, |_| {});
+        let mut chunks = encoder.new_chunks();
+        let c = encoder.encode_cached(&mut cache, b"a 3\n", 6, &mut chunks, |_| {});
+        assert_eq!(c.kept, 1);
+        let out = decoded(&chunks);
+        assert_eq!(out.len(), 2);
+        let ended: Vec<_> = out.iter().filter(|t| stale(t)).collect();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].labels[0].value, "b");
+        assert_eq!(ended[0].samples[0].timestamp, 6);
+        // Forgotten: not marked again.
+        let mut chunks = encoder.new_chunks();
+        encoder.encode_cached(&mut cache, b"a 4\n", 7, &mut chunks, |_| {});
+        assert_eq!(decoded(&chunks).len(), 1);
+        // The same series under other raw text is not ended.
+        let mut chunks = encoder.new_chunks();
+        encoder.encode_cached(&mut cache, b"a{} 5\n", 8, &mut chunks, |_| {});
+        assert!(!decoded(&chunks).iter().any(stale));
+        // A failed scrape ends everything.
+        let mut chunks = encoder.new_chunks();
+        assert_eq!(encoder.end_all(&mut cache, 9, &mut chunks), 1);
+        assert!(decoded(&chunks).iter().all(stale));
+        assert!(cache.is_empty());
+        // Churn does not grow the arena without bound.
+        for i in 0..2000 {
+            let line = format!("churn{{i=\"{i}\"}} 1\n");
+            encoder.encode_cached(
+                &mut cache,
+                line.as_bytes(),
+                10 + i,
+                &mut encoder.new_chunks(),
+                |_| {},
+            );
+        }
+        assert!(cache.arena.len() < 8192, "{}", cache.arena.len());
+        // New target labels: the old series end, written with the old labels.
+        let other = vec![("instance".to_owned(), "10.0.0.2:9901".to_owned())];
+        let moved = Encoder::new(&other, &drop, 2);
+        let mut chunks = moved.new_chunks();
+        moved.encode_cached(&mut cache, b"a 1\n", 20_000, &mut chunks, |_| {});
+        let out = decoded(&chunks);
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .any(|t| stale(t) && t.labels.iter().any(|l| l.value == "10.0.0.1:9901")));
+        assert!(out
+            .iter()
+            .any(|t| !stale(t) && t.labels.iter().any(|l| l.value == "10.0.0.2:9901")));
     }
 
     #[test]
