@@ -76,8 +76,48 @@ impl RemoteWriteConfig {
     }
 }
 
-/// Encoded series on their way to the batcher: one chunk per shard.
-pub type SeriesSender = mpsc::Sender<Vec<ShardChunk>>;
+/// Where encoded series go: the batcher, one chunk per shard. [`SeriesSender::send`]
+/// compresses each chunk in the calling (scrape) task, so the batcher only joins small
+/// compressed parts ([`proto::compress_part`]) instead of copying the raw encodings.
+#[derive(Clone, Debug)]
+pub struct SeriesSender(mpsc::Sender<Vec<Sealed>>);
+
+/// The batcher has stopped (the agent is shutting down).
+#[derive(Debug)]
+pub struct Closed;
+
+impl SeriesSender {
+    /// Hand one scrape's chunks to the batcher; waits only while its channel is full.
+    ///
+    /// ### Errors
+    /// [`Closed`] once the batcher has stopped.
+    pub async fn send(&self, chunks: Vec<ShardChunk>) -> Result<(), Closed> {
+        let sealed = chunks.iter().map(Sealed::from).collect();
+        self.0.send(sealed).await.map_err(|_| Closed)
+    }
+}
+
+/// One shard's series, compressed: snappy elements without the preamble.
+#[derive(Clone, Debug, Default)]
+struct Sealed {
+    elements: Vec<u8>,
+    raw_len: u64,
+    samples: u32,
+    newest_ms: i64,
+}
+
+impl From<&ShardChunk> for Sealed {
+    fn from(chunk: &ShardChunk) -> Self {
+        let mut elements = Vec::new();
+        proto::compress_part(&chunk.bytes, &mut elements);
+        Sealed {
+            elements,
+            raw_len: chunk.bytes.len() as u64,
+            samples: chunk.samples,
+            newest_ms: chunk.newest_ms,
+        }
+    }
+}
 
 /// Start the batcher and one sender per shard. Returns the channel full-tier scrapes feed.
 ///
@@ -124,20 +164,25 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
-    Ok(tx)
+    Ok(SeriesSender(tx))
 }
 
 async fn batcher(
-    mut rx: mpsc::Receiver<Vec<ShardChunk>>,
+    mut rx: mpsc::Receiver<Vec<Sealed>>,
     queues: Vec<Arc<Queue>>,
     config: RemoteWriteConfig,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut buffers: Vec<ShardChunk> = vec![ShardChunk::default(); queues.len()];
-    let add = |buffers: &mut Vec<ShardChunk>, chunks: Vec<ShardChunk>| {
+    let mut buffers: Vec<Sealed> = vec![Sealed::default(); queues.len()];
+    let add = |buffers: &mut Vec<Sealed>, chunks: Vec<Sealed>| {
         for (buffer, chunk) in buffers.iter_mut().zip(chunks) {
-            buffer.bytes.extend_from_slice(&chunk.bytes);
+            if buffer.samples == 0 {
+                *buffer = chunk;
+                continue;
+            }
+            buffer.elements.extend_from_slice(&chunk.elements);
+            buffer.raw_len += chunk.raw_len;
             buffer.samples += chunk.samples;
             buffer.newest_ms = buffer.newest_ms.max(chunk.newest_ms);
         }
@@ -172,15 +217,15 @@ async fn batcher(
     }
 }
 
-/// Compress a shard's buffer (already a `WriteRequest` encoding) and append it to the
-/// shard's queue.
-fn flush(queue: &Queue, buffer: &mut ShardChunk, metrics: &Metrics) {
+/// Append a shard's buffer (compressed parts of a `WriteRequest` encoding) to the shard's
+/// queue as one snappy block.
+fn flush(queue: &Queue, buffer: &mut Sealed, metrics: &Metrics) {
     if buffer.samples == 0 {
         return;
     }
     let chunk = std::mem::take(buffer);
     let samples = chunk.samples;
-    let body = proto::compress(&chunk.bytes);
+    let body = proto::assemble(chunk.raw_len, &chunk.elements);
     let count = |outcome: &'static str, n: u64| {
         metrics
             .rw_samples

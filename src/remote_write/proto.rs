@@ -53,6 +53,37 @@ pub fn compress(raw: &[u8]) -> Vec<u8> {
         .expect("remote-write batches are far below snappy's 4 GiB limit")
 }
 
+/// Snappy elements of `raw` (its compressed form without the length preamble), appended to
+/// `out`. A copy element only points back into its own part, so parts compressed one by one
+/// and concatenated behind one preamble with their total length ([`assemble`]) are one valid
+/// snappy block: the scrape tasks compress their own series, and the batcher joins the
+/// small compressed parts instead of copying the large raw ones.
+pub fn compress_part(raw: &[u8], out: &mut Vec<u8>) {
+    if raw.is_empty() {
+        return;
+    }
+    let block = compress(raw);
+    let preamble = varint_len(raw.len() as u64);
+    out.extend_from_slice(&block[preamble..]);
+}
+
+/// A snappy block from parts made by [`compress_part`] whose raw lengths sum to `raw_len`.
+pub fn assemble(raw_len: u64, parts: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + parts.len());
+    let mut v = raw_len;
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+    out.extend_from_slice(parts);
+    out
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 /// Decode a body as a receiver would (tests, and the queue's sample counts on replay).
 ///
 /// ### Errors
@@ -68,6 +99,31 @@ pub fn decode(body: &[u8]) -> Result<WriteRequest, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_compressed_apart_are_one_snappy_block() {
+        let capture = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/envoy-1.40-1-clusters.prom"
+        ))
+        .unwrap();
+        // Repetitive parts, one over snappy's 64 KiB fragment, one tiny, one empty.
+        let parts: [&[u8]; 4] = [&capture[..100_000], b"x", b"", &capture[100_000..]];
+        let mut elements = Vec::new();
+        let mut raw_len = 0;
+        for p in parts {
+            compress_part(p, &mut elements);
+            raw_len += p.len() as u64;
+        }
+        let block = assemble(raw_len, &elements);
+        let back = snap::raw::Decoder::new().decompress_vec(&block).unwrap();
+        assert_eq!(back, parts.concat());
+        assert!(
+            block.len() < capture.len() / 4,
+            "still compressed: {}",
+            block.len()
+        );
+    }
 
     #[test]
     fn round_trip_and_stale_marker_bits_survive() {
