@@ -259,6 +259,8 @@ async fn shard_sender(
     let mut backoff =
         Backoff::new(config.min_backoff, config.max_backoff).expect("validated at startup");
     let mut last_drop_log: Option<Instant> = None;
+    // When the backlog metric was last brought up to date, and whether it is behind.
+    let (mut backlog_at, mut backlog_behind): (Option<Instant>, bool) = (None, false);
     let count = |outcome: &'static str, n: u64| {
         metrics
             .rw_samples
@@ -288,6 +290,12 @@ async fn shard_sender(
             );
         }
         let Some((record, after)) = next else {
+            if backlog_behind {
+                // Drained: show it now rather than at the next delivery.
+                let (bytes, samples) = queue.backlog();
+                metrics.set_queue_backlog(shard, bytes, samples);
+                (backlog_at, backlog_behind) = (Some(Instant::now()), false);
+            }
             let appended = queue.appended.notified();
             tokio::select! {
                 () = appended => {}
@@ -348,7 +356,13 @@ async fn shard_sender(
         if let Err(error) = queue.ack(cursor) {
             tracing::error!(%error, "Recording remote-write progress failed; the batch may be sent again after a restart");
         }
-        let (bytes, samples) = queue.backlog();
-        metrics.set_queue_backlog(shard, bytes, samples);
+        // Counting the backlog reads record headers: at most once a second.
+        if backlog_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let (bytes, samples) = queue.backlog();
+            metrics.set_queue_backlog(shard, bytes, samples);
+            (backlog_at, backlog_behind) = (Some(Instant::now()), false);
+        } else {
+            backlog_behind = true;
+        }
     }
 }

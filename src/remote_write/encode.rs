@@ -151,6 +151,8 @@ pub struct SeriesCache {
     generation: u32,
     /// Hash and encoded fields of the target labels the entries were built with.
     target: Option<(u64, TargetFields)>,
+    /// Bytes the last scrape encoded, to size the next one's chunks at once.
+    encoded: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -360,6 +362,11 @@ impl<'a> Encoder<'a> {
         let generation = cache.generation;
         let names = TargetFields::names(self.target_labels);
         let (_, fields) = cache.target.take().expect("set above");
+        let before: usize = chunks.iter().map(|c| c.bytes.len()).sum();
+        let expect = cache.encoded + cache.encoded / 8;
+        for c in chunks.iter_mut() {
+            c.bytes.reserve(expect / self.shards);
+        }
         let mut counts = Converted::default();
         let mut labels: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(16);
         for result in Parser::new(body) {
@@ -462,6 +469,7 @@ impl<'a> Encoder<'a> {
         cache.live -= freed;
         cache.compact();
         cache.target = Some((target, fields));
+        cache.encoded = chunks.iter().map(|c| c.bytes.len()).sum::<usize>() - before;
         counts
     }
 
@@ -493,6 +501,7 @@ impl<'a> Encoder<'a> {
         }
         *cache = SeriesCache {
             generation: cache.generation,
+            encoded: cache.encoded,
             ..SeriesCache::default()
         };
         n

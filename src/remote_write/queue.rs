@@ -55,8 +55,49 @@ pub struct Queue {
     dir: PathBuf,
     max_bytes: u64,
     writer: Mutex<Option<Writer>>,
+    /// Where delivery resumes, and the open `ack` file that records it.
+    acked: Mutex<(Cursor, Option<File>)>,
+    /// Bytes in segment files, kept as they are written and deleted, so that an append
+    /// under the cap costs no directory listing.
+    disk_bytes: std::sync::atomic::AtomicU64,
     /// Woken on every append.
     pub appended: Notify,
+}
+
+/// The `ack` file's record: `segment offset crc` (crc32 of `segment offset`, hex), padded
+/// to a fixed length so it is rewritten in place (one small write, no rename).
+const ACK_LEN: usize = 64;
+
+fn ack_record(c: Cursor) -> Vec<u8> {
+    let text = format!("{} {}", c.segment, c.offset);
+    let mut line = format!("{text} {:08x}", crc32fast::hash(text.as_bytes()));
+    while line.len() < ACK_LEN - 1 {
+        line.push(' ');
+    }
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// Parse an `ack` file. The old `segment offset` form (written with a rename) is accepted;
+/// a record whose checksum does not match (a torn write at a crash) resumes from the start,
+/// which sends some batches twice rather than skipping any.
+fn parse_ack(text: &str) -> Cursor {
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let cursor = |seg: &str, off: &str| -> Option<Cursor> {
+        Some(Cursor {
+            segment: seg.parse().ok()?,
+            offset: off.parse().ok()?,
+        })
+    };
+    match parts.as_slice() {
+        [seg, off] => cursor(seg, off).unwrap_or_default(),
+        [seg, off, crc] => {
+            let ok = u32::from_str_radix(crc, 16).ok()
+                == Some(crc32fast::hash(format!("{seg} {off}").as_bytes()));
+            ok.then(|| cursor(seg, off)).flatten().unwrap_or_default()
+        }
+        _ => Cursor::default(),
+    }
 }
 
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
@@ -107,16 +148,30 @@ impl Queue {
     /// The directory cannot be created or listed.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Queue> {
         fs::create_dir_all(dir)?;
+        let disk_bytes: u64 = segments(dir)?
+            .into_iter()
+            .filter_map(|s| fs::metadata(segment_path(dir, s)).ok())
+            .map(|m| m.len())
+            .sum();
+        let acked = parse_ack(&fs::read_to_string(dir.join("ack")).unwrap_or_default());
         Ok(Queue {
             dir: dir.to_owned(),
             max_bytes,
             writer: Mutex::new(None),
+            acked: Mutex::new((acked, None)),
+            disk_bytes: disk_bytes.into(),
             appended: Notify::new(),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Writer>> {
         self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_acked(&self) -> std::sync::MutexGuard<'_, (Cursor, Option<File>)> {
+        self.acked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -152,6 +207,8 @@ impl Queue {
         w.file.write_all(&record)?;
         w.file.sync_data()?;
         w.len += record.len() as u64;
+        self.disk_bytes
+            .fetch_add(record.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let current = w.segment;
         drop(guard);
         let dropped = self.enforce_cap(current)?;
@@ -162,6 +219,9 @@ impl Queue {
     /// Delete the oldest segments (never the one being written) while over the cap.
     fn enforce_cap(&self, current: u64) -> io::Result<Dropped> {
         let mut dropped = Dropped::default();
+        if self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed) <= self.max_bytes {
+            return Ok(dropped);
+        }
         loop {
             let ids = segments(&self.dir)?;
             let total: u64 = ids
@@ -169,6 +229,8 @@ impl Queue {
                 .filter_map(|s| fs::metadata(segment_path(&self.dir, *s)).ok())
                 .map(|m| m.len())
                 .sum();
+            self.disk_bytes
+                .store(total, std::sync::atomic::Ordering::Relaxed);
             let Some(&oldest) = ids.first() else { break };
             if total <= self.max_bytes || oldest == current {
                 break;
@@ -187,26 +249,47 @@ impl Queue {
 
     /// Where delivery resumes.
     pub fn ack_cursor(&self) -> Cursor {
-        let text = fs::read_to_string(self.dir.join("ack")).unwrap_or_default();
-        let mut parts = text.split_whitespace().map(str::parse::<u64>);
-        match (parts.next(), parts.next()) {
-            (Some(Ok(segment)), Some(Ok(offset))) => Cursor { segment, offset },
-            _ => Cursor::default(),
-        }
+        self.lock_acked().0
     }
 
-    /// Record that everything before `cursor` was delivered (atomically: write then rename),
-    /// and delete segments that are wholly behind it.
+    /// Record that everything before `cursor` was delivered (rewriting the `ack` file in
+    /// place), and delete segments that are wholly behind it.
     ///
     /// ### Errors
     /// Disk errors; delivery then resumes from the previous ack after a restart.
     pub fn ack(&self, cursor: Cursor) -> io::Result<()> {
-        let tmp = self.dir.join("ack.tmp");
-        fs::write(&tmp, format!("{} {}\n", cursor.segment, cursor.offset))?;
-        fs::rename(&tmp, self.dir.join("ack"))?;
-        for s in segments(&self.dir)? {
-            if s < cursor.segment {
-                fs::remove_file(segment_path(&self.dir, s))?;
+        use std::os::unix::fs::FileExt as _;
+        let mut acked = self.lock_acked();
+        if acked.1.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.dir.join("ack"))?;
+            // A shorter record of the old format must not leave a tail behind.
+            file.set_len(ACK_LEN as u64)?;
+            acked.1 = Some(file);
+        }
+        acked
+            .1
+            .as_ref()
+            .expect("opened above")
+            .write_all_at(&ack_record(cursor), 0)?;
+        let previous = std::mem::replace(&mut acked.0, cursor);
+        drop(acked);
+        if cursor.segment > previous.segment || previous == Cursor::default() {
+            for s in segments(&self.dir)? {
+                if s < cursor.segment {
+                    let path = segment_path(&self.dir, s);
+                    let len = fs::metadata(&path).map_or(0, |m| m.len());
+                    fs::remove_file(path)?;
+                    // Saturating: a cap enforcement may have recounted meanwhile.
+                    let _ = self.disk_bytes.fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |b| Some(b.saturating_sub(len)),
+                    );
+                }
             }
         }
         Ok(())
@@ -369,6 +452,43 @@ mod tests {
         assert_eq!(drain(&q), vec![b"two".to_vec(), b"three".to_vec()]);
         assert_eq!(drain(&q), Vec::<Vec<u8>>::new());
         assert_eq!(q.backlog().1, 0);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_ack_record_is_checked_and_the_old_form_still_read() {
+        let c = Cursor {
+            segment: 12,
+            offset: 3456,
+        };
+        let rec = ack_record(c);
+        assert_eq!(rec.len(), ACK_LEN);
+        assert_eq!(parse_ack(std::str::from_utf8(&rec).unwrap()), c);
+        assert_eq!(parse_ack("12 3456\n"), c);
+        // A torn rewrite (new digits over old) fails its checksum: resume from the start.
+        let torn = String::from_utf8(rec).unwrap().replacen("3456", "3999", 1);
+        assert_eq!(parse_ack(&torn), Cursor::default());
+        assert_eq!(parse_ack("garbage"), Cursor::default());
+        // Rewritten in place over an old, shorter record; a reopened queue resumes there.
+        let dir = tmp();
+        fs::write(dir.join("ack"), "1 0\n").unwrap();
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        q.ack(c).unwrap();
+        q.ack(Cursor {
+            segment: 12,
+            offset: 7,
+        })
+        .unwrap();
+        drop(q);
+        assert_eq!(fs::metadata(dir.join("ack")).unwrap().len(), ACK_LEN as u64);
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        assert_eq!(
+            q.ack_cursor(),
+            Cursor {
+                segment: 12,
+                offset: 7
+            }
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
