@@ -584,7 +584,8 @@ fn previous_names(b: &[u8], from: usize, to: usize) -> impl Iterator<Item = &[u8
 
 /// Parse a sample value: plain integers on a fast path (Envoy counters are integers), else
 /// the float grammar including `NaN`, `+Inf` and `-Inf`.
-fn parse_value(s: &str) -> Option<f64> {
+/// A sample value as the text format spells it (`NaN`, `+Inf`, `-Inf`, decimal or exponent).
+pub fn parse_value(s: &str) -> Option<f64> {
     let b = s.as_bytes();
     if !b.is_empty() && b.len() <= 15 && b.iter().all(u8::is_ascii_digit) {
         let mut n: u64 = 0;

@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 
 use super::relabel::{Converted, DropRules};
-use crate::parse::{LineError, Parser};
+use crate::parse::{parse_value, LineError, Parser};
 
 /// Series encoded for one shard.
 #[derive(Clone, Debug, Default)]
@@ -27,6 +27,15 @@ pub struct ShardChunk {
 /// each string's length mixed in so `("ab","c")` and `("a","bc")` differ. Not exposed to
 /// keys an attacker chooses: the set that holds these hashes does not re-hash them.
 pub fn hash_labels<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> u64 {
+    hash_bytes(
+        labels
+            .into_iter()
+            .flat_map(|(n, v)| [n.as_bytes(), v.as_bytes()]),
+    )
+}
+
+/// [`hash_labels`] over byte strings.
+fn hash_bytes<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     const K: u64 = 0xf135_7aea_2e62_a9c5;
     let mut h: u64 = 0;
     let mut mix = |word: u64| h = (h.rotate_left(26) ^ word).wrapping_mul(K);
@@ -39,9 +48,8 @@ pub fn hash_labels<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> 
         tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
         mix(u64::from_le_bytes(tail) ^ ((bytes.len() as u64) << 56));
     };
-    for (name, value) in labels {
-        eat(name.as_bytes());
-        eat(value.as_bytes());
+    for part in parts {
+        eat(part);
     }
     // Final avalanche, so the low bits (used for the shard) depend on every input bit.
     h ^= h >> 33;
@@ -272,6 +280,11 @@ fn encode_cached_series(
     varint(out, timestamp_ms as u64);
 }
 
+/// The cache key of a sample line's text before its value.
+fn hash_prefix(prefix: &[u8]) -> u64 {
+    hash_bytes([prefix, b"".as_slice()])
+}
+
 /// What to encode from a scrape, and how.
 pub struct Encoder<'a> {
     pub target_labels: &'a [(String, String)],
@@ -369,16 +382,65 @@ impl<'a> Encoder<'a> {
         }
         let mut counts = Converted::default();
         let mut labels: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(16);
-        for result in Parser::new(body) {
-            let sample = match result {
-                Ok(s) => s,
-                Err(e) => {
+        let (mut pos, mut line_no) = (0, 0);
+        while pos < body.len() {
+            let len = memchr::memchr(b'\n', &body[pos..]).unwrap_or(body.len() - pos);
+            let mut line = &body[pos..pos + len];
+            pos += len + 1;
+            line_no += 1;
+            if let [rest @ .., b'\r'] = line {
+                line = rest;
+            }
+            // Fast path: a line whose text up to its last space was seen before, as a
+            // valid sample without a timestamp followed by one space and its value, is the
+            // same series with a new value, if what follows is a value.
+            let last_space = memchr::memrchr(b' ', line);
+            let fast_value = last_space.and_then(|sp| {
+                std::str::from_utf8(&line[sp + 1..])
+                    .ok()
+                    .and_then(parse_value)
+            });
+            let prefix_key = last_space.map(|sp| hash_prefix(&line[..sp]));
+            if let (Some(value), Some(key)) = (fast_value, prefix_key) {
+                if let Some(e) = cache.entries.get_mut(&key) {
+                    e.seen = generation;
+                    let Some(k) = e.kept else {
+                        counts.dropped += 1;
+                        continue;
+                    };
+                    let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
+                    encode_cached_series(
+                        &mut chunk.bytes,
+                        cache.labels(k),
+                        &fields,
+                        value,
+                        timestamp_ms,
+                    );
+                    chunk.samples += 1;
+                    chunk.newest_ms = chunk.newest_ms.max(timestamp_ms);
+                    counts.kept += 1;
+                    continue;
+                }
+            }
+            // Slow path: the line alone through the full parser (comments, errors, and
+            // series not seen before).
+            let sample = match Parser::new(line).next() {
+                None => continue,
+                Some(Ok(s)) => s,
+                Some(Err(mut e)) => {
+                    e.line = line_no;
                     counts.rejected_lines += 1;
                     on_error(&e);
                     continue;
                 }
             };
-            let key = hash_labels([(sample.name, sample.labels.raw())]);
+            // Only a line the fast path would read the same way is keyed by its prefix;
+            // others (an explicit timestamp, tabs, trailing blanks) by name and labels,
+            // and always come this way.
+            let key = match (sample.timestamp_ms, fast_value, prefix_key) {
+                (None, Some(_), Some(key)) => key,
+                _ => hash_labels([(sample.name, sample.labels.raw()), ("\0", "slow")]),
+            };
             let entry = match cache.entries.get_mut(&key) {
                 Some(e) => {
                     e.seen = generation;
@@ -626,35 +688,65 @@ mod tests {
         ))
         .unwrap();
         body.extend_from_slice(b"clash{job=\"x\",esc=\"a\\\"b\\nc\"} -1.5 1700000000123\n");
+        // Shapes the fast path must leave to the parser, or read the same way.
+        body.extend_from_slice(
+            b"spaced{a=\"x 1\",b=\"} 2\"} 0\ntabbed\t0\ntrailing 0 \r\n  indented 0\n\
+              # TYPE typed counter\ntyped 0\n# TYPE bad\nbroken{a=\"1\" 0\nnovalue{}\n\
+              crlf{a=\"1\"} 0\r\nstamped 0 -5\nstamped 0 12\nnot utf8 \xff\n",
+        );
         let drop = DropRules::reference();
         let labels = target();
         let encoder = Encoder::new(&labels, &drop, 3);
         let mut cache = SeriesCache::default();
         for (round, ts) in [1_000i64, 2_000, 3_000].into_iter().enumerate() {
-            // The second round changes every value: hits must write the new ones.
+            // The second round changes every value (hits must write the new ones) and
+            // breaks one that hit before.
             let text = if round == 1 {
-                String::from_utf8(body.clone())
-                    .unwrap()
+                String::from_utf8_lossy(&body)
                     .replace(" 0\n", " 7\n")
+                    .replace("typed 7", "typed x")
+                    .into_bytes()
             } else {
-                String::from_utf8(body.clone()).unwrap()
+                body.clone()
             };
             let mut want = encoder.new_chunks();
-            let w = encoder.encode(text.as_bytes(), ts, &mut want, |_| {}, None, |_| {});
+            let (mut want_errors, mut got_errors) = (vec![], vec![]);
+            let w = encoder.encode(
+                &text,
+                ts,
+                &mut want,
+                |_| {},
+                None,
+                |e| want_errors.push(e.clone()),
+            );
             let mut got = encoder.new_chunks();
-            let g = encoder.encode_cached(&mut cache, text.as_bytes(), ts, &mut got, |_| {});
-            assert_eq!(g, w);
-            for (a, b) in got.iter().zip(&want) {
-                assert_eq!((a.samples, a.newest_ms), (b.samples, b.newest_ms));
-            }
-            assert_eq!(decoded(&got), decoded(&want), "round {round}");
+            let g = encoder.encode_cached(&mut cache, &text, ts, &mut got, |e| {
+                got_errors.push(e.clone())
+            });
+            assert_eq!(g, w, "round {round}");
+            assert_eq!(got_errors, want_errors, "round {round}");
+            assert!(w.rejected_lines >= 4, "{w:?}");
+            // Plus, in the round that broke it, a stale marker for `typed`.
+            let (stale, got): (Vec<_>, Vec<_>) = decoded(&got)
+                .into_iter()
+                .partition(|t| t.samples[0].value.to_bits() == proto::STALE_NAN_BITS);
+            let stale: Vec<&str> = stale.iter().map(|t| t.labels[0].value.as_str()).collect();
+            assert_eq!(stale, if round == 1 { vec!["typed"] } else { vec![] });
+            assert_eq!(got, decoded(&want), "round {round}");
         }
-        assert_eq!(
-            cache.len(),
-            encoder
-                .encode(&body, 0, &mut encoder.new_chunks(), |_| {}, None, |_| {})
-                .kept
+        // One entry per distinct series (`stamped` has two samples).
+        let mut series = HashSet64::default();
+        encoder.encode(
+            &body,
+            0,
+            &mut encoder.new_chunks(),
+            |h| {
+                series.insert(h);
+            },
+            None,
+            |_| {},
         );
+        assert_eq!(cache.len(), series.len());
     }
 
     #[test]
