@@ -4,11 +4,13 @@
 # the same drop rules and remote-write to the same local Prometheus, one after another.
 # Reports each one's CPU (cores, from /proc/<pid>/stat over MEASURE_S after WARMUP_S) and peak
 # RSS. meshcanary also runs its 1 s fast tier (its decision input) on top. Loopback only.
+# meshcanary is built with the `dist` profile, as the image is (the first build takes a few
+# minutes longer than a release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/testenv.sh)"
 command -v vmagent >/dev/null || { echo "bench-peers: installing victoria-metrics (vmagent)" >&2; apt-get install -y -qq victoria-metrics >&2; }
-cargo build --release --locked --bin meshcanary >&2
+cargo build --profile dist --locked --bin meshcanary >&2
 targets=${TARGETS:-30} warmup=${WARMUP_S:-15} measure=${MEASURE_S:-60} base=${BENCH_PORT_BASE:-21000}
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -53,7 +55,7 @@ measure() { # name pid
 results=()
 args=()
 for i in $(seq 1 "$targets"); do args+=(--target "bench/w$i/primary=http://127.0.0.1:$((base + i))"); done
-target/release/meshcanary agent "${args[@]}" --full-interval 1s --full-timeout 800ms \
+target/dist/meshcanary agent "${args[@]}" --full-interval 1s --full-timeout 800ms \
   --listen 127.0.0.1:$((base + 901)) --remote-write-url "$write_url" \
   --remote-write-queue-dir "$work/meshcanary-queue" 2>"$work/meshcanary.log" &
 results+=("$(measure meshcanary $!)")

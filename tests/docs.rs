@@ -118,7 +118,12 @@ fn dockerfile_and_manifests_agree() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    assert!(dockerfile.contains("cargo build --release --locked --bin meshcanary"));
+    // The image ships the profile the resource benchmark measures.
+    assert!(dockerfile.contains("cargo build --profile dist --locked --bin meshcanary"));
+    assert!(dockerfile.contains("/src/target/dist/meshcanary /usr/local/bin/meshcanary"));
+    let bench = read("scripts/bench-peers.sh");
+    assert!(bench.contains("cargo build --profile dist --locked --bin meshcanary"));
+    assert!(bench.contains("target/dist/meshcanary agent"));
     assert!(dockerfile.contains(r#"CMD ["agent"]"#));
     assert_eq!(c["args"][0], "agent");
     // The queue is the only writable path, and it is a volume.

@@ -280,6 +280,18 @@ fn encode_cached_series(
     varint(out, timestamp_ms as u64);
 }
 
+/// A value token as [`parse_value`] reads it; Envoy's counters and buckets, whole numbers,
+/// are read straight from the bytes.
+fn value_of(token: &[u8]) -> Option<f64> {
+    if !token.is_empty() && token.len() <= 15 && token.iter().all(u8::is_ascii_digit) {
+        let n = token
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        return Some(n as f64);
+    }
+    std::str::from_utf8(token).ok().and_then(parse_value)
+}
+
 /// The cache key of a sample line's text before its value.
 fn hash_prefix(prefix: &[u8]) -> u64 {
     hash_bytes([prefix, b"".as_slice()])
@@ -395,11 +407,7 @@ impl<'a> Encoder<'a> {
             // valid sample without a timestamp followed by one space and its value, is the
             // same series with a new value, if what follows is a value.
             let last_space = memchr::memrchr(b' ', line);
-            let fast_value = last_space.and_then(|sp| {
-                std::str::from_utf8(&line[sp + 1..])
-                    .ok()
-                    .and_then(parse_value)
-            });
+            let fast_value = last_space.and_then(|sp| value_of(&line[sp + 1..]));
             let prefix_key = last_space.map(|sp| hash_prefix(&line[..sp]));
             if let (Some(value), Some(key)) = (fast_value, prefix_key) {
                 if let Some(e) = cache.entries.get_mut(&key) {
