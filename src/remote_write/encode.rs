@@ -78,7 +78,7 @@ impl std::hash::Hasher for Identity {
     }
 }
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -86,7 +86,7 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn varint_len(v: u64) -> usize {
+pub(super) fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
@@ -184,6 +184,8 @@ struct TargetFields {
     bytes: Vec<u8>,
     /// End of each label's fields in `bytes`.
     ends: Vec<usize>,
+    /// The labels' names, in the same order.
+    names: Vec<String>,
 }
 
 impl TargetFields {
@@ -201,18 +203,8 @@ impl TargetFields {
             encode_label_fields(&mut bytes, std::slice::from_ref(l));
             ends.push(bytes.len());
         }
-        TargetFields { bytes, ends }
-    }
-
-    fn names(target: &[(String, String)]) -> Vec<&str> {
-        let mut names: Vec<&str> = target
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(n, _)| n.as_str())
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        names
+        let names = sorted.iter().map(|(n, _)| (*n).to_owned()).collect();
+        TargetFields { bytes, ends, names }
     }
 }
 
@@ -249,14 +241,19 @@ impl SeriesCache {
 }
 
 /// Append one `timeseries` field from a cached series (`stored`: its arena slice) with the
-/// target's label fields spliced in, and one sample.
-fn encode_cached_series(
-    out: &mut Vec<u8>,
+/// target's label fields spliced in, and one sample, to the chunk of the series' shard.
+fn write_cached(
+    chunks: &mut [ShardChunk],
+    k: Kept,
     stored: &[u8],
     target: &TargetFields,
     value: f64,
     timestamp_ms: i64,
 ) {
+    let chunk = &mut chunks[(k.hash % chunks.len() as u64) as usize];
+    chunk.samples += 1;
+    chunk.newest_ms = chunk.newest_ms.max(timestamp_ms);
+    let out = &mut chunk.bytes;
     let (offsets, own) = stored.split_at(4 * target.ends.len());
     let sample_len = 1 + 8 + 1 + varint_len(timestamp_ms as u64);
     let series_len =
@@ -385,7 +382,6 @@ impl<'a> Encoder<'a> {
         }
         cache.generation = cache.generation.wrapping_add(1);
         let generation = cache.generation;
-        let names = TargetFields::names(self.target_labels);
         let (_, fields) = cache.target.take().expect("set above");
         let before: usize = chunks.iter().map(|c| c.bytes.len()).sum();
         let expect = cache.encoded + cache.encoded / 8;
@@ -416,16 +412,7 @@ impl<'a> Encoder<'a> {
                         counts.dropped += 1;
                         continue;
                     };
-                    let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
-                    encode_cached_series(
-                        &mut chunk.bytes,
-                        cache.labels(k),
-                        &fields,
-                        value,
-                        timestamp_ms,
-                    );
-                    chunk.samples += 1;
-                    chunk.newest_ms = chunk.newest_ms.max(timestamp_ms);
+                    write_cached(chunks, k, cache.labels(k), &fields, value, timestamp_ms);
                     counts.kept += 1;
                     continue;
                 }
@@ -459,11 +446,11 @@ impl<'a> Encoder<'a> {
                         let hash =
                             hash_labels(labels.iter().map(|(n, v)| (n.as_ref(), v.as_ref())));
                         let start = cache.arena.len();
-                        let own_start = start + 4 * names.len();
+                        let own_start = start + 4 * fields.names.len();
                         cache.arena.resize(own_start, 0);
                         let mut name = 0;
                         for (n, v) in &labels {
-                            if names.get(name) == Some(&n.as_ref()) {
+                            if fields.names.get(name).map(String::as_str) == Some(n.as_ref()) {
                                 let at = (cache.arena.len() - own_start) as u32;
                                 let slot = start + 4 * name;
                                 cache.arena[slot..slot + 4].copy_from_slice(&at.to_le_bytes());
@@ -493,10 +480,7 @@ impl<'a> Encoder<'a> {
                 continue;
             };
             let ts = sample.timestamp_ms.unwrap_or(timestamp_ms);
-            let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
-            encode_cached_series(&mut chunk.bytes, cache.labels(k), &fields, sample.value, ts);
-            chunk.samples += 1;
-            chunk.newest_ms = chunk.newest_ms.max(ts);
+            write_cached(chunks, k, cache.labels(k), &fields, sample.value, ts);
             counts.kept += 1;
         }
         // Series of earlier scrapes that this one did not have: they end here.
@@ -515,17 +499,8 @@ impl<'a> Encoder<'a> {
                 .filter_map(|e| e.kept.map(|k| k.hash))
                 .collect();
             let stale = f64::from_bits(super::proto::STALE_NAN_BITS);
-            for k in gone.iter().filter(|k| !current.contains(&k.hash)) {
-                let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
-                encode_cached_series(
-                    &mut chunk.bytes,
-                    cache.labels(*k),
-                    &fields,
-                    stale,
-                    timestamp_ms,
-                );
-                chunk.samples += 1;
-                chunk.newest_ms = chunk.newest_ms.max(timestamp_ms);
+            for &k in gone.iter().filter(|k| !current.contains(&k.hash)) {
+                write_cached(chunks, k, cache.labels(k), &fields, stale, timestamp_ms);
             }
         }
         let mut freed = 0;
@@ -556,16 +531,7 @@ impl<'a> Encoder<'a> {
         // Written with the target labels the series were cached with.
         if let Some((_, fields)) = &cache.target {
             for k in cache.entries.values().filter_map(|e| e.kept) {
-                let chunk = &mut chunks[(k.hash % self.shards as u64) as usize];
-                encode_cached_series(
-                    &mut chunk.bytes,
-                    cache.labels(k),
-                    fields,
-                    stale,
-                    timestamp_ms,
-                );
-                chunk.samples += 1;
-                chunk.newest_ms = chunk.newest_ms.max(timestamp_ms);
+                write_cached(chunks, k, cache.labels(k), fields, stale, timestamp_ms);
                 n += 1;
             }
         }

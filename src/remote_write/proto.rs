@@ -63,25 +63,16 @@ pub fn compress_part(raw: &[u8], out: &mut Vec<u8>) {
         return;
     }
     let block = compress(raw);
-    let preamble = varint_len(raw.len() as u64);
+    let preamble = super::encode::varint_len(raw.len() as u64);
     out.extend_from_slice(&block[preamble..]);
 }
 
 /// A snappy block from parts made by [`compress_part`] whose raw lengths sum to `raw_len`.
 pub fn assemble(raw_len: u64, parts: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + parts.len());
-    let mut v = raw_len;
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+    super::encode::varint(&mut out, raw_len);
     out.extend_from_slice(parts);
     out
-}
-
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Decode a body as a receiver would (tests, and the queue's sample counts on replay).
