@@ -37,7 +37,8 @@ fn bench(c: &mut Criterion) {
                     canary: &canary,
                     primary: &primary,
                     edges_ms: &ENVOY_EDGES_MS,
-                    fresh: true,
+                    stale: None,
+                    step_started_ms: None,
                     now_ms: 0,
                 };
                 black_box(judge.judge(black_box(&obs), &policy))

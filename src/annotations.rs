@@ -22,6 +22,8 @@ pub const ENABLED: &str = "meshcanary.io/enabled";
 pub const STATUS: &str = "meshcanary.io/status";
 /// On the primary Deployment: the template hash it was copied from.
 pub const REVISION: &str = "meshcanary.io/revision";
+/// How long a canary may go without progress.
+pub const PROGRESS_DEADLINE: &str = "meshcanary.io/progress-deadline";
 /// Pod annotation: the Envoy admin port, when it is not the default.
 pub const ENVOY_ADMIN_PORT: &str = "meshcanary.io/envoy-admin-port";
 /// Envoy's admin port in App Mesh's sidecar.
@@ -45,10 +47,11 @@ pub const KEYS: &[Key] = &[
     Key { name: "meshcanary.io/step-weights", on: "Deployment", default: "2,5,10,20,30,50", expected: "increasing whole percentages from 1 to 99, comma separated", meaning: "The canary weights the analysis steps through before promotion." },
     Key { name: "meshcanary.io/max-weight", on: "Deployment", default: "50", expected: "a whole percentage from 1 to 99", meaning: "The highest canary weight; no step may exceed it." },
     Key { name: "meshcanary.io/interval", on: "Deployment", default: "30s", expected: "a duration such as 30s or 1m", meaning: "Minimum time at each step before it may advance." },
-    Key { name: "meshcanary.io/threshold", on: "Deployment", default: "5", expected: "a whole number from 1 to 1000", meaning: "Failed checks before rolling back (Flagger semantics: the window is checked every decision tick, a failing one halts at once, and at most one failed check counts per interval)." },
+    Key { name: PROGRESS_DEADLINE, on: "Deployment", default: "10m", expected: "a duration longer than meshcanary.io/interval", meaning: "Longest a canary may take to become ready, or stay at one step without advancing (no traffic at all, an agent silent throughout), before it is rolled back (Flagger's progressDeadlineSeconds)." },
+    Key { name: "meshcanary.io/threshold", on: "Deployment", default: "5", expected: "a whole number from 1 to 1000", meaning: "Failed checks before rolling back (Flagger semantics: the window is checked every decision tick, a failing one halts at once, and at most one failed check counts per interval). A canary Deployment that is not ready, or whose sidecars stop answering while the agents answer, fails a check too." },
     Key { name: "meshcanary.io/success-rate-min", on: "Deployment", default: "99", expected: "a percentage from 0 to 100", meaning: "Lowest acceptable canary success rate (non-5xx share) over the window." },
     Key { name: "meshcanary.io/latency-p99-max", on: "Deployment", default: "500ms", expected: "a duration such as 500ms, or off", meaning: "Highest acceptable canary p99 over the window; off disables latency checks." },
-    Key { name: "meshcanary.io/min-requests", on: "Deployment", default: "10", expected: "a whole number", meaning: "Canary requests the window needs before the threshold checks run; fewer is \"no data\" (halt)." },
+    Key { name: "meshcanary.io/min-requests", on: "Deployment", default: "10", expected: "a whole number", meaning: "Canary requests the window needs before the threshold checks run; with fewer, the checks judge everything since the step began, and with fewer than that it is \"no data\" (halt, up to progress-deadline)." },
     Key { name: "meshcanary.io/judge", on: "Deployment", default: "both", expected: "threshold, sequential or both", meaning: "Which checks may fail a step: Flagger-style thresholds, the anytime-valid sequential tests, or both." },
     Key { name: "meshcanary.io/alpha", on: "Deployment", default: "0.01", expected: "a number between 0 and 1", meaning: "False-rollback budget of the sequential tests over a whole rollout." },
     Key { name: "meshcanary.io/advance-early", on: "Deployment", default: "false", expected: "true or false", meaning: "Advance before the interval ends when the sequential evidence shows the canary within the SLO." },
@@ -66,6 +69,8 @@ pub struct RolloutPolicy {
     pub max_weight: u8,
     pub interval: Duration,
     pub threshold: u32,
+    /// Longest wait for a ready canary, and longest time at one step.
+    pub progress_deadline: Duration,
     pub judge: Policy,
 }
 
@@ -149,6 +154,10 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
     let interval = one("meshcanary.io/interval", v, |s| {
         parse_duration(s).ok().filter(|d| !d.is_zero())
     })?;
+    let (v, _) = get(PROGRESS_DEADLINE);
+    let progress_deadline = one(PROGRESS_DEADLINE, v, |s| {
+        parse_duration(s).ok().filter(|d| *d > interval)
+    })?;
     let (v, _) = get("meshcanary.io/threshold");
     let threshold = one("meshcanary.io/threshold", v, |s| {
         s.parse::<u32>().ok().filter(|t| (1..=1000).contains(t))
@@ -181,6 +190,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
         max_weight,
         interval,
         threshold,
+        progress_deadline,
         judge: Policy {
             mode,
             success_rate_min,

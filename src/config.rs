@@ -52,6 +52,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
+/// Write a duration the way [`parse_duration`] reads it, in whole units: `10m`, `1m30s`,
+/// `2s`, `500ms`.
+///
+/// ```
+/// use std::time::Duration;
+/// use meshcanary::config::format_duration;
+/// assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+/// assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+/// ```
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) || ms == 0 {
+        return format!("{ms}ms");
+    }
+    let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    out
+}
+
 /// Parse a byte size: a whole number with an optional unit `B`, `KiB`, `MiB`, `GiB`, `KB`,
 /// `MB`, `GB`.
 ///

@@ -238,6 +238,15 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let mut seen = Vec::new();
         for dep in &all {
             if !annotations::enabled(dep.annotations()) {
+                if dep.annotations().contains_key(annotations::STATUS) {
+                    // Opted out: if an analysis was running, its canary still has traffic.
+                    let status = read_status(dep).ok().flatten();
+                    let why = format!("{} is no longer \"true\"", annotations::ENABLED);
+                    if let Err(error) = self.let_go(dep, status.as_ref(), &why, leader).await {
+                        self.count_error(&error);
+                        tracing::warn!(namespace = %dep.namespace().unwrap_or_default(), workload = %dep.name_any(), %error, "Routing an opted-out canary's traffic to the primary failed; retrying at the next tick");
+                    }
+                }
                 continue;
             }
             let id = (dep.namespace().unwrap_or_default(), dep.name_any());
@@ -247,10 +256,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     self.failing.remove(&id);
                 }
                 Err(error) => {
-                    self.metrics
-                        .controller_errors
-                        .get_or_create(&error.labels())
-                        .inc();
+                    self.count_error(&error);
                     // Once per distinct error, not once per tick.
                     let message = error.to_string();
                     let conflict = matches!(&error, ReconcileError::Api { source: kube::Error::Api(s), .. } if s.is_conflict());
@@ -281,6 +287,90 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             }
         }
         self.exported = seen;
+    }
+
+    fn count_error(&self, error: &ReconcileError) {
+        self.metrics
+            .controller_errors
+            .get_or_create(&error.labels())
+            .inc();
+    }
+
+    /// A workload meshcanary no longer runs (opted out, or its annotations do not parse)
+    /// whose canary may still have traffic: route everything to the primary, verified, and
+    /// record a status that starts a new analysis if it is handed back.
+    async fn let_go(
+        &mut self,
+        dep: &Deployment,
+        status: Option<&Status>,
+        why: &str,
+        leader: &watch::Receiver<bool>,
+    ) -> Result<(), ReconcileError> {
+        let active = status.is_some_and(|s| {
+            s.canary_weight > 0
+                || matches!(
+                    s.phase,
+                    Phase::Progressing | Phase::Promoting | Phase::Finalising
+                )
+        });
+        if !active {
+            return Ok(());
+        }
+        let decided = Instant::now();
+        let (namespace, name) = (dep.namespace().unwrap_or_default(), dep.name_any());
+        let weight = match self.router.canary_weight(&namespace, &name).await {
+            Ok(w) => Some(w),
+            // No routing object: nothing can send the canary traffic.
+            Err(crate::router::RouterError::NotFound { .. }) => Some(0),
+            Err(error) => return Err(error.into()),
+        };
+        let who = rollout::Workload {
+            name: &name,
+            namespace: &namespace,
+        };
+        let Some(tr) = rollout::release(status, weight, &who, why, crate::agent::unix_ms()) else {
+            return Ok(());
+        };
+        if status != Some(&tr.status) {
+            self.write_status(dep, &tr.status, leader).await?;
+        }
+        for action in tr.actions {
+            self.ensure_leader(leader)?;
+            match action {
+                Action::SetWeight(w) => self.set_weight(&namespace, &name, w, decided).await?,
+                Action::Event {
+                    severity,
+                    reason,
+                    message,
+                } => {
+                    tracing::warn!(namespace = %namespace, workload = %name, reason, "{message}");
+                    self.event(dep, severity, reason, message).await;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_weight(
+        &self,
+        namespace: &str,
+        name: &str,
+        weight: u8,
+        decided: Instant,
+    ) -> Result<(), ReconcileError> {
+        self.router
+            .set_canary_weight(namespace, name, weight)
+            .await?;
+        self.metrics
+            .weight_applied
+            .observe(decided.elapsed().as_secs_f64());
+        tracing::info!(
+            weight,
+            elapsed_ms = decided.elapsed().as_millis() as u64,
+            "Canary weight set and verified"
+        );
+        Ok(())
     }
 
     /// Drop the gauges of a workload that is gone or no longer opted in.
@@ -326,23 +416,48 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             namespace: namespace.clone(),
             workload: name.clone(),
         };
-        // Configuration first: a problem is reported once and the workload left untouched.
+        let now_ms = crate::agent::unix_ms();
+        // The stored status is outside input too: one that does not parse or holds numbers
+        // no step writes is reported and replaced by a fresh start, never computed with.
+        let status = match read_status(dep).map_err(|e| e.to_string()).and_then(|s| {
+            s.map(|s| s.validate(now_ms).map(|()| s).map_err(|e| e.to_string()))
+                .transpose()
+        }) {
+            Ok(status) => status,
+            Err(problem) => {
+                let problem = format!(
+                    "annotation {} is not a status meshcanary wrote ({problem})",
+                    annotations::STATUS
+                );
+                if self.invalid.get(&id) != Some(&problem) {
+                    tracing::warn!(%problem, "Unreadable status; starting over");
+                    self.event(
+                        dep,
+                        Severity::Warning,
+                        "InvalidStatus",
+                        format!("{problem}; meshcanary starts {name}.{namespace} over from the primary's revision"),
+                    )
+                    .await;
+                    self.invalid.insert(id.clone(), problem);
+                }
+                None
+            }
+        };
+        // Configuration first: a problem is reported once and the workload left untouched,
+        // except that a canary with traffic is first routed back to the primary.
         let checked = annotations::parse(dep.annotations())
             .map_err(|e| e.to_string())
             .and_then(|policy| {
                 Plan::new(dep, policy.port, &self.config.envoy_container)
                     .map(|plan| (policy, plan))
                     .map_err(|e| format!("Deployment {namespace}/{name}: {e}"))
-            })
-            .and_then(|(policy, plan)| {
-                read_status(dep)
-                    .map(|status| (policy, plan, status))
-                    .map_err(|e| format!("annotation {} is not a status meshcanary wrote ({e}); delete it to start over", annotations::STATUS))
             });
-        let (policy, plan, status) = match checked {
+        let (policy, plan) = match checked {
             Ok(ok) => ok,
             Err(problem) => {
                 self.metrics.rollout_invalid.get_or_create(&labels).set(1);
+                self.let_go(dep, status.as_ref(), "its configuration is invalid", leader)
+                    .await?;
                 if self.invalid.get(&id) != Some(&problem) {
                     tracing::warn!(%problem, "Invalid configuration; leaving the workload untouched");
                     self.event(
@@ -358,7 +473,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             }
         };
         self.metrics.rollout_invalid.remove(&labels);
-        self.invalid.remove(&id);
+        if status.is_some() {
+            self.invalid.remove(&id);
+        }
 
         let primary = store
             .get(&ObjectRef::new(&plan.primary_name()).within(&namespace))
@@ -371,10 +488,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 None
             }
         };
-        let now_ms = crate::agent::unix_ms();
         let (judgement, analysed) = match &status {
             Some(s) if s.phase == Phase::Progressing && s.analysing => {
-                let (j, canary) = self.judge(&id, &policy, now_ms);
+                let (j, canary) = self.judge(&id, &policy, now_ms, s.step_started_ms);
                 (Some(j), canary)
             }
             _ => (None, None),
@@ -400,22 +516,19 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 Action::Bootstrap => self.bootstrap(dep, &plan, store).await?,
                 Action::ScaleCanary(n) => self.scale(&namespace, &name, n).await?,
                 Action::Promote => {
+                    // `step` promotes only the analysed revision; this copy is of the same
+                    // snapshot, so it holds here too. Checked again because a wrong copy
+                    // is the one mistake a rollout cannot take back.
+                    if observed.canary.template_hash != tr.status.revision {
+                        tracing::warn!(analysed = %tr.status.revision, current = %observed.canary.template_hash, "Not promoting: the template is not the analysed revision");
+                        continue;
+                    }
                     let replicas = observed.primary.as_ref().map_or(1, |p| p.replicas);
                     let primary = plan.primary(dep, replicas);
                     self.apply::<Deployment>(&namespace, &plan.primary_name(), &primary)
                         .await?;
                 }
-                Action::SetWeight(w) => {
-                    self.router.set_canary_weight(&namespace, &name, w).await?;
-                    self.metrics
-                        .weight_applied
-                        .observe(decided.elapsed().as_secs_f64());
-                    tracing::info!(
-                        weight = w,
-                        elapsed_ms = decided.elapsed().as_millis() as u64,
-                        "Canary weight set and verified"
-                    );
-                }
+                Action::SetWeight(w) => self.set_weight(&namespace, &name, w, decided).await?,
                 Action::ResetJudge => {
                     self.judges
                         .insert(id.clone(), JudgeState::new(&policy.judge));
@@ -453,6 +566,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         id: &(String, String),
         policy: &RolloutPolicy,
         now_ms: u64,
+        step_started_ms: u64,
     ) -> (Judgement, Option<Summary>) {
         let state = self
             .judges
@@ -460,7 +574,10 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .or_insert_with(|| JudgeState::new(&policy.judge));
         let pair = self.windows.pair(&id.0, &id.1, now_ms);
         let judgement = match &pair {
-            Some(pair) => state.judge(&Observation::of(pair, now_ms), &policy.judge),
+            Some(pair) => state.judge(
+                &Observation::of(pair, now_ms).in_step(step_started_ms),
+                &policy.judge,
+            ),
             None => Judgement {
                 verdict: Verdict::NoData {
                     reason: "no_window",

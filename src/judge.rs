@@ -34,7 +34,7 @@
 
 use std::fmt;
 
-use crate::window::Totals;
+use crate::window::{histogram_quantile, Stale, Totals};
 
 /// Which families of checks may fail a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,9 +99,14 @@ pub struct Observation<'a> {
     pub primary: &'a Totals,
     /// Histogram bucket upper bounds (ms) of both arms' `buckets`.
     pub edges_ms: &'a [f64],
-    /// False when a source of data is stale (a peer or pod not answering): the judge then
-    /// says "no data", never "healthy".
-    pub fresh: bool,
+    /// Why the data cannot be vouched for (a peer or pod not answering), `None` when it is
+    /// current: the judge then never says "healthy"; a canary that alone went silent is a
+    /// failed check, anything else "no data".
+    pub stale: Option<Stale>,
+    /// When the current rollout step began (unix ms): when the rolling window is short of
+    /// `min_requests`, the threshold checks judge everything since then. `None` outside a
+    /// rollout (a standalone agent).
+    pub step_started_ms: Option<u64>,
     pub now_ms: u64,
 }
 
@@ -113,8 +118,17 @@ impl<'a> Observation<'a> {
             canary: &pair.canary_totals,
             primary: &pair.primary_totals,
             edges_ms: &pair.edges_ms,
-            fresh: pair.fresh,
+            stale: pair.stale,
+            step_started_ms: None,
             now_ms,
+        }
+    }
+
+    /// The same observation within a rollout step that began at `started_ms`.
+    pub fn in_step(self, started_ms: u64) -> Self {
+        Observation {
+            step_started_ms: Some(started_ms),
+            ..self
         }
     }
 }
@@ -140,8 +154,17 @@ impl From<&crate::window::Summary> for WindowValues {
 /// A threshold check that failed.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FailedCheck {
-    SuccessRate { value: f64, min: f64 },
-    RequestDuration { p99_ms: f64, max_ms: f64 },
+    SuccessRate {
+        value: f64,
+        min: f64,
+    },
+    RequestDuration {
+        p99_ms: f64,
+        max_ms: f64,
+    },
+    /// The canary's sidecars sent nothing for longer than the staleness limit while every
+    /// other source answered: the canary (or its sidecar) died. Flagger's "no values found".
+    CanarySilent,
 }
 
 /// Which sequential test crossed its boundary.
@@ -347,6 +370,9 @@ pub struct JudgeState {
     latency_slo: Option<(usize, OneArm)>,
     slo_edge_ms: Option<f64>,
     not_worse: OneArm,
+    /// The step the threshold checks may fall back to: when it began and the canary's
+    /// totals at the first observation in it.
+    step: Option<(u64, Totals)>,
 }
 
 /// Edges the two-arm latency test looks at: 1 ms to 10 s (outside, Envoy's buckets are too
@@ -374,6 +400,7 @@ impl JudgeState {
             latency_slo: None,
             slo_edge_ms: None,
             not_worse: OneArm::below(slo),
+            step: None,
         }
     }
 
@@ -384,6 +411,11 @@ impl JudgeState {
         // evidence then stays at the neutral values).
         if policy.mode != Mode::Threshold {
             self.fold(obs, policy);
+        }
+        if let Some(started) = obs.step_started_ms {
+            if self.step.as_ref().is_none_or(|(s, _)| *s != started) {
+                self.step = Some((started, obs.canary.clone()));
+            }
         }
         let evidence = self.evidence(policy);
         let verdict = self.verdict(obs, policy, &evidence);
@@ -514,14 +546,24 @@ impl JudgeState {
                 return Verdict::Rollback(*test);
             }
         }
-        if !obs.fresh {
-            return Verdict::NoData { reason: "stale" };
+        match obs.stale {
+            None => {}
+            // Checked in every mode: a dead canary is not a threshold, it is no canary.
+            Some(Stale::Canary) => return Verdict::Failed(FailedCheck::CanarySilent),
+            Some(_) => return Verdict::NoData { reason: "stale" },
         }
-        let canary = obs.canary_window;
+        let mut canary = obs.canary_window;
         if canary.requests < policy.min_requests.max(1) {
-            return Verdict::NoData {
-                reason: "no_traffic",
-            };
+            // A quiet service: judge the whole step rather than halting forever on a
+            // rolling window that never fills (a slow service is promoted slowly).
+            match self.since_step(obs) {
+                Some(step) if step.requests >= policy.min_requests.max(1) => canary = step,
+                _ => {
+                    return Verdict::NoData {
+                        reason: "no_traffic",
+                    }
+                }
+            }
         }
         if threshold {
             if let Some(sr) = canary.success_rate {
@@ -550,6 +592,34 @@ impl JudgeState {
             && ev.e_not_worse >= ev.boundaries[2]
             && (self.latency_slo.is_none() || obs.canary_window.p99_ms.is_some());
         Verdict::Pass { early }
+    }
+}
+
+impl JudgeState {
+    /// The canary's values over everything observed since the current step began.
+    fn since_step(&self, obs: &Observation<'_>) -> Option<WindowValues> {
+        let (_, base) = self.step.as_ref()?;
+        let c = obs.canary;
+        let requests = c.requests.saturating_sub(base.requests);
+        let errors = c.errors.saturating_sub(base.errors).min(requests);
+        let success_rate = (requests > 0).then(|| (requests - errors) as f64 / requests as f64);
+        let p99_ms =
+            if c.buckets.len() == base.buckets.len() && c.buckets.len() == obs.edges_ms.len() + 1 {
+                let counts: Vec<u64> = c
+                    .buckets
+                    .iter()
+                    .zip(&base.buckets)
+                    .map(|(n, b)| n.saturating_sub(*b))
+                    .collect();
+                histogram_quantile(0.99, obs.edges_ms, &counts)
+            } else {
+                None
+            };
+        Some(WindowValues {
+            requests,
+            success_rate,
+            p99_ms,
+        })
     }
 }
 
@@ -627,6 +697,10 @@ impl fmt::Display for Message<'_> {
                 go_duration(*p99_ms),
                 go_duration(*max_ms)
             ),
+            Verdict::Failed(FailedCheck::CanarySilent) => write!(
+                f,
+                "Halt {t} advancement no values found: the canary's sidecars stopped answering (is the canary running?)"
+            ),
             Verdict::Rollback(test) => {
                 let (c, p) = (ev.canary_error_rate() * 100.0, ev.primary_error_rate() * 100.0);
                 let (e, b) = match test {
@@ -671,7 +745,8 @@ mod tests {
             canary: c,
             primary: p,
             edges_ms: &EDGES,
-            fresh: true,
+            stale: None,
+            step_started_ms: None,
             now_ms: 0,
         }
     }
@@ -892,14 +967,84 @@ mod tests {
         );
         let jm = j.judge(
             &Observation {
-                fresh: false,
+                stale: Some(Stale::Observer),
                 ..obs(&c, &c, healthy_window())
             },
             &policy,
         );
         assert_eq!(jm.verdict, Verdict::NoData { reason: "stale" });
+        let jm = j.judge(
+            &Observation {
+                stale: Some(Stale::Canary),
+                ..obs(&c, &c, healthy_window())
+            },
+            &policy,
+        );
+        assert_eq!(jm.verdict, Verdict::Failed(FailedCheck::CanarySilent));
         assert_eq!(go_duration(917.0), "917ms");
         assert_eq!(go_duration(2525.0), "2.525s");
+    }
+
+    #[test]
+    fn a_quiet_canary_is_judged_over_its_whole_step() {
+        let policy = Policy {
+            latency_p99_max_ms: None,
+            ..Policy::default()
+        };
+        let mut j = JudgeState::new(&policy);
+        let p = arm(0, 0, &[]);
+        // 0.1 rps: the rolling window never holds `min_requests` (10).
+        let quiet = WindowValues {
+            requests: 3,
+            success_rate: None,
+            p99_ms: None,
+        };
+        let mut c = arm(500, 0, &[]);
+        let at = |j: &mut JudgeState, c: &Totals, step: u64| {
+            let o = Observation {
+                step_started_ms: Some(step),
+                ..obs(c, &p, quiet)
+            };
+            j.judge(&o, &policy).verdict
+        };
+        // The step's first observation is its baseline; 9 requests later, still no data.
+        assert_eq!(
+            at(&mut j, &c, 1),
+            Verdict::NoData {
+                reason: "no_traffic"
+            }
+        );
+        c.requests += 9;
+        assert_eq!(
+            at(&mut j, &c, 1),
+            Verdict::NoData {
+                reason: "no_traffic"
+            }
+        );
+        c.requests += 1;
+        assert_eq!(at(&mut j, &c, 1), Verdict::Pass { early: false });
+        // A bad request in the step fails the success-rate check over the step (10/11).
+        c.requests += 1;
+        c.errors += 1;
+        assert!(matches!(
+            at(&mut j, &c, 1),
+            Verdict::Failed(FailedCheck::SuccessRate { .. })
+        ));
+        // A new step starts from its own baseline.
+        assert_eq!(
+            at(&mut j, &c, 2),
+            Verdict::NoData {
+                reason: "no_traffic"
+            }
+        );
+        // Outside a rollout (no step) a quiet window stays "no data".
+        let o = obs(&c, &p, quiet);
+        assert_eq!(
+            j.judge(&o, &policy).verdict,
+            Verdict::NoData {
+                reason: "no_traffic"
+            }
+        );
     }
 
     #[test]

@@ -277,7 +277,9 @@ impl WindowSource for Merged {
             }
         }
         let mut pair = merged.pair(namespace, workload, now_ms, self.stale_after_ms)?;
-        pair.fresh &= all_answered;
+        if !all_answered {
+            pair.stale = Some(crate::window::Stale::Observer);
+        }
         Some(pair)
     }
 }
@@ -378,11 +380,11 @@ mod tests {
         let pair = merged.pair("test", "podinfo", now).unwrap();
         assert_eq!((pair.canary.requests, pair.canary.errors), (200, 50));
         assert_eq!(pair.primary_totals.requests, 900);
-        assert!(pair.fresh);
+        assert!(pair.fresh());
         // Node b stops answering: the merged view is stale, not healthy.
         let later = now + 5000;
         lock(&merged.peers).get_mut("a").unwrap().answered_ms = Some(later);
-        assert!(!merged.pair("test", "podinfo", later).unwrap().fresh);
+        assert!(!merged.pair("test", "podinfo", later).unwrap().fresh());
         assert!(merged.pair("test", "other", now).is_none());
         // A silent node without pods of a workload does not halt that workload; a node that
         // never answered does (it may have them).
@@ -398,7 +400,7 @@ mod tests {
         lock(&merged.peers).insert("c".into(), rc);
         lock(&merged.peers).get_mut("b").unwrap().answered_ms = Some(later);
         let later_pair = |m: &Merged| m.pair("test", "podinfo", later).unwrap();
-        assert!(!later_pair(&merged).fresh, "data is older than the limit");
+        assert!(!later_pair(&merged).fresh(), "data is older than the limit");
         lock(&merged.peers).get_mut("a").unwrap().windows = {
             let mut a2 = Windows::new(config);
             a2.entry(&key(Role::Canary))
@@ -410,11 +412,11 @@ mod tests {
             .record(&delta(900, 1, later - 1000), later);
         lock(&merged.peers).get_mut("b").unwrap().windows = b2;
         assert!(
-            later_pair(&merged).fresh,
+            later_pair(&merged).fresh(),
             "c is silent but has no podinfo pods"
         );
         lock(&merged.peers).insert("d".into(), Replica::new(config));
-        assert!(!later_pair(&merged).fresh, "d never answered");
+        assert!(!later_pair(&merged).fresh(), "d never answered");
     }
 
     #[test]

@@ -17,14 +17,18 @@
 //! everything to the primary, scale the canary down) -> Succeeded; or from Progressing to
 //! Failed (weight 0, canary scaled to 0) on a sequential-test rejection or after `threshold`
 //! failed checks. A revision is the hash of the Deployment's pod template.
+//!
+//! A rollout never stalls forever. A canary that dies counts failed checks (its Deployment
+//! not ready, or its sidecars silent while every agent answers; Flagger counts both), so it
+//! is rolled back at `threshold`. A quiet canary is judged over its whole step once the
+//! rolling window is short of `min-requests` (see [`crate::judge`]), so it is promoted
+//! slowly rather than never. A step that has not advanced within `progress-deadline` (a
+//! canary that gets no traffic at all, an agent that stays silent) is rolled back.
 
 use serde::{Deserialize, Serialize};
 
 use crate::annotations::RolloutPolicy;
 use crate::judge::{Judgement, Message, Verdict};
-
-/// How long a new canary may take to become ready before the rollout fails.
-pub const PROGRESS_DEADLINE_MS: u64 = 600_000;
 
 /// Flagger's phase names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +89,39 @@ pub struct Status {
     /// When the last failed check was counted, unix ms: at most one counts per `interval`.
     #[serde(default)]
     pub last_failed_check_ms: u64,
+}
+
+/// A status annotation that parsed but cannot be what meshcanary wrote.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StatusError {
+    #[error("canary weight {0} is above 100")]
+    Weight(u8),
+    #[error("timestamp {what} ({ms} ms) is in the future")]
+    Future { what: &'static str, ms: u64 },
+}
+
+impl Status {
+    /// Reject numbers no step could have written, before any arithmetic on them. Clocks of
+    /// two controllers may differ a little; an hour ahead is not skew.
+    ///
+    /// ### Errors
+    /// The first field out of range.
+    pub fn validate(&self, now_ms: u64) -> Result<(), StatusError> {
+        if self.canary_weight > 100 {
+            return Err(StatusError::Weight(self.canary_weight));
+        }
+        let limit = now_ms.saturating_add(3_600_000);
+        for (what, ms) in [
+            ("stepStartedMs", self.step_started_ms),
+            ("lastTransitionMs", self.last_transition_ms),
+            ("lastFailedCheckMs", self.last_failed_check_ms),
+        ] {
+            if ms > limit {
+                return Err(StatusError::Future { what, ms });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One Deployment as the controller sees it.
@@ -224,13 +261,21 @@ pub fn step(
 ) -> Transition {
     let t = who.target();
     let Some(status) = status else {
+        // A fresh start. If a primary already runs something (the status was deleted or
+        // unreadable), that is what was last promoted: a different canary gets analysed.
+        let last_applied = obs
+            .primary
+            .as_ref()
+            .map(|p| p.template_hash.clone())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| obs.canary.template_hash.clone());
         let mut tr = Transition {
             status: Status {
                 phase: Phase::Initializing,
                 canary_weight: 0,
                 failed_checks: 0,
-                last_applied: obs.canary.template_hash.clone(),
-                revision: obs.canary.template_hash.clone(),
+                revision: last_applied.clone(),
+                last_applied,
                 analysing: false,
                 step_started_ms: now_ms,
                 last_transition_ms: now_ms,
@@ -282,7 +327,16 @@ pub fn step(
                 .primary
                 .as_ref()
                 .is_some_and(|p| p.template_hash == status.revision);
-            if !copied {
+            if !copied && obs.canary.template_hash != status.revision {
+                // The template changed after the analysis (a failed copy retried, a new
+                // leader): copying now would promote an unanalysed revision. Analyse it.
+                tr.begin_revision(&obs.canary.template_hash, now_ms);
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    format!("New revision detected! Restarting analysis for {t}"),
+                );
+            } else if !copied {
                 tr.actions.push(Action::Promote);
             } else if obs.primary.as_ref().is_some_and(|p| p.ready) {
                 tr.enter(Phase::Finalising, now_ms);
@@ -352,8 +406,27 @@ fn progressing(
                 format!("Advance {t} canary weight {}", tr.status.canary_weight),
             );
             tr.actions.push(Action::Decision(Decision::Advance));
-        } else if now_ms.saturating_sub(status.step_started_ms) > PROGRESS_DEADLINE_MS {
+        } else if now_ms.saturating_sub(status.step_started_ms) > deadline_ms(policy) {
             fail(tr, t, format!("Canary deployment {t} not ready"), now_ms);
+            return;
+        }
+        tr.converge(obs, primary_replicas);
+        return;
+    }
+    if now_ms.saturating_sub(status.step_started_ms) > deadline_ms(policy) {
+        let why = format!(
+            "Rolling back {t} progress deadline exceeded: no progress at canary weight {} for {}",
+            status.canary_weight,
+            crate::config::format_duration(policy.progress_deadline)
+        );
+        fail(tr, t, why, now_ms);
+        return;
+    }
+    if !obs.canary.ready {
+        // Flagger counts a canary that is not ready as a failed check: pods that crash or
+        // stop passing their probes mid-analysis.
+        let why = format!("Halt {t} advancement canary deployment not ready");
+        if failed_check(tr, policy, t, why, now_ms) {
             return;
         }
         tr.converge(obs, primary_replicas);
@@ -387,35 +460,14 @@ fn progressing(
             return;
         }
         Some(Verdict::Failed(_)) => {
-            // Flagger checks once per interval; the judge looks every tick. A window that
-            // stays bad for a whole interval is one failed check, not one per tick: else a
-            // single 5xx at a small share (one bad request in a 30 s window of 12) would
-            // fail `threshold` checks in as many seconds.
-            let counted = status.failed_checks > 0
-                && now_ms.saturating_sub(status.last_failed_check_ms)
-                    < policy.interval.as_millis() as u64;
-            if !counted {
-                let j = obs.judgement.as_ref().expect("matched Some");
-                tr.status.failed_checks += 1;
-                tr.status.last_failed_check_ms = now_ms;
-                tr.event(
-                    Severity::Warning,
-                    "Synced",
-                    Message {
-                        target: t,
-                        judgement: j,
-                    }
-                    .to_string(),
-                );
-                tr.actions.push(Action::Decision(Decision::Halt));
-                if tr.status.failed_checks >= policy.threshold {
-                    let why = format!(
-                        "Rolling back {t} failed checks threshold reached {}",
-                        tr.status.failed_checks
-                    );
-                    fail(tr, t, why, now_ms);
-                    return;
-                }
+            let j = obs.judgement.as_ref().expect("matched Some");
+            let why = Message {
+                target: t,
+                judgement: j,
+            }
+            .to_string();
+            if failed_check(tr, policy, t, why, now_ms) {
+                return;
             }
         }
         Some(Verdict::Pass { early }) => {
@@ -449,6 +501,87 @@ fn progressing(
         }
     }
     tr.converge(obs, primary_replicas);
+}
+
+/// Count a failed check (with its Warning) unless one was counted within this interval;
+/// roll back at `threshold`. True when it rolled back.
+///
+/// Flagger checks once per interval; the judge looks every tick. A window that stays bad
+/// for a whole interval is one failed check, not one per tick: else a single 5xx at a small
+/// share (one bad request in a 30 s window of 12) would fail `threshold` checks in as many
+/// seconds.
+fn failed_check(
+    tr: &mut Transition,
+    policy: &RolloutPolicy,
+    t: &str,
+    why: String,
+    now_ms: u64,
+) -> bool {
+    let counted = tr.status.failed_checks > 0
+        && now_ms.saturating_sub(tr.status.last_failed_check_ms)
+            < policy.interval.as_millis() as u64;
+    if counted {
+        return false;
+    }
+    tr.status.failed_checks = tr.status.failed_checks.saturating_add(1);
+    tr.status.last_failed_check_ms = now_ms;
+    tr.event(Severity::Warning, "Synced", why);
+    tr.actions.push(Action::Decision(Decision::Halt));
+    if tr.status.failed_checks >= policy.threshold {
+        let why = format!(
+            "Rolling back {t} failed checks threshold reached {}",
+            tr.status.failed_checks
+        );
+        fail(tr, t, why, now_ms);
+        return true;
+    }
+    false
+}
+
+fn deadline_ms(policy: &RolloutPolicy) -> u64 {
+    u64::try_from(policy.progress_deadline.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The workload left meshcanary's hands (opted out, or its annotations no longer parse)
+/// while the router may still send the canary traffic: route everything to the primary
+/// first and stop there, in a status that restarts the analysis if it comes back (the
+/// primary still runs `last_applied`). `None` when nothing is to be done: no status, or
+/// no traffic on the canary and a status that says so.
+pub fn release(
+    status: Option<&Status>,
+    weight: Option<u8>,
+    who: &Workload<'_>,
+    why: &str,
+    now_ms: u64,
+) -> Option<Transition> {
+    let status = status?;
+    let active = matches!(
+        status.phase,
+        Phase::Progressing | Phase::Promoting | Phase::Finalising
+    );
+    if !active && status.canary_weight == 0 && weight.unwrap_or(0) == 0 {
+        return None;
+    }
+    let t = who.target();
+    let mut tr = Transition {
+        status: status.clone(),
+        actions: Vec::new(),
+    };
+    if active {
+        tr.enter(Phase::Initialized, now_ms);
+        tr.status.analysing = false;
+        tr.status.revision = status.last_applied.clone();
+        tr.event(
+            Severity::Warning,
+            "Synced",
+            format!("Routing all traffic to primary: {why}; meshcanary stops the analysis of {t}"),
+        );
+    }
+    tr.status.canary_weight = 0;
+    if weight != Some(0) {
+        tr.actions.push(Action::SetWeight(0));
+    }
+    Some(tr)
 }
 
 /// Roll back: weight 0, canary scaled to 0, phase Failed.
@@ -517,6 +650,10 @@ mod tests {
         events: Vec<String>,
         weights: Vec<u8>,
         now_ms: u64,
+        /// Promote writes that fail before one succeeds.
+        failing_promotes: usize,
+        /// Every template the primary has run.
+        primary_ran: Vec<String>,
     }
 
     impl World {
@@ -536,6 +673,8 @@ mod tests {
                 events: vec![],
                 weights: vec![],
                 now_ms: 1_000_000,
+                failing_promotes: 0,
+                primary_ran: vec![],
             }
         }
 
@@ -555,9 +694,11 @@ mod tests {
                         }
                     }
                     Action::ScaleCanary(n) => self.obs.canary.replicas = *n,
+                    Action::Promote if self.failing_promotes > 0 => self.failing_promotes -= 1,
                     Action::Promote => {
-                        self.obs.primary.as_mut().unwrap().template_hash =
-                            self.obs.canary.template_hash.clone();
+                        let copied = self.obs.canary.template_hash.clone();
+                        self.primary_ran.push(copied.clone());
+                        self.obs.primary.as_mut().unwrap().template_hash = copied;
                     }
                     Action::SetWeight(w) => {
                         self.obs.weight = Some(*w);
@@ -796,12 +937,195 @@ mod tests {
         w.obs.canary.template_hash = "v2".into();
         w.obs.canary.ready = false;
         w.tick(&p);
-        w.now_ms += PROGRESS_DEADLINE_MS + 1;
+        w.now_ms += p.progress_deadline.as_millis() as u64 + 1;
         w.tick(&p);
         assert_eq!(w.phase(), Phase::Failed);
         assert!(w
             .events
             .contains(&"Canary deployment podinfo.test not ready".to_owned()));
+    }
+
+    /// Tick once a second until `done` or `max` ticks.
+    fn tick_until(w: &mut World, p: &RolloutPolicy, max: usize, done: impl Fn(&World) -> bool) {
+        for _ in 0..max {
+            if done(w) {
+                return;
+            }
+            w.tick(p);
+            w.now_ms += 1000;
+        }
+        panic!(
+            "not done after {max} ticks: {:?}; events {:#?}",
+            w.status, w.events
+        );
+    }
+
+    #[test]
+    fn a_canary_that_stops_being_ready_mid_analysis_fails_checks_until_rolled_back() {
+        let p = policy();
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        tick_until(&mut w, &p, 5, |w| w.status.as_ref().unwrap().analysing);
+        w.obs.canary.ready = false;
+        let died = w.now_ms;
+        tick_until(&mut w, &p, 60, |w| w.phase() == Phase::Failed);
+        // threshold (2) checks, one per interval (10 s): the second one 10 s after the first.
+        let took = w.status.as_ref().unwrap().last_transition_ms - died;
+        assert!(
+            took <= u64::from(p.threshold) * p.interval.as_millis() as u64,
+            "{took} ms"
+        );
+        assert_eq!(w.obs.weight, Some(0));
+        let halts = w
+            .events
+            .iter()
+            .filter(|e| *e == "Halt podinfo.test advancement canary deployment not ready")
+            .count();
+        assert_eq!(halts, 2, "{:#?}", w.events);
+    }
+
+    #[test]
+    fn a_canary_whose_sidecar_went_silent_is_rolled_back_at_the_threshold() {
+        let p = policy();
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        tick_until(&mut w, &p, 5, |w| w.status.as_ref().unwrap().analysing);
+        w.obs.judgement = judged(Verdict::Failed(FailedCheck::CanarySilent));
+        tick_until(&mut w, &p, 60, |w| w.phase() == Phase::Failed);
+        assert!(w.events.iter().any(|e| {
+            e.starts_with(
+            "Halt podinfo.test advancement no values found: the canary's sidecars stopped answering"
+        )
+        }));
+        assert!(w
+            .events
+            .contains(&"Rolling back podinfo.test failed checks threshold reached 2".to_owned()));
+    }
+
+    #[test]
+    fn no_progress_within_the_deadline_rolls_back_with_the_reason() {
+        let p = policy();
+        let mut w = World::new_revision(
+            &p,
+            judged(Verdict::NoData {
+                reason: "no_traffic",
+            }),
+        );
+        tick_until(&mut w, &p, 5, |w| w.status.as_ref().unwrap().analysing);
+        let halted_at = w.status.as_ref().unwrap().step_started_ms;
+        tick_until(&mut w, &p, 700, |w| w.phase() == Phase::Failed);
+        let took = w.status.as_ref().unwrap().last_transition_ms - halted_at;
+        let deadline = p.progress_deadline.as_millis() as u64;
+        assert!(took > deadline && took <= deadline + 2000, "{took} ms");
+        assert!(w.events.contains(
+            &"Rolling back podinfo.test progress deadline exceeded: no progress at canary weight 2 for 10m"
+                .to_owned()
+        ));
+        assert_eq!((w.obs.weight, w.obs.canary.replicas), (Some(0), 0));
+    }
+
+    #[test]
+    fn a_template_changed_between_analysis_and_promotion_is_never_promoted_unanalysed() {
+        let p = policy();
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        // The first copy into the primary fails (a conflict, the apiserver away) ...
+        w.failing_promotes = 1;
+        tick_until(&mut w, &p, 200, |w| w.phase() == Phase::Promoting);
+        assert!(w.primary_ran.is_empty(), "the first copy failed");
+        // ... and the image changes before it is retried.
+        w.obs.canary.template_hash = "v3".into();
+        w.tick(&p);
+        assert_eq!(w.phase(), Phase::Progressing, "{:#?}", w.events);
+        assert_eq!(w.status.as_ref().unwrap().revision, "v3");
+        assert_eq!(
+            w.events.last().unwrap(),
+            "New revision detected! Restarting analysis for podinfo.test"
+        );
+        // v3 reaches the primary only through its own analysis.
+        let analysed = w.events.len();
+        tick_until(&mut w, &p, 200, |w| w.phase() == Phase::Succeeded);
+        assert_eq!(
+            w.primary_ran,
+            ["v3"],
+            "v2 was never analysed to the end; v3 was"
+        );
+        assert!(w.events[analysed..].contains(&"Advance podinfo.test canary weight 50".to_owned()));
+    }
+
+    #[test]
+    fn an_opt_out_mid_analysis_routes_everything_to_the_primary_then_stops() {
+        let p = policy();
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        tick_until(&mut w, &p, 40, |w| {
+            w.status.as_ref().unwrap().canary_weight >= 10
+        });
+        let status = w.status.clone().unwrap();
+        let tr = release(
+            Some(&status),
+            w.obs.weight,
+            &W,
+            "meshcanary.io/enabled is no longer \"true\"",
+            w.now_ms,
+        )
+        .expect("a canary with traffic must be released");
+        assert_eq!(tr.actions[0], Action::Event {
+            severity: Severity::Warning,
+            reason: "Synced",
+            message: "Routing all traffic to primary: meshcanary.io/enabled is no longer \"true\"; meshcanary stops the analysis of podinfo.test".into(),
+        });
+        assert_eq!(tr.actions[1], Action::SetWeight(0));
+        assert_eq!(
+            (tr.status.phase, tr.status.canary_weight),
+            (Phase::Initialized, 0)
+        );
+        // Once released, there is nothing more to do.
+        assert!(release(Some(&tr.status), Some(0), &W, "again", w.now_ms).is_none());
+        // Handed back, the revision is analysed from the start.
+        w.status = Some(tr.status);
+        w.obs.weight = Some(0);
+        w.tick(&p);
+        assert_eq!(w.phase(), Phase::Progressing);
+        assert_eq!(w.status.as_ref().unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn a_fresh_start_next_to_an_existing_primary_analyses_a_different_canary() {
+        let p = policy();
+        let mut w = World::new();
+        w.run_until(&p, Phase::Initialized, 5);
+        w.obs.canary.template_hash = "v2".into();
+        // The status was unreadable or deleted: the controller starts over from nothing.
+        w.status = None;
+        w.obs.judgement = judged(Verdict::Pass { early: false });
+        w.run_until(&p, Phase::Progressing, 5);
+        assert_eq!(w.status.as_ref().unwrap().revision, "v2");
+        assert_eq!(w.obs.primary.as_ref().unwrap().template_hash, "v1");
+    }
+
+    #[test]
+    fn a_status_with_impossible_numbers_is_rejected_before_use() {
+        let now = 1_700_000_000_000;
+        let mut s = Status {
+            phase: Phase::Progressing,
+            canary_weight: 250,
+            failed_checks: 0,
+            last_applied: "a".into(),
+            revision: "b".into(),
+            analysing: true,
+            step_started_ms: now,
+            last_transition_ms: now,
+            halted: false,
+            last_failed_check_ms: 0,
+        };
+        assert_eq!(s.validate(now), Err(StatusError::Weight(250)));
+        s.canary_weight = 5;
+        assert_eq!(s.validate(now), Ok(()));
+        s.step_started_ms = u64::MAX;
+        assert!(matches!(
+            s.validate(now),
+            Err(StatusError::Future {
+                what: "stepStartedMs",
+                ..
+            })
+        ));
     }
 
     #[test]

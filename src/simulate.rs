@@ -339,7 +339,8 @@ fn observation<'a>(
         canary,
         primary,
         edges_ms: &ENVOY_EDGES_MS,
-        fresh: true,
+        stale: None,
+        step_started_ms: None,
         now_ms,
     }
 }

@@ -153,8 +153,52 @@ pub struct WindowPair {
     pub primary_totals: Totals,
     /// Histogram edges shared by both arms (empty when they differ).
     pub edges_ms: Vec<f64>,
-    /// False when either arm has had no data for longer than the staleness limit.
-    pub fresh: bool,
+    /// Why the pair cannot be vouched for, `None` when both arms are current.
+    pub stale: Option<Stale>,
+}
+
+impl WindowPair {
+    /// Both arms had data within the staleness limit and every observer answered.
+    pub fn fresh(&self) -> bool {
+        self.stale.is_none()
+    }
+}
+
+/// Why a window pair is stale. The difference matters to the rollout: a blind observer is
+/// nobody's fault (halt and wait), a canary whose own sidecar went silent while everything
+/// else answers is a canary that died (a failed check, as Flagger counts "no values").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stale {
+    /// An agent that may scrape the workload's pods did not answer.
+    Observer,
+    /// The primary's sidecars sent nothing within the limit (the canary's may have).
+    Primary,
+    /// Only the canary's sidecars sent nothing within the limit; every observer answered.
+    Canary,
+}
+
+impl Stale {
+    /// From each arm's age (time since its last data) and the limit.
+    pub fn of_ages(
+        canary_age_ms: Option<u64>,
+        primary_age_ms: Option<u64>,
+        limit_ms: u64,
+    ) -> Option<Stale> {
+        let current = |age: Option<u64>| age.is_some_and(|a| a <= limit_ms);
+        match (current(canary_age_ms), current(primary_age_ms)) {
+            (true, true) => None,
+            (_, false) => Some(Stale::Primary),
+            (false, true) => Some(Stale::Canary),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stale::Observer => "observer",
+            Stale::Primary => "primary",
+            Stale::Canary => "canary",
+        }
+    }
 }
 
 /// Where the controller gets windows from: this node's windows now, every node's merged
@@ -434,7 +478,7 @@ pub struct Windows {
 }
 
 impl Windows {
-    /// The canary and primary windows of one workload, `fresh` if both had data within
+    /// The canary and primary windows of one workload, stale unless both had data within
     /// `stale_after_ms`.
     pub fn pair(
         &self,
@@ -451,9 +495,7 @@ impl Windows {
         let canary = self.get(&key(Role::Canary))?;
         let primary = self.get(&key(Role::Primary))?;
         let (cs, ps) = (canary.summary(now_ms), primary.summary(now_ms));
-        let fresh = [cs.age_ms, ps.age_ms]
-            .iter()
-            .all(|age| age.is_some_and(|a| a <= stale_after_ms));
+        let stale = Stale::of_ages(cs.age_ms, ps.age_ms, stale_after_ms);
         let edges_ms = if canary.edges_ms() == primary.edges_ms() {
             canary.edges_ms().to_vec()
         } else {
@@ -464,7 +506,7 @@ impl Windows {
             canary_totals: canary.totals().clone(),
             primary_totals: primary.totals().clone(),
             edges_ms,
-            fresh,
+            stale,
         })
     }
 

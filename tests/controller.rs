@@ -63,7 +63,7 @@ fn window(success: f64) -> WindowPair {
             buckets: vec![],
         },
         edges_ms: vec![],
-        fresh: true,
+        stale: None,
     }
 }
 

@@ -50,7 +50,8 @@ fn simulate(paths: usize, steps: usize, p: f64, seed: u64) -> Vec<([f64; 4], [f6
                     canary: &c,
                     primary: &pr,
                     edges_ms: &edges,
-                    fresh: true,
+                    stale: None,
+                    step_started_ms: None,
                     now_ms: 0,
                 };
                 let ev = judge.judge(&obs, &policy).evidence;

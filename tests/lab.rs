@@ -4,7 +4,9 @@
 //! shortened reference walkthrough. A healthy new image is promoted; a second one, hit by
 //! `/status/500` straight at the canary, is rolled back and the gateway stops sending it
 //! traffic. Then the reliability checks, each a scenario in `lab/`: the leader killed
-//! mid-rollout, a peer agent killed, the apiserver restarted, ten healthy promotions.
+//! mid-rollout, a peer agent killed, the apiserver restarted, ten healthy promotions; and
+//! the ways a rollout used to get stuck: the canary's Envoy or app dying mid-analysis, a
+//! canary too quiet to fill its window.
 
 mod support;
 
@@ -64,6 +66,28 @@ async fn the_loop_across_two_nodes() {
         "walkthrough (lab/ci.yaml): promotion, then rollback",
         walkthrough(&mut lab).await
     );
+    check!(
+        "the canary's Envoy dies: rolled back within threshold x interval",
+        {
+            let r = run_one(&mut lab, "canary-envoy-killed.yaml").await;
+            within_threshold_intervals(&r, "canary-envoy-killed.yaml");
+        }
+    );
+    check!(
+        "the canary's app dies: rolled back within threshold x interval",
+        {
+            let r = run_one(&mut lab, "canary-app-killed.yaml").await;
+            within_threshold_intervals(&r, "canary-app-killed.yaml");
+        }
+    );
+    check!(
+        "a quiet canary (0.25 rps) is judged over its steps and promoted",
+        {
+            let r = run_one(&mut lab, "low-traffic.yaml").await;
+            let w: Vec<u8> = r.weights.iter().map(|x| x.1).collect();
+            assert_eq!(w, [0, 5, 20, 0], "{:?}", r.weights);
+        }
+    );
     check!("leader killed mid-rollout: the other agent finishes it", {
         let r = run_one(&mut lab, "leader-killed.yaml").await;
         assert!(r.killed_at.is_some(), "the leader was killed");
@@ -107,6 +131,24 @@ async fn the_loop_across_two_nodes() {
         started.elapsed().as_secs_f64(),
         report.join("\n")
     );
+}
+
+/// A dead canary is rolled back within `threshold` x `interval` of its death (the
+/// scenario's policy), not halted at its weight.
+fn within_threshold_intervals(r: &RolloutResult, file: &str) {
+    let s = scenario(file);
+    let annotations = s.annotations();
+    let get = |k: &str| annotations[&format!("meshcanary.io/{k}")].clone();
+    let interval = meshcanary::config::parse_duration(&get("interval")).unwrap();
+    let threshold: f64 = get("threshold").parse().unwrap();
+    let limit = threshold * interval.as_secs_f64();
+    let ttr = r.ttr_router.expect("rolled back");
+    assert!(r.killed_at.is_some(), "the fault killed something");
+    assert!(
+        ttr <= limit,
+        "{file}: weight 0 after {ttr:.1} s, over {limit} s"
+    );
+    eprintln!("{file}: weight 0 {ttr:.1} s after the kill (limit {limit} s)");
 }
 
 async fn run(lab: &mut Lab, file: &str) -> Vec<RolloutResult> {

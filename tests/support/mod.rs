@@ -259,6 +259,28 @@ impl App {
         let task = tokio::spawn(testapp::serve(listener, Arc::clone(&fault)));
         App { port, fault, task }
     }
+
+    /// Kill the app: its port refuses connections and open ones are closed.
+    pub fn stop(&mut self) {
+        self.task.abort();
+    }
+
+    /// Start it again on the same port, with the same standing fault.
+    pub async fn restart(&mut self) {
+        self.task.abort();
+        let addr = format!("127.0.0.1:{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => break l,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("binding the app again on {addr}: {e}"),
+            }
+        };
+        self.task = tokio::spawn(testapp::serve(listener, Arc::clone(&self.fault)));
+    }
 }
 
 impl Drop for App {

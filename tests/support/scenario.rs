@@ -22,7 +22,7 @@
 //!       direct-errors: {concurrency: 1, qps: 5, path: /status/500}
 //!       # error-percent: 5               # the canary app fails this share of its requests
 //!       # added-latency-ms: 300          # the canary app answers this much later
-//!       # kill: {what: leader, after-seconds: 2}   # leader | peer | canary-envoy
+//!       # kill: {what: leader, after-seconds: 2}   # leader | peer | canary-envoy | canary-app
 //!       # restart-apiserver: true
 //!       # stop-prometheus-seconds: 60      # the remote-write receiver
 //!     expect: rollback                   # or promotion
@@ -131,6 +131,8 @@ pub enum KillWhat {
     Leader,
     Peer,
     CanaryEnvoy,
+    /// The test app behind the canary's sidecar (the sidecar stays up and answers 503).
+    CanaryApp,
 }
 
 impl Scenario {
@@ -374,6 +376,7 @@ async fn measure(
     let mut direct: Option<Hey> = None;
     let mut killed: Option<String> = None;
     let mut envoy_killed = false;
+    let mut app_killed = false;
     let mut kill_time: Option<Instant> = None;
     let mut prometheus_stopped: Option<Instant> = None;
     let mut zero_at: Option<Instant> = None;
@@ -448,6 +451,13 @@ async fn measure(
                             result.killed_at = Some(analysis.elapsed().as_secs_f64());
                             print("lab: killed the canary's Envoy");
                         }
+                        KillWhat::CanaryApp => {
+                            lab.canary.app.stop();
+                            app_killed = true;
+                            kill_time = Some(Instant::now());
+                            result.killed_at = Some(analysis.elapsed().as_secs_f64());
+                            print("lab: killed the canary's app");
+                        }
                         KillWhat::Leader | KillWhat::Peer => {
                             let leader = lab.leader_node().await;
                             let node = lab
@@ -492,7 +502,7 @@ async fn measure(
             .and_then(|k| k.restart_after_seconds);
         if let (Some(after), Some(t)) = (restart_after, kill_time) {
             if result.restarted_at.is_none() && t.elapsed().as_secs_f64() >= after {
-                restart(lab, &mut envoy_killed, &mut killed, print).await;
+                restart(lab, &mut envoy_killed, &mut app_killed, &mut killed, print).await;
                 result.restarted_at = Some(analysis.elapsed().as_secs_f64());
             }
         }
@@ -545,7 +555,7 @@ async fn measure(
     // Clear the fault for the next rollout.
     drop(direct);
     lab.canary.app.fault.set(0.0, 500, Duration::ZERO);
-    restart(lab, &mut envoy_killed, &mut killed, print).await;
+    restart(lab, &mut envoy_killed, &mut app_killed, &mut killed, print).await;
     if prometheus_stopped.is_some() {
         if let Some(p) = lab.prometheus.as_mut() {
             p.restart().await;
@@ -559,12 +569,17 @@ async fn measure(
 async fn restart(
     lab: &mut Lab,
     envoy_killed: &mut bool,
+    app_killed: &mut bool,
     killed: &mut Option<String>,
     print: &mut impl FnMut(&str),
 ) {
     if std::mem::take(envoy_killed) {
         lab.canary.sidecar.restart().await;
         print("lab: restarted the canary's Envoy");
+    }
+    if std::mem::take(app_killed) {
+        lab.canary.app.restart().await;
+        print("lab: restarted the canary's app");
     }
     if let Some(node) = killed.take() {
         lab.restart_agent(&node);

@@ -114,14 +114,17 @@ async fn handle(req: Request<Incoming>, fault: Arc<Fault>) -> Response<Full<Byte
     text(StatusCode::OK, "ok\n".into())
 }
 
-/// Serve on `listener` until the task is dropped.
+/// Serve on `listener` until the task is dropped. Connections are tasks of this one, so
+/// aborting it ends them too, as a killed process would (the sidecar sees resets).
 pub async fn serve(listener: TcpListener, fault: Arc<Fault>) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let fault = Arc::clone(&fault);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let fault = Arc::clone(&fault);
                 async move { Ok::<_, Infallible>(handle(req, fault).await) }
