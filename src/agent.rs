@@ -346,7 +346,7 @@ impl Agent {
                         rw.queue_dir.display()
                     )
                 })?;
-                tracing::info!(url = %rw.endpoint.url, queue = %rw.queue_dir.display(), "Remote write enabled");
+                tracing::info!(url = %crate::remote_write::send::redact(&rw.endpoint.url.to_string()), queue = %rw.queue_dir.display(), "Remote write enabled");
                 if let Some(every) = self.config.full_interval {
                     tasks.spawn(self_scrape(
                         self.shared(),

@@ -186,6 +186,10 @@ pub struct AgentArgs {
     /// Longest retry delay.
     #[arg(long, env = "MESHCANARY_REMOTE_WRITE_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
     pub remote_write_max_backoff: Duration,
+    /// How long a batch is retried while the endpoint answers 401 or 403 (the credential
+    /// files are read again at every attempt, so a rotation heals it); then it is dropped.
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_AUTH_RETRY", default_value = "10m", value_parser = parse_duration)]
+    pub remote_write_auth_retry: Duration,
     /// Timeout of one remote-write POST.
     #[arg(long, env = "MESHCANARY_REMOTE_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub remote_write_timeout: Duration,
@@ -458,11 +462,13 @@ impl AgentArgs {
         let Some(url) = &self.remote_write_url else {
             return Ok(None);
         };
-        let url: http::Uri = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--remote-write-url {url:?}: {e}"))?;
+        let url: http::Uri = url.parse().map_err(|e| {
+            let shown = crate::remote_write::send::redact(url);
+            anyhow::anyhow!("--remote-write-url {shown:?}: {e}")
+        })?;
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
-            anyhow::bail!("--remote-write-url {url}: expected http:// or https:// with a host");
+            let shown = crate::remote_write::send::redact(&url.to_string());
+            anyhow::bail!("--remote-write-url {shown}: expected http:// or https:// with a host");
         }
         let host = url.host().unwrap_or_default();
         let sigv4 = if self.remote_write_sigv4 || host.starts_with("aps-workspaces.") {
@@ -475,12 +481,8 @@ impl AgentArgs {
         } else {
             None
         };
-        let read_secret = |flag: &str, path: &std::path::Path| {
-            std::fs::read_to_string(path)
-                .map(|s| s.trim().to_owned())
-                .with_context(|| format!("{flag}: reading {}", path.display()))
-        };
-        let authorization = match (
+        use crate::remote_write::send::Credential;
+        let credential = match (
             &self.remote_write_bearer_token_file,
             &self.remote_write_basic_auth_user,
             &self.remote_write_basic_auth_password_file,
@@ -488,33 +490,30 @@ impl AgentArgs {
             (Some(_), Some(_), _) => {
                 anyhow::bail!("give either a bearer token or basic auth, not both")
             }
-            (Some(path), None, _) => Some(format!(
-                "Bearer {}",
-                read_secret("--remote-write-bearer-token-file", path)?
+            (Some(path), None, _) => Some((
+                "--remote-write-bearer-token-file",
+                Credential::Bearer { file: path.clone() },
             )),
-            (None, Some(user), Some(path)) => {
-                let password = read_secret("--remote-write-basic-auth-password-file", path)?;
-                Some(format!(
-                    "Basic {}",
-                    crate::remote_write::send::base64(format!("{user}:{password}").as_bytes())
-                ))
-            }
+            (None, Some(user), Some(path)) => Some((
+                "--remote-write-basic-auth-password-file",
+                Credential::Basic {
+                    user: user.clone(),
+                    password_file: path.clone(),
+                },
+            )),
             (None, Some(_), None) => anyhow::bail!(
                 "--remote-write-basic-auth-user needs --remote-write-basic-auth-password-file"
             ),
             (None, None, _) => None,
         };
-        let authorization = authorization
-            .map(|v| {
-                let mut v = http::HeaderValue::from_str(&v).map_err(|_| {
-                    anyhow::anyhow!(
-                        "the remote-write credential contains characters not allowed in a header"
-                    )
-                })?;
-                v.set_sensitive(true);
-                Ok::<_, anyhow::Error>(v)
-            })
-            .transpose()?;
+        // Read once now so a wrong path fails at startup; the sender reads it again for
+        // every POST, so a rotated credential is picked up.
+        if let Some((flag, credential)) = &credential {
+            credential
+                .header()
+                .with_context(|| format!("{flag}: the remote-write credential"))?;
+        }
+        let credential = credential.map(|(_, c)| c);
         let external_labels = self
             .external_labels
             .iter()
@@ -542,9 +541,11 @@ impl AgentArgs {
         let config = RemoteWriteConfig {
             endpoint: Endpoint {
                 url,
-                authorization,
+                credential,
                 timeout: self.remote_write_timeout,
+                max_retry_after: self.remote_write_max_backoff,
             },
+            auth_retry: self.remote_write_auth_retry,
             queue_dir: self.remote_write_queue_dir.clone(),
             max_disk_bytes: self.remote_write_max_disk as u64,
             batch_samples: self.remote_write_batch_samples,

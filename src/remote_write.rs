@@ -46,6 +46,8 @@ pub struct RemoteWriteConfig {
     pub shards: usize,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long one batch is retried while the endpoint refuses the credential.
+    pub auth_retry: Duration,
     /// Labels added to every series (`cluster`, ...).
     pub external_labels: Vec<(String, String)>,
     /// The `job` label of Envoy series (the reference collector's job name).
@@ -305,6 +307,8 @@ async fn shard_sender(
             continue;
         };
         let body = Bytes::from(record.payload);
+        // Since when this batch's credential has been refused (401/403).
+        let mut refused_since: Option<Instant> = None;
         loop {
             let started = Instant::now();
             let outcome = sender.post(body.clone()).await;
@@ -313,6 +317,7 @@ async fn shard_sender(
                 Outcome::Delivered => "2xx",
                 Outcome::Retry { reason: "429", .. } => "429",
                 Outcome::Retry { reason: "5xx", .. } => "5xx",
+                Outcome::Retry { reason: "auth", .. } => "4xx",
                 Outcome::Retry { .. } => "error",
                 Outcome::Drop { .. } => "4xx",
             };
@@ -338,6 +343,17 @@ async fn shard_sender(
                     break;
                 }
                 Outcome::Retry { reason, after } => {
+                    if reason == "auth" {
+                        let since = *refused_since.get_or_insert_with(|| {
+                            tracing::warn!(samples = record.samples, "Remote-write endpoint refused the credential (401/403); retrying with the credential files read again");
+                            Instant::now()
+                        });
+                        if since.elapsed() >= config.auth_retry {
+                            count("dropped_auth", u64::from(record.samples));
+                            tracing::error!(samples = record.samples, refused_for = ?config.auth_retry, "Remote-write endpoint refused the credential for the whole --remote-write-auth-retry; dropped the batch (check the credential files and the endpoint's permissions)");
+                            break;
+                        }
+                    }
                     metrics
                         .rw_retries
                         .get_or_create(&ReasonLabels { reason })

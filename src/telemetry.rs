@@ -551,7 +551,7 @@ impl Metrics {
         reg("meshcanary_merged_window_age_seconds", "Age of the oldest peer answer in the leader's merged windows; above the staleness limit, decisions on the affected workloads halt.", &[], Box::new(m.merged_window_age.clone()));
         reg(
             "meshcanary_remote_write_samples",
-            "Remote-write samples by outcome: queued (on disk), sent, dropped_http_4xx (rejected by the receiver), dropped_disk_cap, dropped_corrupt, dropped_queue_error.",
+            "Remote-write samples by outcome: queued (on disk), sent, dropped_http_4xx (rejected by the receiver), dropped_auth (credential refused for all of --remote-write-auth-retry), dropped_disk_cap, dropped_corrupt, dropped_queue_error.",
             &["outcome"],
             Box::new(m.rw_samples.clone()),
         );

@@ -221,6 +221,134 @@ async fn retry_after_is_honoured_400_batches_are_dropped_and_the_rest_flows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_is_read_again_and_nothing_refused_meanwhile_is_lost() {
+    let app = App::start().await;
+    let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
+    let receiver = Receiver::start(0, vec![]).await;
+    *receiver.require_authorization.lock().unwrap() = Some("Bearer new-token".into());
+    let queue = TempDir::new("queue");
+    let token = queue.path.join("token");
+    std::fs::write(&token, "old-token\n").unwrap();
+    let mut rw = remote_write_config(&receiver.url(), &queue.path.join("q"));
+    rw.shards = 1;
+    rw.endpoint.credential = Some(meshcanary::remote_write::send::Credential::Bearer {
+        file: token.clone(),
+    });
+    let agent = RunningAgent::start_with(
+        &[format!("test/podinfo/primary={}", sidecar.admin_url())],
+        32 << 20,
+        |c| {
+            c.full_interval = Some(Duration::from_secs(1));
+            c.remote_write = Some(rw);
+        },
+    )
+    .await;
+    let log = receiver.log.clone();
+    eventually(Duration::from_secs(20), "refused attempts", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status == 401)
+            .count()
+            >= 3
+    })
+    .await;
+    // The kubelet (or an operator) rotates the token file.
+    std::fs::write(&token, "new-token\n").unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "deliveries with the new token",
+        || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.status == 204)
+                .count()
+                >= 3
+        },
+    )
+    .await;
+    let shared = agent.shared.clone();
+    agent.shutdown().await;
+    let got = receiver.received();
+    for r in got.iter().filter(|r| r.status == 204) {
+        assert_eq!(r.headers["authorization"], "Bearer new-token");
+    }
+    // Every refused batch was delivered later: none was dropped.
+    for refused in got.iter().filter(|r| r.status == 401) {
+        assert!(
+            got.iter()
+                .any(|r| r.status == 204 && r.request == refused.request),
+            "a refused batch never arrived"
+        );
+    }
+    let metrics = shared.render_metrics();
+    for outcome in ["dropped_http_4xx", "dropped_auth"] {
+        assert_eq!(
+            counter(
+                &metrics,
+                &format!(r#"meshcanary_remote_write_samples_total{{outcome="{outcome}"}}"#)
+            ),
+            0.0,
+            "{outcome}"
+        );
+    }
+    assert!(
+        counter(
+            &metrics,
+            r#"meshcanary_remote_write_retries_total{reason="auth"}"#
+        ) >= 3.0
+    );
+    assert!(
+        !metrics.contains("old-token") && !metrics.contains("new-token"),
+        "credentials are never exported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_refused_past_the_retry_limit_drops_that_batch_and_says_so() {
+    let app = App::start().await;
+    let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
+    let receiver = Receiver::start(0, vec![]).await;
+    *receiver.require_authorization.lock().unwrap() = Some("Bearer never-given".into());
+    let queue = TempDir::new("queue");
+    let mut rw = remote_write_config(&receiver.url(), &queue.path);
+    rw.shards = 1;
+    rw.auth_retry = Duration::from_secs(1);
+    let agent = RunningAgent::start_with(
+        &[format!("test/podinfo/primary={}", sidecar.admin_url())],
+        32 << 20,
+        |c| {
+            c.full_interval = Some(Duration::from_secs(1));
+            c.remote_write = Some(rw);
+        },
+    )
+    .await;
+    let shared = agent.shared.clone();
+    eventually(
+        Duration::from_secs(20),
+        "a batch dropped after 1 s of 401s",
+        || {
+            counter(
+                &shared.render_metrics(),
+                r#"meshcanary_remote_write_samples_total{outcome="dropped_auth"}"#,
+            ) > 0.0
+        },
+    )
+    .await;
+    agent.shutdown().await;
+    let got = receiver.received();
+    let first = got.first().expect("attempts").at;
+    let distinct: std::collections::HashSet<String> =
+        got.iter().map(|r| format!("{:?}", r.request)).collect();
+    assert!(
+        distinct.len() >= 2,
+        "the pipeline moved past the dropped batch"
+    );
+    assert!(got.last().unwrap().at.duration_since(first) >= Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vanished_series_and_dead_targets_get_stale_markers() {
     use meshcanary::remote_write::proto::STALE_NAN_BITS;
     let admin = FakeAdmin::start(

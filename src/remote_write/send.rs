@@ -1,11 +1,18 @@
 //! One remote-write POST, and what to do about its answer.
 //!
 //! [`classify`] is pure: 2xx is delivered; 429 and 5xx (and no answer at all) are retried,
-//! honouring `Retry-After`; any other 4xx means the receiver will never take this batch, so
-//! it is dropped and counted. [`Backoff`] is exponential with full jitter, validated at
-//! construction.
+//! honouring `Retry-After` up to the longest backoff; 401 and 403 are retried too (for a
+//! bounded time, see [`crate::remote_write`]) because the usual cause is a rotated credential
+//! that the next read of its file fixes, as vmagent does; any other 4xx means the receiver
+//! will never take this batch, so it is dropped and counted. [`Backoff`] is exponential
+//! with full jitter, validated at construction.
+//!
+//! Credentials come from files read again for every POST ([`Credential`]): Secrets and
+//! projected tokens are rotated under a running agent. Only the first [`MAX_ERROR_BODY`]
+//! bytes of an error answer are read.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -32,13 +39,28 @@ pub enum Outcome {
     },
 }
 
-/// Decide from a status code and a `Retry-After` header value (seconds).
-pub fn classify(status: StatusCode, retry_after: Option<&str>, body: &str) -> Outcome {
+/// How much of an error answer is read (its start names the problem; a receiver that
+/// streams megabytes of HTML must not cost memory).
+pub const MAX_ERROR_BODY: usize = 4096;
+
+/// Decide from a status code and a `Retry-After` header value (seconds, capped at
+/// `max_after`: a receiver asking for an hour must not park the shard for an hour).
+pub fn classify(
+    status: StatusCode,
+    retry_after: Option<&str>,
+    body: &str,
+    max_after: Duration,
+) -> Outcome {
     let after = retry_after
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(|s| Duration::from_secs(s).min(max_after));
     if status.is_success() {
         Outcome::Delivered
+    } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        Outcome::Retry {
+            reason: "auth",
+            after,
+        }
     } else if status == StatusCode::TOO_MANY_REQUESTS {
         Outcome::Retry {
             reason: "429",
@@ -118,13 +140,82 @@ pub fn base64(input: &[u8]) -> String {
     out
 }
 
+/// Where the `Authorization` header comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// `Bearer <file contents>`.
+    Bearer { file: PathBuf },
+    /// `Basic base64(user:<file contents>)`.
+    Basic {
+        user: String,
+        password_file: PathBuf,
+    },
+}
+
+/// A credential file that cannot be read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds characters not allowed in an HTTP header")]
+    NotAHeader { path: String },
+}
+
+impl Credential {
+    /// Read the file now and build the header, marked sensitive (never printed).
+    ///
+    /// ### Errors
+    /// The file cannot be read, or its contents cannot go in a header.
+    pub fn header(&self) -> Result<HeaderValue, CredentialError> {
+        let path = match self {
+            Credential::Bearer { file } => file,
+            Credential::Basic { password_file, .. } => password_file,
+        };
+        let secret = std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|source| CredentialError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let value = match self {
+            Credential::Bearer { .. } => format!("Bearer {secret}"),
+            Credential::Basic { user, .. } => {
+                format!("Basic {}", base64(format!("{user}:{secret}").as_bytes()))
+            }
+        };
+        let mut value = HeaderValue::from_str(&value).map_err(|_| CredentialError::NotAHeader {
+            path: path.display().to_string(),
+        })?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+}
+
+/// A URL as it may be logged: any `user:password@` replaced.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Where and how to POST.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pub url: Uri,
-    /// A ready `Authorization` header (bearer or basic); never logged.
-    pub authorization: Option<HeaderValue>,
+    /// Read again for every POST; never logged.
+    pub credential: Option<Credential>,
     pub timeout: Duration,
+    /// The longest `Retry-After` honoured.
+    pub max_retry_after: Duration,
 }
 
 /// The HTTP side of remote write: http or https, SigV4-signed when configured.
@@ -133,6 +224,9 @@ pub struct Sender {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     endpoint: Endpoint,
     sigv4: Option<Arc<SigV4>>,
+    /// The last header built from the credential, used while its file cannot be read (a
+    /// rotation in progress), and the last read error, to log each distinct one once.
+    credential_cache: Arc<Mutex<(Option<HeaderValue>, Option<String>)>>,
 }
 
 /// Headers every remote-write POST carries (before any signature).
@@ -161,7 +255,33 @@ impl Sender {
             client: Client::builder(TokioExecutor::new()).build(https),
             endpoint,
             sigv4,
+            credential_cache: Arc::default(),
         }
+    }
+
+    /// The `Authorization` header for this POST, from the credential file as it is now.
+    fn authorization(&self) -> Option<HeaderValue> {
+        let credential = self.endpoint.credential.as_ref()?;
+        let mut cache = self
+            .credential_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match credential.header() {
+            Ok(value) => {
+                if cache.1.take().is_some() {
+                    tracing::info!("Remote-write credential file readable again");
+                }
+                cache.0 = Some(value);
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if cache.1.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(%error, "Remote-write credential unreadable; using the last one read");
+                    cache.1 = Some(message);
+                }
+            }
+        }
+        cache.0.clone()
     }
 
     /// POST one snappy-compressed `WriteRequest`, signed anew if SigV4 is on.
@@ -170,8 +290,8 @@ impl Sender {
         for (name, value) in HEADERS {
             req = req.header(name, value);
         }
-        if let Some(auth) = &self.endpoint.authorization {
-            req = req.header(http::header::AUTHORIZATION, auth.clone());
+        if let Some(auth) = self.authorization() {
+            req = req.header(http::header::AUTHORIZATION, auth);
         }
         if let Some(sigv4) = &self.sigv4 {
             let credentials = match sigv4.credentials.get().await {
@@ -232,16 +352,27 @@ impl Sender {
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|_| "body_read")?
-                .to_bytes();
+            let mut body = resp.into_body();
+            let mut text = Vec::new();
+            // Only the start of the answer: the rest is left unread (the connection is
+            // then closed rather than reused).
+            while text.len() < MAX_ERROR_BODY {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            let room = MAX_ERROR_BODY - text.len();
+                            text.extend_from_slice(&data[..data.len().min(room)]);
+                        }
+                    }
+                    Some(Err(_)) => return Err("body_read"),
+                    None => break,
+                }
+            }
             Ok::<_, &'static str>(classify(
                 status,
                 retry_after.as_deref(),
-                &String::from_utf8_lossy(&body),
+                &String::from_utf8_lossy(&text),
+                self.endpoint.max_retry_after,
             ))
         };
         match tokio::time::timeout(self.endpoint.timeout, exchange).await {
@@ -264,35 +395,92 @@ mod tests {
 
     #[test]
     fn status_codes_decide_retry_or_drop() {
+        let cap = Duration::from_secs(30);
         assert_eq!(
-            classify(StatusCode::NO_CONTENT, None, ""),
+            classify(StatusCode::NO_CONTENT, None, "", cap),
             Outcome::Delivered
         );
         assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, Some("3"), ""),
+            classify(StatusCode::TOO_MANY_REQUESTS, Some("3"), "", cap),
             Outcome::Retry {
                 reason: "429",
                 after: Some(Duration::from_secs(3))
             }
         );
         assert_eq!(
-            classify(StatusCode::BAD_GATEWAY, None, ""),
+            classify(StatusCode::TOO_MANY_REQUESTS, Some("86400"), "", cap),
+            Outcome::Retry {
+                reason: "429",
+                after: Some(cap)
+            },
+            "Retry-After is capped"
+        );
+        assert_eq!(
+            classify(StatusCode::BAD_GATEWAY, None, "", cap),
             Outcome::Retry {
                 reason: "5xx",
                 after: None
             }
         );
         assert_eq!(
-            classify(StatusCode::BAD_REQUEST, None, "out of order sample"),
+            classify(StatusCode::BAD_REQUEST, None, "out of order sample", cap),
             Outcome::Drop {
                 status: 400,
                 message: "out of order sample".into()
             }
         );
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+            assert_eq!(
+                classify(status, None, "", cap),
+                Outcome::Retry {
+                    reason: "auth",
+                    after: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn urls_are_logged_without_their_credentials() {
+        assert_eq!(
+            redact("https://user:s3cret@aps.example/api/v1/remote_write?x=a@b"),
+            "https://<redacted>@aps.example/api/v1/remote_write?x=a@b"
+        );
+        assert_eq!(
+            redact("http://127.0.0.1:9090/write"),
+            "http://127.0.0.1:9090/write"
+        );
+        assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn credentials_are_read_from_their_files_each_time() {
+        let dir = std::env::temp_dir().join(format!("meshcanary-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "one\n").unwrap();
+        let bearer = Credential::Bearer { file: file.clone() };
+        assert_eq!(bearer.header().unwrap(), "Bearer one");
+        assert!(bearer.header().unwrap().is_sensitive());
+        std::fs::write(&file, "two").unwrap();
+        assert_eq!(bearer.header().unwrap(), "Bearer two");
+        let basic = Credential::Basic {
+            user: "Aladdin".into(),
+            password_file: file.clone(),
+        };
+        std::fs::write(&file, "open sesame").unwrap();
+        assert_eq!(
+            basic.header().unwrap(),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        std::fs::write(&file, "bad\u{1}value").unwrap();
         assert!(matches!(
-            classify(StatusCode::UNAUTHORIZED, None, ""),
-            Outcome::Drop { status: 401, .. }
+            bearer.header(),
+            Err(CredentialError::NotAHeader { .. })
         ));
+        std::fs::remove_file(&file).unwrap();
+        assert!(matches!(bearer.header(), Err(CredentialError::Read { .. })));
+        let _ = std::fs::remove_dir(&dir);
     }
 
     #[test]

@@ -547,6 +547,9 @@ pub struct Received {
 pub struct Receiver {
     pub port: u16,
     pub log: Arc<std::sync::Mutex<Vec<Received>>>,
+    /// When set, a request whose `Authorization` is not exactly this gets 401 (before the
+    /// script is consulted), as an endpoint does after a credential rotation.
+    pub require_authorization: Arc<std::sync::Mutex<Option<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -562,17 +565,27 @@ impl Receiver {
         let script = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
             script,
         )));
-        let (log2, script2) = (Arc::clone(&log), Arc::clone(&script));
+        let require_authorization = Arc::new(std::sync::Mutex::new(None::<String>));
+        let (log2, script2, require2) = (
+            Arc::clone(&log),
+            Arc::clone(&script),
+            Arc::clone(&require_authorization),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (log, script) = (Arc::clone(&log2), Arc::clone(&script2));
+                let (log, script, require) = (
+                    Arc::clone(&log2),
+                    Arc::clone(&script2),
+                    Arc::clone(&require2),
+                );
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
                             let (log, script) = (Arc::clone(&log), Arc::clone(&script));
+                            let required = require.lock().unwrap().clone();
                             async move {
                                 let headers = req.headers().clone();
                                 let path = req.uri().path().to_owned();
@@ -582,8 +595,13 @@ impl Receiver {
                                     .await
                                     .map(|b| b.to_bytes())
                                     .unwrap_or_default();
-                                let (status, retry_after) =
-                                    script.lock().unwrap().pop_front().unwrap_or((204, None));
+                                let given = headers
+                                    .get(http::header::AUTHORIZATION)
+                                    .and_then(|v| v.to_str().ok());
+                                let (status, retry_after) = match required {
+                                    Some(r) if given != Some(r.as_str()) => (401, None),
+                                    _ => script.lock().unwrap().pop_front().unwrap_or((204, None)),
+                                };
                                 let request = meshcanary::remote_write::proto::decode(&body)
                                     .expect("a valid remote-write body");
                                 log.lock().unwrap().push(Received {
@@ -613,7 +631,12 @@ impl Receiver {
                 });
             }
         });
-        Receiver { port, log, task }
+        Receiver {
+            port,
+            log,
+            require_authorization,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -636,8 +659,9 @@ pub fn remote_write_config(url: &str, dir: &Path) -> meshcanary::remote_write::R
     meshcanary::remote_write::RemoteWriteConfig {
         endpoint: meshcanary::remote_write::send::Endpoint {
             url: url.parse().unwrap(),
-            authorization: None,
+            credential: None,
             timeout: Duration::from_secs(2),
+            max_retry_after: Duration::from_secs(2),
         },
         queue_dir: dir.to_owned(),
         max_disk_bytes: 1 << 30,
@@ -646,6 +670,7 @@ pub fn remote_write_config(url: &str, dir: &Path) -> meshcanary::remote_write::R
         shards: 2,
         min_backoff: Duration::from_millis(30),
         max_backoff: Duration::from_millis(500),
+        auth_retry: Duration::from_secs(60),
         external_labels: vec![("cluster".to_owned(), "lab".to_owned())],
         job: "appmesh-envoy".to_owned(),
         drop: meshcanary::remote_write::relabel::DropRules::reference(),
