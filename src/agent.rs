@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub fast_filter: String,
     pub window: WindowConfig,
     pub listen: Option<SocketAddr>,
+    /// Limits of the telemetry and peer ports.
+    pub http_limits: crate::telemetry::HttpLimits,
     pub grace_period: Duration,
     /// How the judge compares each workload's canary with its primary.
     pub policy: Policy,
@@ -329,7 +331,17 @@ impl Agent {
                 metrics: Arc::new(move || shared.render_metrics()),
                 ready: Arc::clone(&self.shared.ready),
             };
-            tasks.spawn(telemetry::serve(listener, endpoints, shutdown.clone()));
+            let server = telemetry::HttpServer {
+                name: "telemetry",
+                limits: self.config.http_limits,
+                metrics: Arc::clone(&self.shared.metrics),
+            };
+            tasks.spawn(telemetry::serve(
+                listener,
+                endpoints,
+                server,
+                shutdown.clone(),
+            ));
         }
         let remote_write = match &self.config.remote_write {
             Some(rw) => {
@@ -814,6 +826,7 @@ mod tests {
             fast_filter: crate::scrape::fast_filter("^cds_ingress_"),
             window: WindowConfig::default(),
             listen: None,
+            http_limits: crate::telemetry::HttpLimits::default(),
             grace_period: Duration::from_secs(5),
             policy: Policy::default(),
             remote_write: None,

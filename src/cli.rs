@@ -140,6 +140,14 @@ pub struct AgentArgs {
     /// serves nothing unless given).
     #[arg(long, env = "MESHCANARY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Connections each HTTP port (telemetry, peers) serves at once; a new one beyond it
+    /// closes the oldest connection that has not sent a request yet, or is refused.
+    #[arg(long, env = "MESHCANARY_HTTP_MAX_CONNECTIONS", default_value_t = 128)]
+    pub http_max_connections: usize,
+    /// A request's headers must arrive within this time on the HTTP ports, counted from
+    /// the connection's start or the previous answer (so it is also the idle timeout).
+    #[arg(long, env = "MESHCANARY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
     /// Which checks may fail a step: `threshold` (Flagger's rule), `sequential` (the
     /// anytime-valid tests) or `both`.
     #[arg(long, env = "MESHCANARY_JUDGE", default_value = "both")]
@@ -164,8 +172,10 @@ pub struct AgentArgs {
         default_value = "/var/lib/meshcanary/queue"
     )]
     pub remote_write_queue_dir: std::path::PathBuf,
-    /// Disk the queue may use; past it the oldest batches are dropped and counted.
-    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_MAX_DISK", default_value = "1GiB", value_parser = parse_bytes)]
+    /// Disk the queue may use; past it the oldest batches are dropped and counted. It may
+    /// overshoot by the segment being written (8 MiB) and one batch, so keep it well under
+    /// the volume's size (the manifests: 768 MiB on a 1 GiB emptyDir).
+    #[arg(long, env = "MESHCANARY_REMOTE_WRITE_MAX_DISK", default_value = "768MiB", value_parser = parse_bytes)]
     pub remote_write_max_disk: usize,
     /// Samples per remote-write request at most.
     #[arg(
@@ -348,6 +358,10 @@ impl AgentArgs {
                 min_requests: self.min_requests,
             },
             listen: self.listen.or(default_listen),
+            http_limits: crate::telemetry::HttpLimits {
+                max_connections: self.http_max_connections,
+                header_timeout: self.http_header_timeout,
+            },
             grace_period: self.grace_period,
             policy: crate::judge::Policy {
                 mode: self.judge,
@@ -671,6 +685,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitCode> {
     let window_s = config.window.slots as u64;
+    let http_limits = config.http_limits;
     let kube = config.kube.clone();
     let mut agent = Agent::new(config)?;
     let (tx, rx) = watch::channel(false);
@@ -694,8 +709,7 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
             .map_or_else(|| node.clone(), |c| c.identity.clone());
         let cluster = match &kube.peers {
             Some(pc) => {
-                let listener = tokio::net::TcpListener::bind(pc.listen)
-                    .await
+                let listener = crate::telemetry::listen(pc.listen)
                     .with_context(|| format!("binding the peer listener on {}", pc.listen))?;
                 let reviewer = crate::peers::auth::Reviewer::new(
                     client.clone(),
@@ -704,11 +718,13 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
                         "system:serviceaccount:{}:{}",
                         pc.namespace, pc.service_account
                     ),
+                    Arc::clone(&shared.metrics),
                 );
                 let server = crate::peers::serve::PeerServer {
                     shared: Arc::clone(&shared),
                     node: node.clone(),
                     reviewer: Some(Arc::new(reviewer)),
+                    limits: http_limits,
                 };
                 tracing::info!(addr = %pc.listen, "Serving windows to peers on /v1/windows");
                 tokio::spawn(server.serve(listener, rx.clone()));

@@ -142,6 +142,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -258,6 +263,10 @@ pub struct Metrics {
     pub leader: Gauge,
     pub controller_errors: Family<OperationLabels, Counter>,
     pub peer_requests: Family<ResultLabels, Counter>,
+    pub peer_token_reviews: Family<ResultLabels, Counter>,
+    pub http_connections: Family<ServerLabels, Gauge>,
+    pub http_timeouts: Family<ServerLabels, Counter>,
+    pub http_refused: Family<ServerLabels, Counter>,
     pub peers_known: Gauge,
     pub peers_up: Gauge,
     pub peer_polls: Family<ResultLabels, Counter>,
@@ -345,6 +354,10 @@ impl Metrics {
             leader: Gauge::default(),
             controller_errors: Family::default(),
             peer_requests: Family::default(),
+            peer_token_reviews: Family::default(),
+            http_connections: Family::default(),
+            http_timeouts: Family::default(),
+            http_refused: Family::default(),
             peers_known: Gauge::default(),
             peers_up: Gauge::default(),
             peer_polls: Family::default(),
@@ -529,6 +542,10 @@ impl Metrics {
         );
         reg("meshcanary_controller_errors", "Kubernetes API operations of the controller that failed, by operation and reason; retried at the next tick.", &["operation", "reason"], Box::new(m.controller_errors.clone()));
         reg("meshcanary_peer_requests", "Window requests this agent answered on the peer port, by result: ok, or why it refused (no_token, token_rejected, wrong_user, review_failed, bad_request, not_found).", &["result"], Box::new(m.peer_requests.clone()));
+        reg("meshcanary_peer_token_reviews", "TokenReviews the peer port asked the API server for (tokens not in its cache), by result: ok, token_rejected, wrong_user, review_failed.", &["result"], Box::new(m.peer_token_reviews.clone()));
+        reg("meshcanary_http_connections", "Open connections on each HTTP port (server: telemetry, peers); at most --http-max-connections each.", &["server"], Box::new(m.http_connections.clone()));
+        reg("meshcanary_http_refused", "Connections closed at the --http-max-connections cap, by server: the oldest connection that had not sent a request yet, or the new one when every open connection had.", &["server"], Box::new(m.http_refused.clone()));
+        reg("meshcanary_http_timeouts", "Connections closed because a request's headers did not arrive within --http-header-timeout (slow or idle clients), by server.", &["server"], Box::new(m.http_timeouts.clone()));
         reg(
             "meshcanary_peers_known",
             "Agents the leader polls for windows (from the DaemonSet's pods, itself included).",
@@ -557,7 +574,7 @@ impl Metrics {
         );
         reg(
             "meshcanary_remote_write_retries",
-            "Remote-write batch attempts that will be retried, by reason (429, 5xx, connect, timeout, body_read).",
+            "Remote-write batch attempts that will be retried, by reason (429, 5xx, auth for 401/403, connect, timeout, body_read, credentials).",
             &["reason"],
             Box::new(m.rw_retries.clone()),
         );
@@ -820,26 +837,85 @@ pub struct Endpoints {
 }
 
 /// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: watch::Receiver<bool>) {
-    serve_http(listener, shutdown, move |req| {
+pub async fn serve(
+    listener: TcpListener,
+    endpoints: Endpoints,
+    server: HttpServer,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_http(listener, server, shutdown, move |req| {
         let response = route(&req, &endpoints);
         async move { response }
     })
     .await;
 }
 
-/// Accept HTTP/1 connections on `listener` and answer each request with `handler`, until
-/// `shutdown` turns true (the telemetry and the peer port share this).
+/// Limits of every HTTP port the agent opens (telemetry and peers): both face the pod
+/// network, so a client that opens connections and sends nothing, or sends a byte a
+/// minute, must cost a bounded amount and go away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections served at once. A new connection beyond it closes the oldest one that
+    /// has not sent a whole request yet (an idle or trickling client: a real one sends its
+    /// request at once); with none of those, the new one is refused (closed at once). The
+    /// process never grows past it.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this time, counted from the connection's
+    /// start or the end of the previous answer: it is also the keep-alive idle timeout.
+    pub header_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 128,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One HTTP port: its name for metrics, its limits, and the metrics it reports to.
+#[derive(Clone)]
+pub struct HttpServer {
+    pub name: &'static str,
+    pub limits: HttpLimits,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Connections that have not sent a whole request yet, oldest first: the ones a new
+/// connection may push out at the cap.
+type Waiting = Arc<Mutex<std::collections::BTreeMap<u64, tokio::task::AbortHandle>>>;
+
+/// Accept HTTP/1 connections on `listener` and answer each request with `handler`, within
+/// `server`'s limits, until `shutdown` turns true (the telemetry and the peer port share
+/// this).
 pub async fn serve_http<H, F>(
     listener: TcpListener,
+    server: HttpServer,
     mut shutdown: watch::Receiver<bool>,
     handler: H,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    let labels = ServerLabels {
+        server: server.name,
+    };
+    let open = server
+        .metrics
+        .http_connections
+        .get_or_create(&labels)
+        .clone();
+    let timeouts = server.metrics.http_timeouts.get_or_create(&labels).clone();
+    let refused = server.metrics.http_refused.get_or_create(&labels).clone();
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        server.limits.max_connections.max(1),
+    ));
+    let waiting: Waiting = Arc::default();
     let mut conns = tokio::task::JoinSet::new();
+    let mut seq = 0u64;
     loop {
+        while conns.try_join_next().is_some() {}
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = crate::agent::stopping(&mut shutdown) => break,
@@ -848,23 +924,80 @@ pub async fn serve_http<H, F>(
             Ok(a) => a,
             Err(error) => {
                 tracing::warn!(%error, "Accepting a connection failed");
+                // Out of file descriptors, typically: give the others a moment to close.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // At the cap: push out the oldest connection still waiting for a request.
+                let oldest = lock(&waiting).pop_first();
+                let Some((_, handle)) = oldest else {
+                    refused.inc();
+                    drop(stream);
+                    continue;
+                };
+                handle.abort();
+                refused.inc();
+                match Arc::clone(&permits).acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => break,
+                }
+            }
+        };
+        seq += 1;
+        let id = seq;
         let handler = handler.clone();
-        conns.spawn(async move {
+        let (open, timeouts) = (open.clone(), timeouts.clone());
+        let header_timeout = server.limits.header_timeout;
+        let waiting_here = Arc::clone(&waiting);
+        // The task serves only once it is listed, so its first request always unlists it.
+        let (listed, is_listed) = tokio::sync::oneshot::channel::<()>();
+        let handle = conns.spawn(async move {
+            let _permit = permit;
+            let _ = is_listed.await;
+            let _open = OpenGuard::new(open);
+            let first = Arc::clone(&waiting_here);
             let service = hyper::service::service_fn(move |req| {
+                lock(&first).remove(&id);
                 let answer = handler(req);
                 async move { Ok::<_, Infallible>(answer.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(64 * 1024)
                 .serve_connection(io, service)
                 .await;
+            lock(&waiting_here).remove(&id);
+            if served.is_err_and(|e| e.is_timeout()) {
+                timeouts.inc();
+            }
         });
-        while conns.try_join_next().is_some() {}
+        lock(&waiting).insert(id, handle);
+        let _ = listed.send(());
     }
     conns.abort_all();
+}
+
+/// Counts a connection in `meshcanary_http_connections` while it lives, however it ends
+/// (an evicted connection's task is dropped, not finished).
+struct OpenGuard(Gauge);
+
+impl OpenGuard {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        OpenGuard(gauge)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn route(req: &Request<Incoming>, endpoints: &Endpoints) -> Response<Full<Bytes>> {
@@ -900,9 +1033,28 @@ fn route(req: &Request<Incoming>, endpoints: &Endpoints) -> Response<Full<Bytes>
 /// ### Errors
 /// The bind error, naming the address.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the telemetry listener on {addr}: {e}"))
+    listen(addr).map_err(|e| anyhow::anyhow!("binding the telemetry listener on {addr}: {e}"))
+}
+
+/// The kernel's accept queue of an HTTP port. The standard library's (and tokio's) 128 is
+/// small for a port that clients may flood: past it the kernel leaves handshakes half
+/// done and retries them for seconds, so a burst of connections reaches [`serve_http`]'s
+/// cap and eviction late instead of at once.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Bind an HTTP port with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio's `bind` does).
+///
+/// ### Errors
+/// The address cannot be bound.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 #[cfg(test)]

@@ -1023,17 +1023,23 @@ async fn peer_auth(cp: &ControlPlane) {
     let config = support::RunningAgent::config(&[], 1 << 20, |_| {});
     let agent = meshcanary::agent::Agent::new(config).unwrap();
     let shared = agent.shared();
-    let reviewer = Reviewer::new(
+    let reviewer = Arc::new(Reviewer::new(
         cp.agent_client().await,
         "meshcanary-peers".into(),
         "system:serviceaccount:meshcanary:meshcanary".into(),
-    );
+        Arc::clone(&shared.metrics),
+    ));
+    let limits = meshcanary::telemetry::HttpLimits {
+        max_connections: 32,
+        header_timeout: Duration::from_secs(2),
+    };
     let server = PeerServer {
         shared: Arc::clone(&shared),
         node: "node-a".into(),
-        reviewer: Some(Arc::new(reviewer)),
+        reviewer: Some(Arc::clone(&reviewer)),
+        limits,
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = meshcanary::telemetry::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!(
         "http://{}/v1/windows?since=0",
         listener.local_addr().unwrap()
@@ -1088,6 +1094,242 @@ async fn peer_auth(cp: &ControlPlane) {
             "{result}"
         );
     }
+    hostile_clients(
+        &shared,
+        &reviewer,
+        &url,
+        limits,
+        &good,
+        rx_for_telemetry(&stop),
+    )
+    .await;
     let _ = stop.send(true);
     let _ = task.await;
+}
+
+fn rx_for_telemetry(stop: &watch::Sender<bool>) -> watch::Receiver<bool> {
+    stop.subscribe()
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The peer and telemetry ports under hostile clients for 8 s: thousands of connections
+/// that send nothing, some that trickle a header a byte at a time, and requests with
+/// made-up tokens. The controller's keep-alive poll and fresh `/metrics` requests keep
+/// being answered, open connections stay at the cap, idle ones are closed, the token
+/// cache stays bounded and keeps the agents' own verdict.
+async fn hostile_clients(
+    shared: &Arc<meshcanary::agent::Shared>,
+    reviewer: &Arc<meshcanary::peers::auth::Reviewer>,
+    peer_url: &str,
+    limits: meshcanary::telemetry::HttpLimits,
+    good: &str,
+    shutdown: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = meshcanary::telemetry::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let telemetry_addr = listener.local_addr().unwrap();
+    let metrics_url = format!("http://{telemetry_addr}/metrics");
+    let rendered = Arc::clone(shared);
+    let endpoints = meshcanary::telemetry::Endpoints {
+        metrics: Arc::new(move || rendered.render_metrics()),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    let server = meshcanary::telemetry::HttpServer {
+        name: "telemetry",
+        limits,
+        metrics: Arc::clone(&shared.metrics),
+    };
+    tokio::spawn(meshcanary::telemetry::serve(
+        listener, endpoints, server, shutdown,
+    ));
+    let peer_addr: std::net::SocketAddr = peer_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reviews_ok =
+        |m: &str| support::counter(m, r#"meshcanary_peer_token_reviews_total{result="ok"}"#);
+    let reviews_before = reviews_ok(&shared.render_metrics());
+    // The controller's poller: one keep-alive connection, established before the flood.
+    let poller = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let poll = |client: &hyper_util::client::legacy::Client<_, _>| {
+        let req = http::Request::get(peer_url)
+            .header(http::header::AUTHORIZATION, good)
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let fut = client.request(req);
+        async move {
+            use http_body_util::BodyExt as _;
+            match tokio::time::timeout(Duration::from_secs(3), fut).await {
+                Ok(Ok(resp)) => {
+                    let ok = resp.status() == 200;
+                    let _ = resp.into_body().collect().await;
+                    ok
+                }
+                _ => false,
+            }
+        }
+    };
+    assert!(poll(&poller).await, "the poller works before the flood");
+    let rss_before = rss_kib();
+    let flood_for = Duration::from_secs(8);
+    let until = Instant::now() + flood_for;
+    let mut idle = tokio::task::JoinSet::new();
+    // 950 per port: under the listen backlog (1024), so that every connection the client
+    // sees as open is one the server will accept (past the backlog the kernel holds the
+    // handshake half-done, and an idle client then never hears of the server at all).
+    for addr in [peer_addr, telemetry_addr] {
+        for _ in 0..900 {
+            idle.spawn(async move {
+                let Ok(Ok(mut s)) = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                else {
+                    return None;
+                };
+                // Sends nothing; did the server close it within its header timeout (plus
+                // the flood, during which it may wait its turn)?
+                let mut buf = [0u8; 64];
+                let closed = tokio::time::timeout(Duration::from_secs(16), s.read(&mut buf))
+                    .await
+                    .is_ok();
+                Some(closed)
+            });
+        }
+        for _ in 0..50 {
+            idle.spawn(async move {
+                let Ok(Ok(mut s)) = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                else {
+                    return None;
+                };
+                let _ = s
+                    .write_all(b"GET /v1/windows HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .await;
+                // A byte every 300 ms: never a whole header.
+                while Instant::now() < until + Duration::from_secs(8) {
+                    if s.write_all(b"a").await.is_err() {
+                        return Some(true);
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Some(false)
+            });
+        }
+    }
+    // Made-up tokens, more than the cache holds, 16 at a time.
+    let forged = tokio::spawn({
+        let url = peer_url.to_owned();
+        async move {
+            let gate = Arc::new(tokio::sync::Semaphore::new(16));
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..(meshcanary::peers::auth::MAX_CACHED + 200) {
+                let permit = Arc::clone(&gate).acquire_owned().await.unwrap();
+                let url = url.clone();
+                set.spawn(async move {
+                    let _permit = permit;
+                    let token = format!("Bearer forged-{i}-{}", fastrand::u64(..));
+                    for _ in 0..3 {
+                        if let Ok((status, _)) = support::get_with(&url, Some(&token)).await {
+                            return status;
+                        }
+                    }
+                    0
+                });
+            }
+            let mut refused = 0;
+            while let Some(status) = set.join_next().await {
+                refused += usize::from(status.unwrap_or(0) == 401);
+            }
+            refused
+        }
+    });
+    let (mut polls, mut polls_ok, mut scrapes, mut scrapes_ok, mut most_open) =
+        (0, 0, 0, 0, 0.0f64);
+    while Instant::now() < until {
+        polls += 1;
+        polls_ok += usize::from(poll(&poller).await);
+        if polls % 2 == 0 {
+            scrapes += 1;
+            if let Ok((200, body)) = support::get(&metrics_url).await {
+                scrapes_ok += 1;
+                for server in ["peers", "telemetry"] {
+                    most_open = most_open.max(support::counter(
+                        &body,
+                        &format!("meshcanary_http_connections{{server=\"{server}\"}}"),
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let refused = forged.await.unwrap();
+    let mut connected = 0;
+    let mut closed = 0;
+    while let Some(r) = idle.join_next().await {
+        if let Some(c) = r.unwrap() {
+            connected += 1;
+            closed += usize::from(c);
+        }
+    }
+    let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
+    let metrics = shared.render_metrics();
+    eprintln!(
+        "hostile clients: polls {polls_ok}/{polls}, /metrics {scrapes_ok}/{scrapes}, most open {most_open}, \
+         idle/slow connected {connected} closed {closed}, forged refused {refused}, cached {}, RSS +{grown_mib} MiB",
+        reviewer.cached()
+    );
+    assert_eq!(polls_ok, polls, "the controller's polls kept succeeding");
+    assert!(polls >= 20, "{polls} polls");
+    assert!(
+        scrapes_ok * 10 >= scrapes * 9,
+        "/metrics answered {scrapes_ok} of {scrapes}"
+    );
+    assert!(
+        most_open <= limits.max_connections as f64,
+        "open connections {most_open} over the cap"
+    );
+    assert!(
+        connected >= 1800,
+        "only {connected} hostile connections got through"
+    );
+    assert_eq!(
+        closed, connected,
+        "every idle or trickling connection was closed"
+    );
+    assert!(
+        refused > meshcanary::peers::auth::MAX_CACHED,
+        "forged tokens refused: {refused}"
+    );
+    assert!(reviewer.cached() <= meshcanary::peers::auth::MAX_CACHED);
+    assert_eq!(
+        reviews_ok(&metrics),
+        reviews_before,
+        "the agents' own verdict stayed cached through the flood"
+    );
+    assert!(
+        support::counter(
+            &metrics,
+            r#"meshcanary_http_timeouts_total{server="peers"}"#
+        ) + support::counter(&metrics, r#"meshcanary_http_refused_total{server="peers"}"#)
+            > 0.0
+    );
+    assert!(grown_mib < 64, "RSS grew {grown_mib} MiB");
+    assert!(poll(&poller).await, "still answering after the flood");
 }

@@ -6,21 +6,30 @@
 //! logged): accepted tokens for two minutes, rejected ones for ten seconds, so a leader
 //! polling every second costs one review per token rotation, and an API server outage does
 //! not cut peers off for the length of the cache.
+//!
+//! The cache holds at most [`MAX_CACHED`] verdicts; when full, the one closest to expiry
+//! goes (a flood of made-up tokens evicts other made-up tokens' short-lived rejections,
+//! never the controller's accepted token wholesale). At most [`MAX_REVIEWS`] reviews are
+//! in flight at once, so a flood costs the API server a bounded rate, not one request per
+//! connection.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, Hasher as _};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use kube::Client;
 
-use crate::telemetry::lock;
+use crate::telemetry::{lock, Metrics, ResultLabels};
 
 const ACCEPTED_FOR: Duration = Duration::from_secs(120);
 const REJECTED_FOR: Duration = Duration::from_secs(10);
-const MAX_CACHED: usize = 1024;
+/// Verdicts kept at most.
+pub const MAX_CACHED: usize = 1024;
+/// TokenReviews in flight at most; further requests wait their turn.
+pub const MAX_REVIEWS: usize = 4;
 
 /// Why a peer request was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -58,17 +67,31 @@ pub struct Reviewer {
     allowed_user: String,
     key: std::collections::hash_map::RandomState,
     cache: Mutex<HashMap<u64, Cached>>,
+    reviews: tokio::sync::Semaphore,
+    metrics: Arc<Metrics>,
 }
 
 impl Reviewer {
-    pub fn new(client: Client, audience: String, allowed_user: String) -> Self {
+    pub fn new(
+        client: Client,
+        audience: String,
+        allowed_user: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Reviewer {
             client,
             audience,
             allowed_user,
             key: std::collections::hash_map::RandomState::new(),
             cache: Mutex::new(HashMap::new()),
+            reviews: tokio::sync::Semaphore::new(MAX_REVIEWS),
+            metrics,
         }
+    }
+
+    /// Verdicts in the cache now.
+    pub fn cached(&self) -> usize {
+        lock(&self.cache).len()
     }
 
     /// Check an `Authorization` header value.
@@ -90,7 +113,18 @@ impl Reviewer {
                 return verdict.clone();
             }
         }
-        let verdict = self.review(token).await;
+        let verdict = {
+            let _turn = self.reviews.acquire().await;
+            self.review(token).await
+        };
+        let result = match &verdict {
+            Ok(()) => "ok",
+            Err(e) => e.reason(),
+        };
+        self.metrics
+            .peer_token_reviews
+            .get_or_create(&ResultLabels { result })
+            .inc();
         let ttl = match &verdict {
             Ok(()) => ACCEPTED_FOR,
             // Not cached: the next request asks again.
@@ -99,8 +133,15 @@ impl Reviewer {
         };
         let mut cache = lock(&self.cache);
         cache.retain(|_, (_, until)| *until > now);
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
+        while cache.len() >= MAX_CACHED {
+            let soonest = cache
+                .iter()
+                .min_by_key(|(_, (_, until))| *until)
+                .map(|(k, _)| *k);
+            match soonest {
+                Some(k) => cache.remove(&k),
+                None => break,
+            };
         }
         cache.insert(id, (verdict.clone(), now + ttl));
         verdict

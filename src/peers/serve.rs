@@ -22,12 +22,18 @@ pub struct PeerServer {
     pub node: String,
     /// `None` answers anyone (only for agents outside Kubernetes and tests).
     pub reviewer: Option<Arc<Reviewer>>,
+    pub limits: crate::telemetry::HttpLimits,
 }
 
 impl PeerServer {
     /// Serve until `shutdown` turns true.
     pub async fn serve(self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
-        crate::telemetry::serve_http(listener, shutdown, move |req| {
+        let server = crate::telemetry::HttpServer {
+            name: "peers",
+            limits: self.limits,
+            metrics: Arc::clone(&self.shared.metrics),
+        };
+        crate::telemetry::serve_http(listener, server, shutdown, move |req| {
             let server = self.clone();
             async move { server.answer(&req).await }
         })

@@ -385,6 +385,7 @@ impl RunningAgent {
                 min_requests: 10,
             },
             listen: Some(listen),
+            http_limits: meshcanary::telemetry::HttpLimits::default(),
             kube: None,
             grace_period: Duration::from_secs(2),
             policy: meshcanary::judge::Policy::default(),
