@@ -11,8 +11,11 @@
 //!
 //! Scraping never waits on the network: the full-tier task hands series to the batcher over
 //! a bounded channel and the batcher only writes to local disk. A batch closes at
-//! `batch_samples` samples or after `batch_deadline`. Series are hashed to shards, so the
-//! samples of one series stay in order while shards send concurrently.
+//! `batch_samples` samples, at [`MAX_BATCH_BYTES`] compressed, or after `batch_deadline`.
+//! Series are hashed to shards, so the samples of one series stay in order while shards
+//! send concurrently. Every disk operation (append and `fsync`, read, ack) runs on tokio's
+//! blocking pool, never on the async workers that run the 1 s fast tier: a slow or full
+//! disk delays remote write, not decisions.
 
 pub mod encode;
 pub mod proto;
@@ -34,6 +37,11 @@ use encode::ShardChunk;
 use queue::{Cursor, Queue};
 use relabel::DropRules;
 use send::{Backoff, Endpoint, Outcome, Sender};
+
+/// A batch closes at this many compressed bytes whatever its sample count: receivers cap
+/// a request's size (Prometheus' default limit is 32 MiB decompressed, and AMP's is lower),
+/// and one request is retried whole.
+pub const MAX_BATCH_BYTES: usize = 2 << 20;
 
 /// Remote-write settings, validated.
 #[derive(Clone, Debug)]
@@ -197,14 +205,16 @@ async fn batcher(
                 let Some(chunks) = received else { break };
                 add(&mut buffers, chunks);
                 for (queue, buffer) in queues.iter().zip(&mut buffers) {
-                    if buffer.samples as usize >= config.batch_samples {
-                        flush(queue, buffer, &metrics);
+                    if buffer.samples as usize >= config.batch_samples
+                        || buffer.elements.len() >= MAX_BATCH_BYTES
+                    {
+                        flush(queue, buffer, &metrics).await;
                     }
                 }
             }
             _ = tick.tick() => {
                 for (queue, buffer) in queues.iter().zip(&mut buffers) {
-                    flush(queue, buffer, &metrics);
+                    flush(queue, buffer, &metrics).await;
                 }
             }
             () = stopping(&mut shutdown) => break,
@@ -215,13 +225,25 @@ async fn batcher(
         add(&mut buffers, chunks);
     }
     for (queue, buffer) in queues.iter().zip(&mut buffers) {
-        flush(queue, buffer, &metrics);
+        flush(queue, buffer, &metrics).await;
+    }
+}
+
+/// Run a disk operation of a queue on the blocking pool.
+async fn on_disk<T: Send + 'static>(
+    queue: &Arc<Queue>,
+    op: impl FnOnce(&Queue) -> T + Send + 'static,
+) -> T {
+    let queue = Arc::clone(queue);
+    match tokio::task::spawn_blocking(move || op(&queue)).await {
+        Ok(out) => out,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
     }
 }
 
 /// Append a shard's buffer (compressed parts of a `WriteRequest` encoding) to the shard's
 /// queue as one snappy block.
-fn flush(queue: &Queue, buffer: &mut Sealed, metrics: &Metrics) {
+async fn flush(queue: &Arc<Queue>, buffer: &mut Sealed, metrics: &Metrics) {
     if buffer.samples == 0 {
         return;
     }
@@ -234,7 +256,8 @@ fn flush(queue: &Queue, buffer: &mut Sealed, metrics: &Metrics) {
             .get_or_create(&OutcomeLabels { outcome })
             .inc_by(n)
     };
-    match queue.append(&body, samples, chunk.newest_ms) {
+    let newest_ms = chunk.newest_ms;
+    match on_disk(queue, move |q| q.append(&body, samples, newest_ms)).await {
         Ok(dropped) => {
             count("queued", u64::from(samples));
             if dropped.samples > 0 {
@@ -244,7 +267,7 @@ fn flush(queue: &Queue, buffer: &mut Sealed, metrics: &Metrics) {
         }
         Err(error) => {
             count("dropped_queue_error", u64::from(samples));
-            tracing::error!(%error, samples, "Writing a remote-write batch to the queue failed; batch dropped");
+            tracing::error!(%error, samples, "Writing a remote-write batch to the queue failed (disk full?); this batch is dropped, the queue keeps what it had and sending goes on");
         }
     }
 }
@@ -273,7 +296,7 @@ async fn shard_sender(
         if *shutdown.borrow() {
             return;
         }
-        let (next, dropped) = match queue.next(cursor) {
+        let (next, dropped) = match on_disk(&queue, move |q| q.next(cursor)).await {
             Ok(r) => r,
             Err(error) => {
                 tracing::error!(%error, "Reading the remote-write queue failed");
@@ -294,7 +317,7 @@ async fn shard_sender(
         let Some((record, after)) = next else {
             if backlog_behind {
                 // Drained: show it now rather than at the next delivery.
-                let (bytes, samples) = queue.backlog();
+                let (bytes, samples) = on_disk(&queue, Queue::backlog).await;
                 metrics.set_queue_backlog(shard, bytes, samples);
                 (backlog_at, backlog_behind) = (Some(Instant::now()), false);
             }
@@ -369,12 +392,12 @@ async fn shard_sender(
             }
         }
         cursor = after;
-        if let Err(error) = queue.ack(cursor) {
+        if let Err(error) = on_disk(&queue, move |q| q.ack(cursor)).await {
             tracing::error!(%error, "Recording remote-write progress failed; the batch may be sent again after a restart");
         }
         // Counting the backlog reads record headers: at most once a second.
         if backlog_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            let (bytes, samples) = queue.backlog();
+            let (bytes, samples) = on_disk(&queue, Queue::backlog).await;
             metrics.set_queue_backlog(shard, bytes, samples);
             (backlog_at, backlog_behind) = (Some(Instant::now()), false);
         } else {

@@ -73,6 +73,48 @@ fn yaml(path: &str) -> serde_json::Value {
     serde_norway::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// The queue's cap sits under the queue volume's size with room for what the cap lets
+/// through (the segment being written and one batch): at the volume's limit the kubelet
+/// evicts the pod and the queue is lost.
+#[test]
+fn the_queue_cap_fits_its_volume() {
+    use clap::CommandFactory as _;
+    let ds = yaml("manifests/daemonset.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "queue")
+        .expect("a queue volume");
+    let size = volume["emptyDir"]["sizeLimit"].as_str().unwrap();
+    let volume_bytes: u64 = match size.strip_suffix("Gi") {
+        Some(g) => g.parse::<u64>().unwrap() << 30,
+        None => size.strip_suffix("Mi").unwrap().parse::<u64>().unwrap() << 20,
+    };
+    let args = pod["containers"][0]["args"].as_array().unwrap();
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.as_str().unwrap_or("").contains("max-disk")),
+        "the manifests use the default cap"
+    );
+    let cmd = meshcanary::cli::Cli::command();
+    let agent = cmd.find_subcommand("agent").expect("agent subcommand");
+    let default = agent
+        .get_arguments()
+        .find(|a| a.get_id() == "remote_write_max_disk")
+        .and_then(|a| a.get_default_values().first().cloned())
+        .expect("a default for --remote-write-max-disk");
+    let cap = meshcanary::config::parse_bytes(default.to_str().unwrap()).unwrap() as u64;
+    let overshoot = meshcanary::remote_write::queue::SEGMENT_BYTES
+        + meshcanary::remote_write::MAX_BATCH_BYTES as u64;
+    assert!(
+        cap + overshoot + (64 << 20) <= volume_bytes,
+        "--remote-write-max-disk {cap} (+{overshoot} overshoot, +64 MiB margin) must fit the {size} queue volume"
+    );
+}
+
 /// No Docker engine here: the image recipe is checked against the manifests that run it
 /// (user, ports, entrypoint, image name), and its build command is the one CI runs.
 #[test]

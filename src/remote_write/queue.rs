@@ -9,6 +9,11 @@
 //! starts a new segment. Past the disk cap the oldest segment is deleted and its undelivered
 //! samples are counted as dropped. A record whose checksum fails (a torn write at a crash)
 //! ends its segment: the reader moves on to the next one and counts what it skipped.
+//!
+//! A failed append (a full disk, an I/O error) leaves nothing behind: the segment is cut
+//! back to its last whole record, so records already `fsync`ed stay readable, and the next
+//! append starts a new segment, so that once the sender has delivered the old one, deleting
+//! it frees the space appends need. The caller counts the batch that was not written.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -62,6 +67,9 @@ pub struct Queue {
     disk_bytes: std::sync::atomic::AtomicU64,
     /// Woken on every append.
     pub appended: Notify,
+    /// A corrupt record the reader found in the segment being written: reported once, and
+    /// the writer moves to a new segment so the reader can get past it.
+    corrupt_at: Mutex<Option<Cursor>>,
 }
 
 /// The `ack` file's record: `segment offset crc` (crc32 of `segment offset`, hex), padded
@@ -161,6 +169,7 @@ impl Queue {
             acked: Mutex::new((acked, None)),
             disk_bytes: disk_bytes.into(),
             appended: Notify::new(),
+            corrupt_at: Mutex::new(None),
         })
     }
 
@@ -204,8 +213,16 @@ impl Queue {
         record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         record.extend_from_slice(&newest_ms.to_le_bytes());
         record.extend_from_slice(payload);
-        w.file.write_all(&record)?;
-        w.file.sync_data()?;
+        if let Err(error) = w.file.write_all(&record).and_then(|()| w.file.sync_data()) {
+            // Nothing of this record may stay: a partial one would hide the records
+            // written after it. Cutting a file back frees space, so this works on a full
+            // disk; should it fail too, the reader skips the torn tail of a closed segment.
+            let _ = w.file.set_len(w.len);
+            if w.len > 0 {
+                *guard = None; // a new segment next: this one can be deleted once sent
+            }
+            return Err(error);
+        }
         w.len += record.len() as u64;
         self.disk_bytes
             .fetch_add(record.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -364,11 +381,35 @@ impl Queue {
             let mut payload = vec![0u8; n as usize];
             file.read_exact(&mut payload)?;
             if crc32fast::hash(&payload) != crc {
-                let rest = count_from(&path, cursor.offset)?;
-                dropped.samples += rest.samples;
-                dropped.records += rest.records;
                 if !later {
+                    // In the segment being written: count it once, and have the writer
+                    // start a new segment so the reader can move on.
+                    let mut seen = self
+                        .corrupt_at
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if *seen != Some(cursor) {
+                        *seen = Some(cursor);
+                        let rest = count_from(&path, cursor.offset)?;
+                        dropped.samples += rest.samples;
+                        dropped.records += rest.records;
+                        let mut writer = self.lock();
+                        if writer.as_ref().is_some_and(|w| w.segment == cursor.segment) {
+                            *writer = None;
+                        }
+                    }
                     return Ok((None, dropped));
+                }
+                if self
+                    .corrupt_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    != Some(cursor)
+                {
+                    let rest = count_from(&path, cursor.offset)?;
+                    dropped.samples += rest.samples;
+                    dropped.records += rest.records;
                 }
                 cursor = Cursor {
                     segment: cursor.segment + 1,
@@ -538,6 +579,35 @@ mod tests {
                 records: 1
             }
         );
+        assert_eq!(next.unwrap().0.payload, b"after");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_record_in_the_segment_being_written_is_counted_once_and_passed() {
+        let dir = tmp();
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        q.append(b"good", 1, 0).unwrap();
+        q.append(b"bad!", 4, 0).unwrap();
+        let seg = segment_path(&dir, 1);
+        let mut bytes = fs::read(&seg).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&seg, bytes).unwrap();
+        let (r, c) = q.next(q.ack_cursor()).unwrap().0.unwrap();
+        assert_eq!(r.payload, b"good");
+        // Every poll meets it; it is counted at the first only.
+        let mut counted = 0;
+        for _ in 0..5 {
+            let (next, dropped) = q.next(c).unwrap();
+            assert!(next.is_none());
+            counted += dropped.samples;
+        }
+        assert_eq!(counted, 4);
+        // The writer moved to a new segment, so the reader gets past the bad one.
+        q.append(b"after", 2, 0).unwrap();
+        let (next, dropped) = q.next(c).unwrap();
+        assert_eq!(dropped, Dropped::default(), "not counted a second time");
         assert_eq!(next.unwrap().0.payload, b"after");
         fs::remove_dir_all(dir).unwrap();
     }
