@@ -19,7 +19,7 @@ use crate::discover::Target;
 use crate::judge::{JudgeState, Judgement, Observation, Policy};
 use crate::parse::Parser;
 use crate::remote_write::{self, SeriesSender};
-use crate::scrape::{AdminUrls, ScrapeError, Scraper, Tier};
+use crate::scrape::{over_sample_limit, AdminUrls, ScrapeError, Scraper, Tier};
 use crate::telemetry::{
     self, lock, Endpoints, ErrorLabels, Metrics, OutcomeLabels, TargetHealth, TierLabels,
     WorkloadLabels,
@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub fast_timeout: Duration,
     pub full_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Most samples a scrape may have; more fails the scrape unparsed.
+    pub sample_limit: usize,
     pub cluster_regex: Regex,
     pub fast_filter: String,
     pub window: WindowConfig,
@@ -488,28 +490,46 @@ impl TargetTask {
         m.scrapes.get_or_create(&TierLabels { tier: "fast" }).inc();
         let result = self
             .scraper
-            .fetch(&self.urls.fast, self.config.fast_timeout)
+            .fetch_up_to(&self.urls.fast, self.config.fast_timeout, FAST_BODY_LIMIT)
             .await;
         m.record_scrape_duration(Tier::Fast, started.elapsed());
         let body = match result {
             Ok(body) => body,
             Err(e) => return self.mark_down(Tier::Fast, &e),
         };
+        let body_len = body.len();
         m.scraped_bytes
             .get_or_create(&TierLabels { tier: "fast" })
             .inc_by(body.len() as u64);
-        let now_ms = unix_ms();
-        let parser = Parser::new(&body).filter_map(|r| match r {
-            Ok(s) => Some(s),
-            Err(e) => {
-                m.parse_errors
-                    .get_or_create(&ErrorLabels { tier: "fast", reason: e.kind.reason() })
-                    .inc();
-                tracing::debug!(target_id = %self.target.id, error = %e, "Rejected a line of Envoy output");
-                None
+        let limit = self.config.sample_limit;
+        let (metrics, regex, id) = (
+            Arc::clone(&self.shared.metrics),
+            self.config.cluster_regex.clone(),
+            self.target.id.clone(),
+        );
+        let read = move || match over_sample_limit(&body, limit) {
+            Some(n) => Err(n),
+            None => Ok(fast_snapshot(&body, &regex, &metrics, &id)),
+        };
+        // A filtered fast body is a few KB; a sidecar that ignores the filter is parsed on
+        // the blocking pool, off the workers that keep every target's 1 s cadence.
+        let read = if body_len <= INLINE_PARSE_BYTES {
+            read()
+        } else {
+            off_workers(read).await
+        };
+        let snapshot = match read {
+            Ok(snapshot) => snapshot,
+            Err(samples) => {
+                let error = ScrapeError::SampleLimit {
+                    uri: self.urls.fast.clone(),
+                    samples,
+                    limit,
+                };
+                return self.mark_down(Tier::Fast, &error);
             }
-        });
-        let snapshot = InboundSnapshot::extract(parser, &self.config.cluster_regex);
+        };
+        let now_ms = unix_ms();
         if !snapshot.matched {
             tracing::debug!(target_id = %self.target.id, "No inbound cluster matched (no traffic yet, or --cluster-regex does not match)");
         }
@@ -540,61 +560,96 @@ impl TargetTask {
 
     async fn full(&mut self) {
         let started = std::time::Instant::now();
-        let m = &self.shared.metrics;
+        let m = Arc::clone(&self.shared.metrics);
         m.scrapes.get_or_create(&TierLabels { tier: "full" }).inc();
         let result = self
             .scraper
             .fetch(&self.urls.full, self.config.full_timeout)
             .await;
         m.record_scrape_duration(Tier::Full, started.elapsed());
-        let body = match result {
-            Ok(body) => body,
-            Err(e) => {
-                m.scrape_errors
-                    .get_or_create(&ErrorLabels {
-                        tier: "full",
-                        reason: e.reason(),
-                    })
-                    .inc();
-                tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
-                // As Prometheus does for a failed scrape: every series of the target ends.
-                self.end_series().await;
-                return;
+        let outcome = match result {
+            Ok(body) => {
+                m.scraped_bytes
+                    .get_or_create(&TierLabels { tier: "full" })
+                    .inc_by(body.len() as u64);
+                self.read_full(body).await
             }
+            Err(e) => Err(e),
         };
-        m.scraped_bytes
-            .get_or_create(&TierLabels { tier: "full" })
-            .inc_by(body.len() as u64);
-        let count_error = |e: &crate::parse::LineError| {
-            m.parse_errors
+        if let Err(e) = outcome {
+            m.scrape_errors
+                .get_or_create(&ErrorLabels {
+                    tier: "full",
+                    reason: e.reason(),
+                })
+                .inc();
+            tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
+            // As Prometheus does for a failed scrape: every series of the target ends.
+            self.end_series().await;
+        }
+    }
+
+    /// Check, parse and encode a full-tier body (up to --max-body-bytes of work: on the
+    /// blocking pool, so a big sidecar never delays another target's fast tier), then hand
+    /// its series to remote write.
+    async fn read_full(&mut self, body: bytes::Bytes) -> Result<(), ScrapeError> {
+        let limit = self.config.sample_limit;
+        let metrics = Arc::clone(&self.shared.metrics);
+        let count_error = move |e: &crate::parse::LineError| {
+            metrics
+                .parse_errors
                 .get_or_create(&ErrorLabels {
                     tier: "full",
                     reason: e.kind.reason(),
                 })
                 .inc();
         };
+        let over = |samples| ScrapeError::SampleLimit {
+            uri: self.urls.full.clone(),
+            samples,
+            limit,
+        };
+        let m = Arc::clone(&self.shared.metrics);
         let Some((rw, rw_config)) = self
             .remote_write
             .as_ref()
             .zip(self.config.remote_write.as_ref())
         else {
             // No remote write configured: parse to count, so the tier is still observable.
-            let mut samples = 0u64;
-            for r in Parser::new(&body) {
-                match r {
-                    Ok(_) => samples += 1,
-                    Err(e) => count_error(&e),
+            let samples = off_workers(move || {
+                if let Some(n) = over_sample_limit(&body, limit) {
+                    return Err(n);
                 }
-            }
+                let mut samples = 0u64;
+                for r in Parser::new(&body) {
+                    match r {
+                        Ok(_) => samples += 1,
+                        Err(e) => count_error(&e),
+                    }
+                }
+                Ok(samples)
+            })
+            .await
+            .map_err(over)?;
             m.full_samples.inc_by(samples);
-            return;
+            return Ok(());
         };
         let labels = self.target_labels(rw_config);
-        let encoder =
-            remote_write::encode::Encoder::new(&labels, &rw_config.drop, rw_config.shards);
-        let mut chunks = encoder.new_chunks();
-        let ts = unix_ms_i64();
-        let counts = encoder.encode_cached(&mut self.series, &body, ts, &mut chunks, count_error);
+        let (drop_rules, shards) = (rw_config.drop.clone(), rw_config.shards);
+        let mut series = std::mem::take(&mut self.series);
+        let (series, encoded) = off_workers(move || {
+            if let Some(n) = over_sample_limit(&body, limit) {
+                return (series, Err(n));
+            }
+            let encoder = remote_write::encode::Encoder::new(&labels, &drop_rules, shards);
+            let mut chunks = encoder.new_chunks();
+            let counts =
+                encoder.encode_cached(&mut series, &body, unix_ms_i64(), &mut chunks, count_error);
+            (series, Ok((chunks, counts)))
+        })
+        .await;
+        self.series = series;
+        let (chunks, counts) = encoded.map_err(over)?;
         m.full_samples.inc_by((counts.kept + counts.dropped) as u64);
         m.rw_samples
             .get_or_create(&OutcomeLabels {
@@ -605,6 +660,7 @@ impl TargetTask {
         if rw.send(chunks).await.is_err() {
             tracing::debug!("Remote write has stopped; full-tier samples not queued");
         }
+        Ok(())
     }
 
     /// The labels the reference collector puts on a target's series.
@@ -671,6 +727,46 @@ impl TargetTask {
             status.last_error = Some(error.to_string());
         }
     }
+}
+
+/// The fast tier's body cap: its filtered answer is a few KB (under 10 KB with 50
+/// clusters), so a bigger one is a sidecar ignoring the filter, refused as
+/// `body_too_large` before it costs memory every second.
+pub const FAST_BODY_LIMIT: usize = 4 << 20;
+
+/// Bodies up to this size are parsed where they arrive; larger ones on the blocking pool.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// Run CPU-heavy work on tokio's blocking pool and wait for it.
+async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(out) => out,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// The inbound counters of a fast-tier body; rejected lines are counted and skipped.
+fn fast_snapshot(
+    body: &[u8],
+    cluster: &Regex,
+    metrics: &Metrics,
+    target_id: &str,
+) -> InboundSnapshot {
+    let parser = Parser::new(body).filter_map(|r| match r {
+        Ok(s) => Some(s),
+        Err(e) => {
+            metrics
+                .parse_errors
+                .get_or_create(&ErrorLabels {
+                    tier: "fast",
+                    reason: e.kind.reason(),
+                })
+                .inc();
+            tracing::debug!(target_id, error = %e, "Rejected a line of Envoy output");
+            None
+        }
+    });
+    InboundSnapshot::extract(parser, cluster)
 }
 
 /// Remote-write the agent's own metrics every full interval, as a collector scraping it
@@ -822,6 +918,7 @@ mod tests {
             fast_timeout: Duration::from_millis(800),
             full_timeout: Duration::from_secs(10),
             max_body_bytes: 32 << 20,
+            sample_limit: 100_000,
             cluster_regex: Regex::new("^cds_ingress_").unwrap(),
             fast_filter: crate::scrape::fast_filter("^cds_ingress_"),
             window: WindowConfig::default(),

@@ -122,6 +122,11 @@ pub struct AgentArgs {
     /// Largest scrape body accepted; a larger one is a `body_too_large` error.
     #[arg(long, env = "MESHCANARY_MAX_BODY_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
     pub max_body_bytes: usize,
+    /// Most samples one scrape of one sidecar may have (Prometheus' `sample_limit`); a scrape
+    /// over it fails with reason `sample_limit` and is not parsed. An Envoy with 50 clusters
+    /// has about 19,000.
+    #[arg(long, env = "MESHCANARY_SAMPLE_LIMIT", default_value_t = 100_000)]
+    pub sample_limit: usize,
     /// Regex selecting the inbound cluster by `envoy_cluster_name` (App Mesh default; Istio:
     /// `^inbound\|`).
     #[arg(
@@ -350,6 +355,7 @@ impl AgentArgs {
             fast_timeout: self.scrape_timeout,
             full_timeout: self.full_timeout,
             max_body_bytes: self.max_body_bytes,
+            sample_limit: self.sample_limit,
             fast_filter: crate::scrape::fast_filter(&self.cluster_regex),
             cluster_regex,
             window: WindowConfig {

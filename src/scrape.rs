@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
@@ -49,6 +49,32 @@ pub enum ScrapeError {
     BodyTooLarge { uri: Uri, limit: usize },
     #[error("reading the body from {uri}: {message}")]
     Body { uri: Uri, message: String },
+    #[error("{uri} sent {samples} or more samples, over the {limit}-sample limit (a sidecar with runaway series; raise --sample-limit if it is real)")]
+    SampleLimit {
+        uri: Uri,
+        samples: usize,
+        limit: usize,
+    },
+}
+
+/// Count the sample lines of a body (not comments, not blank), stopping once past
+/// `limit`: a scrape over the limit is refused before any parsing (Prometheus'
+/// `sample_limit`), so a runaway sidecar costs one pass over its bytes. `None` when the
+/// body is within the limit, else the count it stopped at.
+pub fn over_sample_limit(body: &[u8], limit: usize) -> Option<usize> {
+    let mut samples = 0usize;
+    for line in body.split(|&b| b == b'\n') {
+        match line.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) if line[i] != b'#' => {
+                samples += 1;
+                if samples > limit {
+                    return Some(samples);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 impl ScrapeError {
@@ -61,6 +87,7 @@ impl ScrapeError {
             ScrapeError::Status { .. } => "http_status",
             ScrapeError::BodyTooLarge { .. } => "body_too_large",
             ScrapeError::Body { .. } => "body_read",
+            ScrapeError::SampleLimit { .. } => "sample_limit",
         }
     }
 }
@@ -164,7 +191,23 @@ impl Scraper {
     /// ### Errors
     /// A `ScrapeError` naming the URI and what went wrong; the caller marks the target down.
     pub async fn fetch(&self, uri: &Uri, timeout: Duration) -> Result<Bytes, ScrapeError> {
-        let limit = self.max_body_bytes;
+        self.fetch_up_to(uri, timeout, self.max_body_bytes).await
+    }
+
+    /// [`Scraper::fetch`] with a smaller body cap than the scraper's (the fast tier's).
+    ///
+    /// The body is read into one buffer sized from `Content-Length` (never beyond `limit`),
+    /// so a large answer costs its size once, not again in a copy.
+    ///
+    /// ### Errors
+    /// As [`Scraper::fetch`].
+    pub async fn fetch_up_to(
+        &self,
+        uri: &Uri,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<Bytes, ScrapeError> {
+        let limit = limit.min(self.max_body_bytes);
         let exchange = async {
             let resp =
                 self.client
@@ -191,14 +234,21 @@ impl Scraper {
             if declared.is_some_and(|n| n > limit) {
                 return Err(too_large());
             }
-            match Limited::new(resp.into_body(), limit).collect().await {
-                Ok(body) => Ok(body.to_bytes()),
-                Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
-                Err(e) => Err(ScrapeError::Body {
+            let mut body = resp.into_body();
+            let mut out = Vec::with_capacity(declared.unwrap_or(64 * 1024).min(limit));
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| ScrapeError::Body {
                     uri: uri.clone(),
                     message: e.to_string(),
-                }),
+                })?;
+                if let Some(data) = frame.data_ref() {
+                    if out.len() + data.len() > limit {
+                        return Err(too_large());
+                    }
+                    out.extend_from_slice(data);
+                }
             }
+            Ok(Bytes::from(out))
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -213,6 +263,22 @@ impl Scraper {
 
 #[cfg(test)]
 mod tests {
+    use super::over_sample_limit;
+
+    #[test]
+    fn the_sample_limit_counts_samples_not_comments_or_blank_lines() {
+        let body = b"# TYPE a counter\na 1\n\n  # HELP b x\nb{x=\"1\"} 2\nc 3";
+        assert_eq!(over_sample_limit(body, 3), None);
+        assert_eq!(over_sample_limit(body, 2), Some(3));
+        assert_eq!(over_sample_limit(b"", 0), None);
+        let many = "x 1\n".repeat(1000);
+        assert_eq!(
+            over_sample_limit(many.as_bytes(), 10),
+            Some(11),
+            "stops early"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -24,20 +24,34 @@ pub struct ShardChunk {
 
 /// A fast 64-bit hash of a series' labels: the series' identity for sharding and for stale
 /// markers. Word at a time (rotate, xor, multiply per 8 bytes, as rustc's FxHash does), with
-/// each string's length mixed in so `("ab","c")` and `("a","bc")` differ. Not exposed to
-/// keys an attacker chooses: the set that holds these hashes does not re-hash them.
+/// each string's length mixed in so `("ab","c")` and `("a","bc")` differ. Unkeyed, so a
+/// series keeps its shard across restarts (a queue replayed after a restart stays in
+/// order); the sidecar chooses its labels, so maps of these hashes mix them with a secret
+/// per-process key before bucketing ([`Keyed`]).
 pub fn hash_labels<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> u64 {
     hash_bytes(
+        0,
         labels
             .into_iter()
             .flat_map(|(n, v)| [n.as_bytes(), v.as_bytes()]),
     )
 }
 
-/// [`hash_labels`] over byte strings.
-fn hash_bytes<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+/// A secret chosen once per process: keys the hashes an outsider could aim at.
+fn process_key() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x6d65_7368_6361_6e61);
+        h.finish() | 1
+    })
+}
+
+/// [`hash_labels`] over byte strings, from the state `seed`.
+fn hash_bytes<'a>(seed: u64, parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     const K: u64 = 0xf135_7aea_2e62_a9c5;
-    let mut h: u64 = 0;
+    let mut h: u64 = seed;
     let mut mix = |word: u64| h = (h.rotate_left(26) ^ word).wrapping_mul(K);
     let mut eat = |bytes: &[u8]| {
         let mut chunks = bytes.chunks_exact(8);
@@ -57,16 +71,19 @@ fn hash_bytes<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     h ^ (h >> 33)
 }
 
-/// A `HashSet` of series hashes that uses them as they are (they are hashes already).
-pub type HashSet64 = std::collections::HashSet<u64, std::hash::BuildHasherDefault<Identity>>;
+/// A `HashSet` of series hashes, bucketed by [`Keyed`].
+pub type HashSet64 = std::collections::HashSet<u64, std::hash::BuildHasherDefault<Keyed>>;
 
-/// Hasher that passes a `u64` through.
+/// Hasher for values that are hashes already: one multiply-xorshift round with the process
+/// key, so that hashes a sidecar steers (by choosing its label values) land in buckets it
+/// cannot predict, and cannot pile into one probe sequence.
 #[derive(Default)]
-pub struct Identity(u64);
+pub struct Keyed(u64);
 
-impl std::hash::Hasher for Identity {
+impl std::hash::Hasher for Keyed {
     fn finish(&self) -> u64 {
-        self.0
+        let h = (self.0 ^ process_key()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^ (h >> 29)
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
@@ -150,7 +167,7 @@ pub fn encode_series<N: AsRef<str>, V: AsRef<str>>(
 /// collision between two raw series (2^-64 per pair) would write one's labels for the other.
 #[derive(Debug, Default)]
 pub struct SeriesCache {
-    entries: std::collections::HashMap<u64, Entry, std::hash::BuildHasherDefault<Identity>>,
+    entries: std::collections::HashMap<u64, Entry, std::hash::BuildHasherDefault<Keyed>>,
     /// The kept series' encoded `TimeSeries.labels` fields, back to back.
     arena: Vec<u8>,
     /// Bytes of `arena` still referenced.
@@ -289,9 +306,10 @@ fn value_of(token: &[u8]) -> Option<f64> {
     std::str::from_utf8(token).ok().and_then(parse_value)
 }
 
-/// The cache key of a sample line's text before its value.
+/// The cache key of a sample line's text before its value, keyed: a sidecar that could
+/// make two lines collide would have one series written with the other's labels.
 fn hash_prefix(prefix: &[u8]) -> u64 {
-    hash_bytes([prefix, b"".as_slice()])
+    hash_bytes(process_key(), [prefix, b"".as_slice()])
 }
 
 /// What to encode from a scrape, and how.

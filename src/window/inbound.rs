@@ -25,6 +25,10 @@ const LATENCY_BUCKET: &str = "envoy_cluster_upstream_rq_time_bucket";
 const CLUSTER_LABEL: &str = "envoy_cluster_name";
 const CODE_LABEL: &str = "envoy_response_code";
 
+/// Most histogram buckets read (Envoy's default has 20): a sidecar sending more is not
+/// read for latency rather than costing memory and time per bucket.
+pub const MAX_EDGES: usize = 64;
+
 /// Cumulative counters of a pod's inbound cluster(s) at one scrape.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InboundSnapshot {
@@ -65,12 +69,15 @@ impl InboundSnapshot {
                 continue;
             }
             snap.matched = true;
+            // Saturating: an outside number, which `as` already clamps to u64::MAX.
             let count = s.value as u64;
             if is_requests {
+                // HTTP status codes only: at most 500 distinct entries whatever is sent.
                 let Some(code) = s
                     .labels
                     .get(CODE_LABEL)
                     .and_then(|c| c.raw_value.parse::<u16>().ok())
+                    .filter(|c| (100..600).contains(c))
                 else {
                     continue;
                 };
@@ -78,7 +85,10 @@ impl InboundSnapshot {
                     .requests_by_code
                     .binary_search_by_key(&code, |&(c, _)| c)
                 {
-                    Ok(i) => snap.requests_by_code[i].1 += count,
+                    Ok(i) => {
+                        let n = &mut snap.requests_by_code[i].1;
+                        *n = n.saturating_add(count);
+                    }
                     Err(i) => snap.requests_by_code.insert(i, (code, count)),
                 }
             } else if let Some(le) = s.labels.get("le") {
@@ -91,22 +101,33 @@ impl InboundSnapshot {
     fn add_bucket(&mut self, le: &str, count: u64) {
         if le == "+Inf" {
             match self.cumulative.get_mut(self.edges_ms.len()) {
-                Some(c) => *c += count,
+                Some(c) => *c = c.saturating_add(count),
                 None => self.cumulative.push(count),
             }
             return;
         }
         let Ok(edge) = le.parse::<f64>() else { return };
-        // Buckets of several matching clusters arrive cluster by cluster with the same edges.
-        match self.edges_ms.iter().position(|&e| e == edge) {
-            Some(i) => self.cumulative[i] += count,
-            None if self.cumulative.len() == self.edges_ms.len() => {
+        if !edge.is_finite() {
+            return;
+        }
+        // Buckets of several matching clusters arrive cluster by cluster with the same
+        // edges, ascending: a new edge goes last, a known one is found by bisection.
+        let open = self.cumulative.len() == self.edges_ms.len();
+        let next = self.edges_ms.last().is_none_or(|&last| edge > last);
+        if open && next {
+            if self.edges_ms.len() < MAX_EDGES {
                 self.edges_ms.push(edge);
                 self.cumulative.push(count);
+            } else {
+                // Too many buckets: spoil the shape so that latency_count() is None.
+                self.cumulative.extend([0, 0]);
             }
-            // An edge after +Inf, or edges out of order: not a histogram we can read.
-            None => {}
+        } else if let Ok(i) = self.edges_ms.binary_search_by(|e| e.total_cmp(&edge)) {
+            if let Some(c) = self.cumulative.get_mut(i) {
+                *c = c.saturating_add(count);
+            }
         }
+        // Otherwise an edge after +Inf, or out of order: not a histogram we can read.
     }
 
     pub fn total_requests(&self) -> u64 {
@@ -166,9 +187,9 @@ impl PodCounters {
         };
         for &(code, n) in &snap.requests_by_code {
             let d = n.saturating_sub(base(code));
-            delta.requests += d;
+            delta.requests = delta.requests.saturating_add(d);
             if (500..600).contains(&code) {
-                delta.errors += d;
+                delta.errors = delta.errors.saturating_add(d);
             }
         }
         delta.latency = latency_delta(&prev, &snap, reset);
@@ -313,6 +334,31 @@ mod tests {
             .advance(snap(&envoy_text(IN, &[(200, 20)], None)), 2_000)
             .unwrap();
         assert_eq!((d.requests, d.reset), (8, false));
+    }
+
+    #[test]
+    fn a_hostile_histogram_or_code_set_costs_bounded_work_and_is_not_read() {
+        // Thousands of buckets: no latency, in linear time.
+        let mut text = String::new();
+        for i in 0..5000 {
+            text.push_str(&format!(
+                "envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name=\"cds_ingress_m_v_http_9898\",le=\"{i}\"}} {i}\n"
+            ));
+        }
+        text.push_str("envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"cds_ingress_m_v_http_9898\",le=\"+Inf\"} 9\n");
+        // Codes that are not HTTP statuses, and counts that overflow when summed.
+        for code in [0u32, 42, 600, 9999, 65535] {
+            text.push_str(&format!(
+                "envoy_cluster_upstream_rq{{envoy_cluster_name=\"cds_ingress_m_v_http_9898\",envoy_response_code=\"{code}\"}} 5\n"
+            ));
+        }
+        for _ in 0..2 {
+            text.push_str("envoy_cluster_upstream_rq{envoy_cluster_name=\"cds_ingress_m_v_http_9898\",envoy_response_code=\"200\"} 1.8e19\n");
+        }
+        let s = snap(&text);
+        assert_eq!(s.edges_ms.len(), MAX_EDGES);
+        assert_eq!(s.latency_count(), None);
+        assert_eq!(s.requests_by_code, vec![(200, u64::MAX)]);
     }
 
     #[test]

@@ -377,6 +377,7 @@ impl RunningAgent {
             fast_timeout: Duration::from_millis(150),
             full_timeout: Duration::from_millis(500),
             max_body_bytes,
+            sample_limit: 100_000,
             cluster_regex: Regex::new("^cds_ingress_").unwrap(),
             fast_filter: meshcanary::scrape::fast_filter("^cds_ingress_"),
             window: WindowConfig {
