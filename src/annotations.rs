@@ -137,27 +137,58 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
     } else {
         None
     };
-    let (v, _) = get("meshcanary.io/max-weight");
-    let max_weight = one("meshcanary.io/max-weight", v, |s| {
+    let (max_v, _) = get("meshcanary.io/max-weight");
+    let max_weight = one("meshcanary.io/max-weight", max_v, |s| {
         s.parse::<u8>().ok().filter(|w| (1..=99).contains(w))
     })?;
-    let (v, _) = get("meshcanary.io/step-weights");
+    let (v, given) = get("meshcanary.io/step-weights");
     let step_weights = one("meshcanary.io/step-weights", v, parse_weights)?;
     if let Some(&w) = step_weights.iter().find(|&&w| w > max_weight) {
-        return Err(AnnotationError {
-            key: "meshcanary.io/step-weights".into(),
-            value: v.into(),
-            expected: format!("no step above meshcanary.io/max-weight ({max_weight}); {w} is"),
+        // Name the key the user wrote: max-weight, when the steps are the default.
+        return Err(if given {
+            AnnotationError {
+                key: "meshcanary.io/step-weights".into(),
+                value: v.into(),
+                expected: format!("no step above meshcanary.io/max-weight ({max_weight}); {w} is"),
+            }
+        } else {
+            AnnotationError {
+                key: "meshcanary.io/max-weight".into(),
+                value: max_v.into(),
+                expected: format!(
+                    "at least the largest step of meshcanary.io/step-weights ({v} by default), or steps of your own"
+                ),
+            }
         });
     }
     let (v, _) = get("meshcanary.io/interval");
     let interval = one("meshcanary.io/interval", v, |s| {
         parse_duration(s).ok().filter(|d| !d.is_zero())
     })?;
-    let (v, _) = get(PROGRESS_DEADLINE);
-    let progress_deadline = one(PROGRESS_DEADLINE, v, |s| {
-        parse_duration(s).ok().filter(|d| *d > interval)
-    })?;
+    let (v, given) = get(PROGRESS_DEADLINE);
+    let progress_deadline = one(PROGRESS_DEADLINE, v, |s| parse_duration(s).ok())?;
+    if progress_deadline <= interval {
+        // Name the key the user wrote: the interval, when the deadline is the default.
+        let (key, value, expected) = if given {
+            (
+                PROGRESS_DEADLINE,
+                v,
+                "a duration longer than meshcanary.io/interval".to_owned(),
+            )
+        } else {
+            let (iv, _) = get("meshcanary.io/interval");
+            (
+                "meshcanary.io/interval",
+                iv,
+                format!("a duration shorter than {PROGRESS_DEADLINE} ({v} by default)"),
+            )
+        };
+        return Err(AnnotationError {
+            key: key.into(),
+            value: value.into(),
+            expected,
+        });
+    }
     let (v, _) = get("meshcanary.io/threshold");
     let threshold = one("meshcanary.io/threshold", v, |s| {
         s.parse::<u32>().ok().filter(|t| (1..=1000).contains(t))

@@ -145,12 +145,19 @@ impl Replica {
         }
     }
 
-    /// Fold a reply in. Windows the peer no longer has are dropped.
-    pub fn apply(&mut self, reply: WindowsReply, now_ms: u64) {
+    /// Fold a reply in. Windows the peer no longer has are dropped; windows that fail
+    /// [`check_window`] are skipped and returned, so the caller can count them.
+    pub fn apply(&mut self, reply: WindowsReply, now_ms: u64) -> Vec<Invalid> {
         let mut present = Vec::new();
-        for w in reply.windows {
-            let Ok(role) = w.role.parse::<Role>() else {
-                continue;
+        let mut invalid = Vec::new();
+        let config = self.windows.config();
+        for mut w in reply.windows {
+            let role = match check_window(&mut w, &config, now_ms) {
+                Ok(role) => role,
+                Err(why) => {
+                    invalid.push(why);
+                    continue;
+                }
             };
             let key = WindowKey {
                 namespace: w.namespace,
@@ -188,8 +195,10 @@ impl Replica {
             self.windows.remove(&key);
             self.reported.remove(&key);
         }
-        self.cursor = reply.cursor;
+        // A cursor from the future would skip every slot until then.
+        self.cursor = reply.cursor.min(now_ms / config.slot_ms.max(1) + 1);
         self.answered_ms = Some(now_ms);
+        invalid
     }
 }
 
@@ -222,16 +231,68 @@ fn add(a: &Totals, b: &Totals) -> Totals {
         a.buckets
             .iter()
             .zip(&b.buckets)
-            .map(|(x, y)| x + y)
+            .map(|(x, y)| x.saturating_add(*y))
             .collect()
     } else {
         b.buckets.clone()
     };
     Totals {
-        requests: a.requests + b.requests,
-        errors: a.errors + b.errors,
+        requests: a.requests.saturating_add(b.requests),
+        errors: a.errors.saturating_add(b.errors),
         buckets,
     }
+}
+
+/// Why a peer's window is not taken (counted in `meshcanary_peer_polls_total` as
+/// `invalid`, and the peer's other windows still are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalid {
+    Role,
+    Edges,
+    Buckets,
+    Slots,
+}
+
+/// Check one window of a peer's answer before any of its numbers is used: a known role,
+/// at most [`MAX_EDGES`](crate::window::inbound::MAX_EDGES) finite ascending edges, bucket
+/// counts that match them, at most one ring of slots, none from the future, and counts
+/// where errors do not exceed requests (clamped, as a rounding peer could send).
+pub fn check_window(
+    w: &mut WindowMsg,
+    config: &WindowConfig,
+    now_ms: u64,
+) -> Result<Role, Invalid> {
+    let role = w.role.parse::<Role>().map_err(|_| Invalid::Role)?;
+    let ascending = w.edges_ms.windows(2).all(|p| p[0] < p[1]);
+    if w.edges_ms.len() > crate::window::inbound::MAX_EDGES
+        || !w.edges_ms.iter().all(|e| e.is_finite())
+        || !ascending
+    {
+        return Err(Invalid::Edges);
+    }
+    let buckets = |c: &CountsMsg| c.buckets.is_empty() || c.buckets.len() == w.edges_ms.len() + 1;
+    if !w.totals.as_ref().is_none_or(buckets)
+        || !w
+            .slots
+            .iter()
+            .all(|s| s.counts.as_ref().is_none_or(buckets))
+    {
+        return Err(Invalid::Buckets);
+    }
+    let newest = (now_ms / config.slot_ms.max(1)).saturating_add(60);
+    if w.slots.len() > config.slots || w.slots.iter().any(|s| s.index > newest) {
+        return Err(Invalid::Slots);
+    }
+    let clamp = |c: &mut CountsMsg| c.errors = c.errors.min(c.requests);
+    if let Some(t) = w.totals.as_mut() {
+        clamp(t);
+    }
+    for s in &mut w.slots {
+        if let Some(c) = s.counts.as_mut() {
+            clamp(c);
+        }
+    }
+    Ok(role)
 }
 
 /// Cluster-wide windows: every peer's replica, merged on read.

@@ -558,7 +558,7 @@ impl Metrics {
             &[],
             Box::new(m.peers_up.clone()),
         );
-        reg("meshcanary_peer_polls", "The leader's window polls of peers, by result: ok, connect, timeout, unauthorized, status, decode, no_token.", &["result"], Box::new(m.peer_polls.clone()));
+        reg("meshcanary_peer_polls", "The leader's window polls of peers, by result: ok, invalid (answered, but some windows failed their checks and were skipped), connect, timeout, unauthorized, status, decode, no_token.", &["result"], Box::new(m.peer_polls.clone()));
         reg(
             "meshcanary_peer_poll_seconds",
             "Time of one successful window poll of a peer.",

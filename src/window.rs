@@ -137,12 +137,18 @@ pub struct Totals {
 impl Totals {
     /// Observations slower than `edges[k]` (in buckets above it).
     pub fn slower_than(&self, k: usize) -> u64 {
-        self.buckets.iter().skip(k + 1).sum()
+        saturating_sum(self.buckets.iter().skip(k + 1))
     }
 
     pub fn latency_count(&self) -> u64 {
-        self.buckets.iter().sum()
+        saturating_sum(self.buckets.iter())
     }
+}
+
+/// A sum that stops at `u64::MAX` instead of wrapping: counts come from sidecars and
+/// peers, and a broken one can send the largest numbers there are.
+pub fn saturating_sum<'a>(values: impl Iterator<Item = &'a u64>) -> u64 {
+    values.fold(0u64, |acc, v| acc.saturating_add(*v))
 }
 
 /// One workload's canary and primary windows as the judge reads them.
@@ -309,7 +315,10 @@ impl Window {
     /// marks a cleared slot; no real instant maps to it.
     pub fn live_slots(&self, now_ms: u64) -> impl Iterator<Item = &Slot> {
         let newest = now_ms / self.config.slot_ms;
-        let oldest = (newest + 1).saturating_sub(self.ring.len() as u64).max(1);
+        let oldest = newest
+            .saturating_add(1)
+            .saturating_sub(self.ring.len() as u64)
+            .max(1);
         self.ring
             .iter()
             .filter(move |s| s.index >= oldest && s.index <= newest)
@@ -412,7 +421,7 @@ impl Window {
                 *b = b.saturating_add(*d);
             }
         }
-        let latency_count: u64 = buckets.iter().sum();
+        let latency_count = saturating_sum(buckets.iter());
         let min = self.config.min_requests.max(1);
         let enough = requests >= min;
         // The rate divides by the time the counted deltas really cover: from the start of the
@@ -433,7 +442,7 @@ impl Window {
             errors,
             latency_count,
             rps: covered_ms.map(|ms| requests as f64 * 1000.0 / ms as f64),
-            success_rate: enough.then(|| 1.0 - errors as f64 / requests as f64),
+            success_rate: enough.then(|| 1.0 - errors.min(requests) as f64 / requests as f64),
             p50_ms: quantile(0.50),
             p90_ms: quantile(0.90),
             p99_ms: quantile(0.99),
@@ -447,14 +456,14 @@ impl Window {
 /// the first bucket starts at 0, and a rank in the `+Inf` bucket answers the highest finite
 /// bound. `None` with no observations.
 pub fn histogram_quantile(q: f64, edges: &[f64], counts: &[u64]) -> Option<f64> {
-    let total: u64 = counts.iter().sum();
+    let total = saturating_sum(counts.iter());
     if total == 0 || edges.is_empty() || !(0.0..=1.0).contains(&q) {
         return None;
     }
     let rank = q * total as f64;
     let mut below = 0u64;
     for (i, &n) in counts.iter().enumerate() {
-        if n > 0 && (below + n) as f64 >= rank {
+        if n > 0 && below.saturating_add(n) as f64 >= rank {
             let Some(&upper) = edges.get(i) else {
                 return edges.last().copied(); // the +Inf bucket
             };
@@ -465,7 +474,7 @@ pub fn histogram_quantile(q: f64, edges: &[f64], counts: &[u64]) -> Option<f64> 
             };
             return Some(lower + (upper - lower) * (rank - below as f64) / n as f64);
         }
-        below += n;
+        below = below.saturating_add(n);
     }
     edges.last().copied()
 }

@@ -242,13 +242,19 @@ impl Cluster {
             let result = match answer {
                 Ok((reply, took)) => {
                     metrics.peer_poll_seconds.observe(took.as_secs_f64());
-                    if let Some(r) = replicas.get_mut(&peer.name) {
-                        r.apply(reply, now);
-                    }
+                    let invalid = replicas
+                        .get_mut(&peer.name)
+                        .map(|r| r.apply(reply, now))
+                        .unwrap_or_default();
                     if failing.remove(&peer.name).is_some() {
                         tracing::info!(peer = %peer.name, node = %peer.node, "Peer answers again");
                     }
-                    "ok"
+                    if invalid.is_empty() {
+                        "ok"
+                    } else {
+                        tracing::warn!(peer = %peer.name, node = %peer.node, skipped = ?invalid, "A peer sent windows that fail their checks (another version, or not a meshcanary agent); they are not used");
+                        "invalid"
+                    }
                 }
                 Err(error) => {
                     let message = error.to_string();

@@ -77,8 +77,10 @@ pub fn read_weight(spec: &Value, name: &str) -> Result<u8, String> {
                 .map(|t| t["weight"].as_u64())
         };
         match (weight_of(&canary), weight_of(&primary)) {
-            (Some(Some(c)), Some(Some(p))) if c + p > 0 => {
-                return u8::try_from(c * 100 / (c + p)).map_err(|e| e.to_string());
+            (Some(Some(c)), Some(Some(p))) if c.saturating_add(p) > 0 => {
+                // In u128: weights are the cluster's numbers, and c * 100 must not wrap.
+                let share = u128::from(c) * 100 / (u128::from(c) + u128::from(p));
+                return u8::try_from(share).map_err(|e| e.to_string());
             }
             (Some(_), Some(_)) => {
                 return Err("weights are not whole numbers with a positive sum".into())

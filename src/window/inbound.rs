@@ -131,7 +131,7 @@ impl InboundSnapshot {
     }
 
     pub fn total_requests(&self) -> u64 {
-        self.requests_by_code.iter().map(|&(_, n)| n).sum()
+        crate::window::saturating_sum(self.requests_by_code.iter().map(|(_, n)| n))
     }
 
     /// Total latency observations (the `+Inf` bucket), if the histogram is complete.
