@@ -93,6 +93,8 @@ pub enum DocsWhat {
     Flags,
     /// The `meshcanary.io/*` annotations reference table (Markdown), as embedded in the README.
     Annotations,
+    /// The built-in limits table (Markdown): what is bounded, by how much, and what happens past it.
+    Limits,
 }
 
 #[derive(Debug, Args)]
@@ -437,6 +439,36 @@ impl AgentArgs {
     }
 }
 
+/// The built-in limits (those that are not flags), from the constants the code uses, so the
+/// reference cannot drift from them.
+pub fn limits_table() -> String {
+    fn bytes(n: usize) -> String {
+        match n {
+            n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+            n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+            n => format!("{n} bytes"),
+        }
+    }
+    let rows: [(&str, String, &str); 11] = [
+        ("fast-tier body", bytes(crate::agent::FAST_BODY_LIMIT), "`body_too_large`: its filtered answer is a few KB, so a bigger one is a sidecar ignoring `filter=`"),
+        ("histogram buckets read per pod", crate::window::inbound::MAX_EDGES.to_string(), "the pod's latency is not read (requests and errors still are)"),
+        ("staleness", format!("3 fast scrapes, at least {} s", crate::agent::stale_after(Duration::from_millis(1)) / 1000), "a silent canary fails a check; a silent primary or agent halts"),
+        ("peer answer", bytes(crate::peers::cluster::MAX_REPLY_BYTES), "the poll fails (`decode`) and that node's workloads halt"),
+        ("slots per window in a peer answer", "one ring (`--window`)".into(), "that window is skipped, the poll counted `invalid`"),
+        ("TokenReview verdicts cached", crate::peers::auth::MAX_CACHED.to_string(), "the verdict closest to expiry is evicted"),
+        ("TokenReviews in flight", crate::peers::auth::MAX_REVIEWS.to_string(), "further requests wait their turn"),
+        ("accept backlog of the HTTP ports", crate::telemetry::LISTEN_BACKLOG.to_string(), "the kernel holds further handshakes"),
+        ("remote-write batch", format!("{} compressed", bytes(crate::remote_write::MAX_BATCH_BYTES)), "the batch closes (`--remote-write-batch-samples` closes it earlier)"),
+        ("remote-write error answer read", bytes(crate::remote_write::send::MAX_ERROR_BODY), "the rest is not read"),
+        ("remote-write queue segment", bytes(crate::remote_write::queue::SEGMENT_BYTES as usize), "a new segment starts; the disk cap deletes whole segments"),
+    ];
+    let mut out = String::from("| limit | value | past it |\n|---|---|---|\n");
+    for (what, value, past) in rows {
+        out.push_str(&format!("| {what} | {value} | {past} |\n"));
+    }
+    out
+}
+
 /// The Markdown reference of every `agent`/`watch` flag, generated from the clap definitions
 /// (so the README cannot drift from the code).
 pub fn flags_table() -> String {
@@ -661,6 +693,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Docs {
             what: DocsWhat::Annotations,
         } => out(&crate::annotations::reference_table()),
+        Command::Docs {
+            what: DocsWhat::Limits,
+        } => out(&limits_table()),
         Command::Agent(args) => {
             let default: SocketAddr = DEFAULT_LISTEN.parse().expect("valid constant");
             let config = args.into_config(Some(default))?;

@@ -46,6 +46,75 @@ fn readme_annotations_table_matches_the_parser() {
     );
 }
 
+/// The failure-modes page names only metrics the agent registers, and every test it cites
+/// by function name exists.
+#[test]
+fn failure_modes_name_real_metrics_and_tests() {
+    let page = read("docs/failure-modes.md");
+    let registered = meshcanary::telemetry::Metrics::new().reference_table();
+    let mut named = 0;
+    for (i, _) in page.match_indices("meshcanary_") {
+        let name: String = page[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+            .collect();
+        assert!(
+            registered.contains(&format!("`{name}`")),
+            "docs/failure-modes.md names {name}, which the agent does not register"
+        );
+        named += 1;
+    }
+    assert!(named > 10, "{named} metrics named");
+    let mut sources = String::new();
+    for dir in ["src", "tests"] {
+        let mut stack = vec![support_repo().join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    sources.push_str(&std::fs::read_to_string(&p).unwrap());
+                }
+            }
+        }
+    }
+    for cited in page.split('`').skip(1).step_by(2) {
+        let last = cited.rsplit("::").next().unwrap_or(cited);
+        let looks_like_test = last.len() > 20
+            && !last.starts_with("meshcanary_")
+            && last
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit());
+        if looks_like_test {
+            assert!(
+                sources.contains(&format!("fn {last}(")),
+                "docs/failure-modes.md cites a test `{last}` that does not exist"
+            );
+        }
+    }
+    for scenario in page.split("lab `").skip(1) {
+        let file = scenario.split('`').next().unwrap();
+        assert!(
+            support_repo().join("lab").join(file).exists(),
+            "docs/failure-modes.md cites lab/{file}"
+        );
+    }
+}
+
+fn support_repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn reference_limits_table_matches_the_constants() {
+    assert_eq!(
+        block(&read("docs/reference.md"), "limits"),
+        meshcanary::cli::limits_table(),
+        "docs/reference.md limits table is stale: paste `meshcanary docs limits` between the markers"
+    );
+}
+
 #[test]
 fn architecture_names_every_module_and_only_existing_files() {
     let arch = read("docs/architecture.md");

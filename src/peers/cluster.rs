@@ -27,7 +27,7 @@ use crate::telemetry::{lock, ResultLabels};
 use crate::window::{WindowPair, WindowSource};
 
 /// A peer reply larger than this is refused (a node with thousands of windows is far below).
-const MAX_REPLY_BYTES: usize = 16 << 20;
+pub const MAX_REPLY_BYTES: usize = 16 << 20;
 
 /// How agents find and reach each other.
 #[derive(Clone, Debug)]
