@@ -396,6 +396,10 @@ async fn rollouts_against_a_real_apiserver() {
         invalid(&cp).await
     );
     scenario!(
+        "bad annotation, opt-out, bad status mid-analysis: primary first",
+        let_go(&cp).await
+    );
+    scenario!(
         "an apiserver restart mid-rollout is survived",
         apiserver_restart(&mut cp).await
     );
@@ -774,6 +778,60 @@ async fn invalid(cp: &ControlPlane) {
             "meshcanary_rollout_invalid_config{namespace=\"invalid\""
         ),
         1.0
+    );
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+/// What happens to an analysis that meshcanary must stop: a bad annotation and an opt-out
+/// route everything to the primary before letting go; a status that does not parse is a
+/// Warning and a fresh start that analyses the canary again.
+async fn let_go(cp: &ControlPlane) {
+    let s = Scenario::new(cp, "letgo").await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "a", false).await;
+    s.analysing(&[("meshcanary.io/interval", "60s")], 2).await;
+    let annotate = |key: &'static str, value: Option<&'static str>| {
+        let api = s.deployments();
+        async move {
+            let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+            api.patch("podinfo", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("annotating podinfo");
+        }
+    };
+    let back_to =
+        |want: u8| s.record_weights(Duration::from_secs(30), move |w| w.last() == Some(&want));
+    // A bad annotation mid-analysis.
+    annotate("meshcanary.io/step-weights", Some("10,5")).await;
+    back_to(0).await;
+    s.events_ending("annotation meshcanary.io/step-weights has value \"10,5\": expected increasing whole percentages from 1 to 99, comma separated; meshcanary leaves podinfo.letgo untouched").await;
+    assert!(s.events().await.contains(&"Routing all traffic to primary: its configuration is invalid; meshcanary stops the analysis of podinfo.letgo".to_owned()));
+    assert_eq!(s.status().await.unwrap().phase, Phase::Initialized);
+    // Fixed: the revision is analysed from the start.
+    annotate("meshcanary.io/step-weights", None).await;
+    back_to(2).await;
+    // Opted out mid-analysis.
+    annotate("meshcanary.io/enabled", Some("false")).await;
+    back_to(0).await;
+    s.events_ending("Routing all traffic to primary: meshcanary.io/enabled is no longer \"true\"; meshcanary stops the analysis of podinfo.letgo").await;
+    // Back in, with a status that is not one meshcanary wrote: a Warning, a fresh start from
+    // the primary's revision, and the canary (a different revision) is analysed again.
+    annotate(
+        "meshcanary.io/status",
+        Some("{\"phase\":\"Progressing\",\"canaryWeight\":250}"),
+    )
+    .await;
+    annotate("meshcanary.io/enabled", Some("true")).await;
+    back_to(2).await;
+    let events = s.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e
+                .starts_with("annotation meshcanary.io/status is not a status meshcanary wrote")),
+        "{events:#?}"
     );
     agent.stop().await;
     s.cleanup().await;
