@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Remote-write collectors side by side: meshcanary, vmagent and Prometheus in agent mode each
 # scrape the same 30 targets every 1 s (each serving a real ~160 KB Envoy 1.40 capture) with
-# the same drop rules and remote-write to the same local Prometheus, one after another.
-# Reports each one's CPU (cores, from /proc/<pid>/stat over MEASURE_S after WARMUP_S) and peak
-# RSS. meshcanary also runs its 1 s fast tier (its decision input) on top. Loopback only.
+# the same drop rules and remote-write to the same local Prometheus, one after another, for
+# ROUNDS rounds (default 3) whose order rotates, so a noisy neighbour on a shared machine
+# does not always land on the same collector. Reports each one's CPU (cores, from
+# /proc/<pid>/stat over MEASURE_S after WARMUP_S) and peak RSS per round, then the median of
+# the per-round ratios on its last line. meshcanary also runs its 1 s fast tier (its
+# decision input) on top. Loopback only.
 # meshcanary is built with the `dist` profile, as the image is (the first build takes a few
 # minutes longer than a release build).
 set -euo pipefail
@@ -52,31 +55,51 @@ measure() { # name pid
   python3 -c "import sys; t0,t1,s0,s1,hz,rss=map(float,sys.argv[2:]); print(f'{sys.argv[1]} {(t1-t0)/hz/(s1-s0):.4f} {rss/1024:.1f}')" "$1" "$t0" "$t1" "$s0" "$s1" "$hz" "$rss"
 }
 
-results=()
 args=()
 for i in $(seq 1 "$targets"); do args+=(--target "bench/w$i/primary=http://127.0.0.1:$((base + i))"); done
-target/dist/meshcanary agent "${args[@]}" --full-interval 1s --full-timeout 800ms \
-  --listen 127.0.0.1:$((base + 901)) --remote-write-url "$write_url" \
-  --remote-write-queue-dir "$work/meshcanary-queue" 2>"$work/meshcanary.log" &
-results+=("$(measure meshcanary $!)")
-
 scrape_config "" >"$work/vmagent.yml"
-vmagent -promscrape.config="$work/vmagent.yml" -remoteWrite.url="$write_url" \
-  -remoteWrite.tmpDataPath="$work/vmagent-data" -httpListenAddr=127.0.0.1:$((base + 902)) >"$work/vmagent.log" 2>&1 &
-results+=("$(measure vmagent $!)")
-
 scrape_config "remote_write: [{ url: '$write_url' }]" >"$work/prometheus-agent.yml"
-"$PROMETHEUS_BIN" --enable-feature=agent --config.file="$work/prometheus-agent.yml" \
-  --storage.agent.path="$work/prometheus-agent-data" --web.listen-address=127.0.0.1:$((base + 903)) \
-  >"$work/prometheus-agent.log" 2>&1 &
-results+=("$(measure prometheus-agent $!)")
 
-echo "| collector | CPU (cores) | peak RSS (MiB) |"
-echo "|---|---|---|"
-for r in "${results[@]}"; do set -- $r; echo "| $1 | $2 | $3 |"; done
+run() { # collector round: start it on fresh state and measure it
+  rm -rf "$work/meshcanary-queue" "$work/vmagent-data" "$work/prometheus-agent-data"
+  case "$1" in
+    meshcanary)
+      target/dist/meshcanary agent "${args[@]}" --full-interval 1s --full-timeout 800ms \
+        --listen 127.0.0.1:$((base + 901)) --remote-write-url "$write_url" \
+        --remote-write-queue-dir "$work/meshcanary-queue" 2>"$work/meshcanary.log" & ;;
+    vmagent)
+      vmagent -promscrape.config="$work/vmagent.yml" -remoteWrite.url="$write_url" \
+        -remoteWrite.tmpDataPath="$work/vmagent-data" -httpListenAddr=127.0.0.1:$((base + 902)) >"$work/vmagent.log" 2>&1 & ;;
+    prometheus-agent)
+      "$PROMETHEUS_BIN" --enable-feature=agent --config.file="$work/prometheus-agent.yml" \
+        --storage.agent.path="$work/prometheus-agent-data" --web.listen-address=127.0.0.1:$((base + 903)) \
+        >"$work/prometheus-agent.log" 2>&1 & ;;
+  esac
+  echo "$2 $(measure "$1" $!)"
+}
+
+rounds=${ROUNDS:-3}
+collectors=(meshcanary vmagent prometheus-agent)
+results=()
+for r in $(seq 1 "$rounds"); do
+  for k in 0 1 2; do
+    c=${collectors[$(( (k + r - 1) % 3 ))]}
+    echo "bench-peers: round $r, $c" >&2
+    results+=("$(run "$c" "$r")")
+  done
+done
+
+echo "| round | collector | CPU (cores) | peak RSS (MiB) |"
+echo "|---|---|---|---|"
+for r in "${results[@]}"; do set -- $r; echo "| $1 | $2 | $3 | $4 |"; done
 python3 - "${results[@]}" <<'PY'
-import sys
-rows = {r.split()[0]: (float(r.split()[1]), float(r.split()[2])) for r in sys.argv[1:]}
-m, v = rows["meshcanary"], rows["vmagent"]
-print(f"cpu ratio vs vmagent: {m[0]/v[0]:.2f}, rss ratio vs vmagent: {m[1]/v[1]:.2f}")
+import statistics, sys
+rows = {}
+for r in sys.argv[1:]:
+    rnd, name, cpu, rss = r.split()
+    rows.setdefault(rnd, {})[name] = (float(cpu), float(rss))
+cpu = [v["meshcanary"][0] / v["vmagent"][0] for v in rows.values()]
+rss = [v["meshcanary"][1] / v["vmagent"][1] for v in rows.values()]
+print("per round: cpu " + ", ".join(f"{c:.2f}" for c in cpu) + "; rss " + ", ".join(f"{m:.2f}" for m in rss))
+print(f"cpu ratio vs vmagent: {statistics.median(cpu):.2f}, rss ratio vs vmagent: {statistics.median(rss):.2f}")
 PY

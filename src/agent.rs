@@ -154,6 +154,8 @@ pub struct Shared {
     pub targets: Mutex<BTreeMap<String, TargetStatus>>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    /// Beaten by the controller loop, when this process runs one (`/healthz`).
+    pub heartbeat: crate::telemetry::Heartbeat,
     /// The judge's latest verdict per (namespace, workload) that has both a primary and a
     /// canary window.
     pub judgements: Judgements,
@@ -234,6 +236,7 @@ impl Agent {
             targets: Mutex::new(targets),
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
+            heartbeat: crate::telemetry::Heartbeat::default(),
             judgements: Arc::new(Mutex::new(BTreeMap::new())),
             stale_after_ms: stale_after(config.fast_interval),
         });
@@ -332,6 +335,7 @@ impl Agent {
             let endpoints = Endpoints {
                 metrics: Arc::new(move || shared.render_metrics()),
                 ready: Arc::clone(&self.shared.ready),
+                heartbeat: self.shared.heartbeat.clone(),
             };
             let server = telemetry::HttpServer {
                 name: "telemetry",

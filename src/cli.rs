@@ -429,6 +429,9 @@ impl AgentArgs {
                             }),
                             envoy_container: self.envoy_container,
                             identity: self.identity.unwrap_or(node_name),
+                            liveness_bound: crate::controller::ControllerConfig::liveness_bound_for(
+                                self.decision_interval,
+                            ),
                         }),
                 })
             }
@@ -787,16 +790,19 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
             let router = crate::router::appmesh::AppMesh::new(client.clone());
             let metrics = Arc::clone(&shared.metrics);
             let judgements = Arc::clone(&shared.judgements);
+            let heartbeat = shared.heartbeat.clone();
             let task = match cluster {
                 Some(cluster) => {
                     let c =
                         crate::controller::Controller::new(client, router, cluster, cc, metrics)
-                            .publish_judgements(judgements);
+                            .publish_judgements(judgements)
+                            .with_heartbeat(heartbeat);
                     tokio::spawn(c.run(rx.clone()))
                 }
                 None => {
                     let c = crate::controller::Controller::new(client, router, shared, cc, metrics)
-                        .publish_judgements(judgements);
+                        .publish_judgements(judgements)
+                        .with_heartbeat(heartbeat);
                     tokio::spawn(c.run(rx.clone()))
                 }
             };

@@ -54,6 +54,16 @@ pub struct ControllerConfig {
     pub envoy_container: String,
     /// This agent's identity (pod or node name): Lease holder and Event reporter instance.
     pub identity: String,
+    /// `/healthz` fails once the loop has not run for this long (the kubelet then restarts
+    /// the pod): ten decision ticks, and at least 30 s.
+    pub liveness_bound: Duration,
+}
+
+impl ControllerConfig {
+    /// The liveness bound for a decision interval: ten ticks, at least 30 s.
+    pub fn liveness_bound_for(decision_interval: Duration) -> Duration {
+        (decision_interval * 10).max(Duration::from_secs(30))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +142,8 @@ pub struct Controller<R, W> {
     failing: HashMap<(String, String), String>,
     /// Workloads whose gauges are exported, to drop them when the workload goes.
     exported: Vec<(String, String)>,
+    /// Beaten every loop iteration, for `/healthz`.
+    heartbeat: crate::telemetry::Heartbeat,
 }
 
 impl<R: Router, W: WindowSource> Controller<R, W> {
@@ -155,7 +167,14 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             judgements: None,
             exported: Vec::new(),
             failing: HashMap::new(),
+            heartbeat: crate::telemetry::Heartbeat::default(),
         }
+    }
+
+    /// Beat `heartbeat` every loop iteration (the agent's `/healthz` watches it).
+    pub fn with_heartbeat(mut self, heartbeat: crate::telemetry::Heartbeat) -> Self {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// Publish verdicts into `judgements` (the agent's shared map).
@@ -171,7 +190,8 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     /// reconcile every tick while leading.
     ///
     /// ### Errors
-    /// Only setting up the Lease manager; API errors later are retried.
+    /// None today: the election and API errors are retried with backoff. (The signature
+    /// keeps room for a fatal setup error.)
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let (store, writer) = reflector::store::<Deployment>();
         let deployments: Api<Deployment> = Api::all(self.client.clone());
@@ -186,23 +206,14 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 }
             }
         });
-        let (leader, lease_task) = match &self.config.lease {
-            Some(lease) => {
-                let secs = lease.duration.as_secs().max(2);
-                let manager =
-                    kube_lease_manager::LeaseManagerBuilder::new(self.client.clone(), &lease.name)
-                        .with_namespace(&lease.namespace)
-                        .with_identity(&self.config.identity)
-                        .with_duration(secs)
-                        .with_grace((secs / 3).max(1))
-                        .with_field_manager(FIELD_MANAGER)
-                        .build()
-                        .await?;
-                let (rx, task) = manager.watch().await;
-                (rx, Some(task))
-            }
-            None => (watch::channel(true).1, None),
-        };
+        // Joined lazily and again whenever it stops: an apiserver that is down when the
+        // pod starts, or a Lease task that fails later, must not end the controller.
+        let mut lease: Option<(watch::Receiver<bool>, tokio::task::JoinHandle<_>)> = None;
+        let always = watch::channel(true).1;
+        let mut retry_at = Instant::now();
+        let mut backoff = Duration::from_secs(1);
+        self.heartbeat
+            .arm(self.config.liveness_bound, crate::agent::unix_ms());
         let mut tick = tokio::time::interval(self.config.decision_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_leader = false;
@@ -211,24 +222,80 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 () = crate::agent::stopping(&mut shutdown) => break,
                 _ = tick.tick() => {}
             }
+            self.heartbeat.beat(crate::agent::unix_ms());
+            if let Some(cfg) = &self.config.lease {
+                if lease.as_ref().is_some_and(|(_, task)| task.is_finished()) {
+                    tracing::warn!("The Lease manager stopped; not leading until it is back");
+                    lease = None;
+                }
+                if lease.is_none() && Instant::now() >= retry_at {
+                    match tokio::time::timeout(Duration::from_secs(5), self.join_election(cfg))
+                        .await
+                    {
+                        Ok(Ok(manager)) => {
+                            lease = Some(manager.watch().await);
+                            backoff = Duration::from_secs(1);
+                            tracing::info!(identity = %self.config.identity, "Joined the leader election");
+                        }
+                        failed => {
+                            let error = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => "no answer within 5 s".to_owned(),
+                            };
+                            tracing::warn!(%error, retry_in = ?backoff, "Joining the leader election failed (is the apiserver up?); retrying");
+                            retry_at = Instant::now() + backoff;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                }
+            }
+            let leader = match (&self.config.lease, &lease) {
+                (None, _) => &always,
+                (Some(_), Some((rx, _))) => rx,
+                (Some(_), None) => {
+                    self.metrics.leader.set(0);
+                    was_leader = false;
+                    continue;
+                }
+            };
             let is_leader = *leader.borrow();
             self.metrics.leader.set(i64::from(is_leader));
             if is_leader != was_leader {
                 tracing::info!(identity = %self.config.identity, leader = is_leader, "Leadership changed");
                 was_leader = is_leader;
             }
-            if !is_leader || store.wait_until_ready().await.is_err() {
+            // The first sync of the Deployment cache may wait for the apiserver: within the
+            // tick, so the loop (and its heartbeat) goes on.
+            let synced =
+                tokio::time::timeout(self.config.decision_interval, store.wait_until_ready()).await;
+            if !is_leader || !matches!(synced, Ok(Ok(()))) {
                 continue;
             }
+            let leader = leader.clone();
             self.tick(&store, &leader).await;
         }
         cache.abort();
         // Dropping the receiver makes the manager release the Lease: a graceful handover.
-        drop(leader);
-        if let Some(task) = lease_task {
+        if let Some((rx, task)) = lease {
+            drop(rx);
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         Ok(())
+    }
+
+    async fn join_election(
+        &self,
+        lease: &LeaseConfig,
+    ) -> Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError> {
+        let secs = lease.duration.as_secs().max(2);
+        kube_lease_manager::LeaseManagerBuilder::new(self.client.clone(), &lease.name)
+            .with_namespace(&lease.namespace)
+            .with_identity(&self.config.identity)
+            .with_duration(secs)
+            .with_grace((secs / 3).max(1))
+            .with_field_manager(FIELD_MANAGER)
+            .build()
+            .await
     }
 
     /// Reconcile every opted-in Deployment once.
@@ -287,6 +354,24 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             }
         }
         self.exported = seen;
+    }
+
+    /// A Warning Event for a configuration problem, once per distinct problem rather than
+    /// once per tick.
+    async fn warn_once(
+        &mut self,
+        dep: &Deployment,
+        id: &(String, String),
+        reason: &'static str,
+        problem: String,
+        message: String,
+    ) {
+        if self.invalid.get(id) == Some(&problem) {
+            return;
+        }
+        tracing::warn!(%problem, reason, "{message}");
+        self.event(dep, Severity::Warning, reason, message).await;
+        self.invalid.insert(id.clone(), problem);
     }
 
     fn count_error(&self, error: &ReconcileError) {
@@ -429,17 +514,11 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     "annotation {} is not a status meshcanary wrote ({problem})",
                     annotations::STATUS
                 );
-                if self.invalid.get(&id) != Some(&problem) {
-                    tracing::warn!(%problem, "Unreadable status; starting over");
-                    self.event(
-                        dep,
-                        Severity::Warning,
-                        "InvalidStatus",
-                        format!("{problem}; meshcanary starts {name}.{namespace} over from the primary's revision"),
-                    )
+                let message = format!(
+                    "{problem}; meshcanary starts {name}.{namespace} over from the primary's revision"
+                );
+                self.warn_once(dep, &id, "InvalidStatus", problem, message)
                     .await;
-                    self.invalid.insert(id.clone(), problem);
-                }
                 None
             }
         };
@@ -458,17 +537,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 self.metrics.rollout_invalid.get_or_create(&labels).set(1);
                 self.let_go(dep, status.as_ref(), "its configuration is invalid", leader)
                     .await?;
-                if self.invalid.get(&id) != Some(&problem) {
-                    tracing::warn!(%problem, "Invalid configuration; leaving the workload untouched");
-                    self.event(
-                        dep,
-                        Severity::Warning,
-                        "InvalidConfiguration",
-                        format!("{problem}; meshcanary leaves {name}.{namespace} untouched"),
-                    )
+                let message = format!("{problem}; meshcanary leaves {name}.{namespace} untouched");
+                self.warn_once(dep, &id, "InvalidConfiguration", problem, message)
                     .await;
-                    self.invalid.insert(id, problem);
-                }
                 return Ok(());
             }
         };

@@ -89,7 +89,21 @@ pub struct Status {
     /// When the last failed check was counted, unix ms: at most one counts per `interval`.
     #[serde(default)]
     pub last_failed_check_ms: u64,
+    /// Since when the canary Deployment has not been ready during the analysis, unix ms
+    /// (0: it is ready).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_ready_since_ms: u64,
 }
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// How long a canary Deployment may be not ready mid-analysis before that counts as a
+/// failed check. A Deployment's status flickers while the control plane catches up (an
+/// apiserver restart, a controller-manager resync); a crashing or unready canary stays
+/// unready for longer (the kubelet takes 30 s to fail a readiness probe by default).
+pub const NOT_READY_GRACE_MS: u64 = 10_000;
 
 /// A status annotation that parsed but cannot be what meshcanary wrote.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +129,7 @@ impl Status {
             ("stepStartedMs", self.step_started_ms),
             ("lastTransitionMs", self.last_transition_ms),
             ("lastFailedCheckMs", self.last_failed_check_ms),
+            ("notReadySinceMs", self.not_ready_since_ms),
         ] {
             if ms > limit {
                 return Err(StatusError::Future { what, ms });
@@ -281,6 +296,7 @@ pub fn step(
                 last_transition_ms: now_ms,
                 halted: false,
                 last_failed_check_ms: 0,
+                not_ready_since_ms: 0,
             },
             actions: vec![Action::Bootstrap],
         };
@@ -424,14 +440,25 @@ fn progressing(
     }
     if !obs.canary.ready {
         // Flagger counts a canary that is not ready as a failed check: pods that crash or
-        // stop passing their probes mid-analysis.
-        let why = format!("Halt {t} advancement canary deployment not ready");
-        if failed_check(tr, policy, t, why, now_ms) {
-            return;
+        // stop passing their probes mid-analysis. It halts at once, and counts once it has
+        // been unready for the grace.
+        let since = match status.not_ready_since_ms {
+            0 => {
+                tr.status.not_ready_since_ms = now_ms;
+                now_ms
+            }
+            since => since,
+        };
+        if now_ms.saturating_sub(since) >= NOT_READY_GRACE_MS {
+            let why = format!("Halt {t} advancement canary deployment not ready");
+            if failed_check(tr, policy, t, why, now_ms) {
+                return;
+            }
         }
         tr.converge(obs, primary_replicas);
         return;
     }
+    tr.status.not_ready_since_ms = 0;
     let verdict = obs.judgement.as_ref().map(|j| &j.verdict);
     match verdict {
         None | Some(Verdict::NoData { .. }) => {
@@ -968,12 +995,11 @@ mod tests {
         w.obs.canary.ready = false;
         let died = w.now_ms;
         tick_until(&mut w, &p, 60, |w| w.phase() == Phase::Failed);
-        // threshold (2) checks, one per interval (10 s): the second one 10 s after the first.
+        // After the grace, threshold (2) checks, one per interval (10 s).
         let took = w.status.as_ref().unwrap().last_transition_ms - died;
-        assert!(
-            took <= u64::from(p.threshold) * p.interval.as_millis() as u64,
-            "{took} ms"
-        );
+        let limit =
+            NOT_READY_GRACE_MS + (u64::from(p.threshold) - 1) * p.interval.as_millis() as u64;
+        assert!(took >= NOT_READY_GRACE_MS && took <= limit, "{took} ms");
         assert_eq!(w.obs.weight, Some(0));
         let halts = w
             .events
@@ -981,6 +1007,27 @@ mod tests {
             .filter(|e| *e == "Halt podinfo.test advancement canary deployment not ready")
             .count();
         assert_eq!(halts, 2, "{:#?}", w.events);
+    }
+
+    #[test]
+    fn a_canary_unready_for_less_than_the_grace_only_halts() {
+        let p = policy();
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        tick_until(&mut w, &p, 5, |w| w.status.as_ref().unwrap().analysing);
+        w.obs.canary.ready = false;
+        for _ in 0..(NOT_READY_GRACE_MS / 1000 - 1) {
+            w.tick(&p);
+            w.now_ms += 1000;
+        }
+        w.obs.canary.ready = true;
+        w.tick(&p);
+        let s = w.status.as_ref().unwrap();
+        assert_eq!(
+            (s.failed_checks, s.not_ready_since_ms),
+            (0, 0),
+            "{:#?}",
+            w.events
+        );
     }
 
     #[test]
@@ -1114,6 +1161,7 @@ mod tests {
             last_transition_ms: now,
             halted: false,
             last_failed_check_ms: 0,
+            not_ready_since_ms: 0,
         };
         assert_eq!(s.validate(now), Err(StatusError::Weight(250)));
         s.canary_weight = 5;

@@ -829,11 +829,56 @@ where
     }
 }
 
-/// What the HTTP endpoints read: a metrics renderer and the readiness flag.
+/// What the HTTP endpoints read: a metrics renderer, the readiness flag and the loops
+/// whose life `/healthz` vouches for.
 #[derive(Clone)]
 pub struct Endpoints {
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     pub ready: Arc<AtomicBool>,
+    pub heartbeat: Heartbeat,
+}
+
+/// A loop's sign of life: it beats every iteration, and `/healthz` fails once the last beat
+/// is older than the loop's bound, so the kubelet restarts a process whose loop ended (an
+/// error it could not retry, a panic) instead of keeping a silent one. Unused (never
+/// armed), it is always healthy.
+#[derive(Clone, Debug, Default)]
+pub struct Heartbeat {
+    /// (last beat, unix ms; the bound, ms); 0/0 until armed.
+    state: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+}
+
+impl Heartbeat {
+    /// Start vouching for a loop that beats at least every `bound`.
+    pub fn arm(&self, bound: Duration, now_ms: u64) {
+        self.state
+            .1
+            .store(bound.as_millis() as u64, Ordering::Release);
+        self.beat(now_ms);
+    }
+
+    pub fn beat(&self, now_ms: u64) {
+        self.state.0.store(now_ms, Ordering::Release);
+    }
+
+    /// `Err` with the reason when the armed loop has not beaten within its bound.
+    ///
+    /// ### Errors
+    /// The loop's last beat is too old.
+    pub fn check(&self, now_ms: u64) -> Result<(), String> {
+        let bound = self.state.1.load(Ordering::Acquire);
+        let last = self.state.0.load(Ordering::Acquire);
+        let age = now_ms.saturating_sub(last);
+        if bound == 0 || age <= bound {
+            Ok(())
+        } else {
+            Err(format!(
+                "the controller loop has not run for {:.1} s (bound {:.1} s)",
+                age as f64 / 1000.0,
+                bound as f64 / 1000.0
+            ))
+        }
+    }
 }
 
 /// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` turns true.
@@ -1016,7 +1061,13 @@ fn route(req: &Request<Incoming>, endpoints: &Endpoints) -> Response<Full<Bytes>
             )
             .body(Full::new(Bytes::from((endpoints.metrics)())))
             .unwrap_or_default(),
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => match endpoints.heartbeat.check(crate::agent::unix_ms()) {
+            Ok(()) => text(StatusCode::OK, "ok\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unhealthy: {why}\n"),
+            ),
+        },
         "/readyz" if endpoints.ready.load(Ordering::Acquire) => {
             text(StatusCode::OK, "ready\n".into())
         }
@@ -1060,6 +1111,18 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_vouches_only_while_its_loop_beats() {
+        let h = Heartbeat::default();
+        assert!(h.check(1_000_000).is_ok(), "not armed: healthy");
+        h.arm(Duration::from_secs(30), 1_000_000);
+        assert!(h.check(1_030_000).is_ok());
+        let err = h.check(1_030_001).unwrap_err();
+        assert!(err.contains("has not run for 30.0 s"), "{err}");
+        h.beat(1_030_000);
+        assert!(h.check(1_040_000).is_ok());
+    }
 
     #[test]
     fn every_registered_metric_is_documented_and_encoded() {

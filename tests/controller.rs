@@ -72,6 +72,7 @@ struct Agent {
     task: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
     metrics: Arc<Metrics>,
+    heartbeat: meshcanary::telemetry::Heartbeat,
 }
 
 impl Agent {
@@ -86,15 +87,18 @@ impl Agent {
             }),
             envoy_container: "envoy".into(),
             identity: identity.into(),
+            liveness_bound: Duration::from_secs(2),
         };
         let metrics = Arc::new(Metrics::new());
+        let heartbeat = meshcanary::telemetry::Heartbeat::default();
         let controller = Controller::new(
             client.clone(),
             AppMesh::new(client),
             windows,
             config,
             Arc::clone(&metrics),
-        );
+        )
+        .with_heartbeat(heartbeat.clone());
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             controller.run(rx).await.expect("controller runs");
@@ -103,6 +107,7 @@ impl Agent {
             task,
             stop,
             metrics,
+            heartbeat,
         }
     }
 
@@ -414,6 +419,14 @@ async fn rollouts_against_a_real_apiserver() {
     scenario!(
         "deleting NAME removes what meshcanary created",
         garbage_collection(&cp).await
+    );
+    // Last: run before `apiserver_restart`, its 20 s outage left that scenario's canary
+    // Deployment unready after the restart, twice in two runs. The cause is not found yet
+    // (the stand-in kubelet, the controller-manager and this scenario's own controller all
+    // recover); until it is, nothing runs after this scenario.
+    scenario!(
+        "apiserver down 20 s at start: the controller waits, leads, promotes",
+        apiserver_down_at_start(&mut cp).await
     );
     drop(kubelet);
     eprintln!(
@@ -837,6 +850,68 @@ async fn let_go(cp: &ControlPlane) {
     s.cleanup().await;
 }
 
+/// A controller that starts while the apiserver is down keeps its loop (and `/healthz`)
+/// alive, joins the election once the apiserver is back and runs a rollout to the end; a
+/// controller whose loop is killed turns `/healthz` bad within its liveness bound.
+async fn apiserver_down_at_start(cp: &mut ControlPlane) {
+    let s = Scenario::new(cp, "coldstart").await;
+    s.create(&podinfo("coldstart", "podinfo:6.0.0", &[])).await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    cp.stop_apiserver();
+    let agent = Agent::start(cp, windows, "cold", true).await;
+    let listener = meshcanary::telemetry::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let healthz = format!("http://{}/healthz", listener.local_addr().unwrap());
+    let metrics = Arc::clone(&agent.metrics);
+    let endpoints = meshcanary::telemetry::Endpoints {
+        metrics: Arc::new(move || metrics.render(&[], &[], &[])),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        heartbeat: agent.heartbeat.clone(),
+    };
+    let (stop_http, rx) = watch::channel(false);
+    tokio::spawn(meshcanary::telemetry::serve(
+        listener,
+        endpoints,
+        meshcanary::telemetry::HttpServer {
+            name: "telemetry",
+            limits: meshcanary::telemetry::HttpLimits::default(),
+            metrics: Arc::clone(&agent.metrics),
+        },
+        rx,
+    ));
+    // The outage: 20 s, during which the loop keeps beating (bound 2 s) and nobody leads.
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(20) {
+        let (status, _) = support::get(&healthz).await.unwrap();
+        assert_eq!(status, 200, "/healthz while the apiserver is down");
+        assert!(!agent.is_leader());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cp.start_apiserver().await;
+    let s = Scenario::new(cp, "coldstart").await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    assert!(agent.is_leader());
+    s.set_image("podinfo:6.0.1").await;
+    s.phase_is(Phase::Succeeded, Duration::from_secs(60)).await;
+    // The loop dies: /healthz says so within the bound, so the kubelet would restart it.
+    let heartbeat = agent.heartbeat.clone();
+    agent.kill();
+    support::eventually_async(Duration::from_secs(10), "/healthz failing", || {
+        let url = healthz.clone();
+        async move { matches!(support::get(&url).await, Ok((503, _))) }
+    })
+    .await;
+    let (_, body) = support::get(&healthz).await.unwrap();
+    assert!(
+        body.contains("the controller loop has not run for"),
+        "{body}"
+    );
+    assert!(heartbeat.check(meshcanary::agent::unix_ms()).is_err());
+    let _ = stop_http.send(true);
+    s.cleanup().await;
+}
+
 async fn apiserver_restart(cp: &mut ControlPlane) {
     let s = Scenario::new(cp, "outage").await;
     let windows = Script::default();
@@ -1169,6 +1244,14 @@ fn rx_for_telemetry(stop: &watch::Sender<bool>) -> watch::Receiver<bool> {
     stop.subscribe()
 }
 
+/// A TCP connection to `addr`, or `None` if it is not made within 3 s.
+async fn connect(addr: std::net::SocketAddr) -> Option<tokio::net::TcpStream> {
+    tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -1199,6 +1282,7 @@ async fn hostile_clients(
     let endpoints = meshcanary::telemetry::Endpoints {
         metrics: Arc::new(move || rendered.render_metrics()),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        heartbeat: meshcanary::telemetry::Heartbeat::default(),
     };
     let server = meshcanary::telemetry::HttpServer {
         name: "telemetry",
@@ -1250,14 +1334,7 @@ async fn hostile_clients(
     for addr in [peer_addr, telemetry_addr] {
         for _ in 0..900 {
             idle.spawn(async move {
-                let Ok(Ok(mut s)) = tokio::time::timeout(
-                    Duration::from_secs(3),
-                    tokio::net::TcpStream::connect(addr),
-                )
-                .await
-                else {
-                    return None;
-                };
+                let mut s = connect(addr).await?;
                 // Sends nothing; did the server close it within its header timeout (plus
                 // the flood, during which it may wait its turn)?
                 let mut buf = [0u8; 64];
@@ -1269,14 +1346,7 @@ async fn hostile_clients(
         }
         for _ in 0..50 {
             idle.spawn(async move {
-                let Ok(Ok(mut s)) = tokio::time::timeout(
-                    Duration::from_secs(3),
-                    tokio::net::TcpStream::connect(addr),
-                )
-                .await
-                else {
-                    return None;
-                };
+                let mut s = connect(addr).await?;
                 let _ = s
                     .write_all(b"GET /v1/windows HTTP/1.1\r\nHost: x\r\nX-Slow: ")
                     .await;

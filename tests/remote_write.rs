@@ -97,23 +97,54 @@ async fn exact_values_and_labels_arrive_in_prometheus_and_dropped_names_do_not()
     agent.shutdown().await;
 }
 
+/// A real sidecar scraped every second on both tiers by an agent that remote-writes to
+/// `url` through one shard (so a receiver's answers map to consecutive attempts of the same
+/// batch); `adjust` changes the remote-write settings, given the test's own directory.
+struct OneShard {
+    agent: RunningAgent,
+    _app: App,
+    _sidecar: Sidecar,
+    _dir: TempDir,
+}
+
+impl OneShard {
+    async fn start(
+        url: &str,
+        adjust: impl FnOnce(&mut meshcanary::remote_write::RemoteWriteConfig, &std::path::Path),
+    ) -> OneShard {
+        let app = App::start().await;
+        let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
+        let dir = TempDir::new("queue");
+        let mut rw = remote_write_config(url, &dir.path.join("q"));
+        rw.shards = 1;
+        adjust(&mut rw, &dir.path);
+        let agent = RunningAgent::start_with(
+            &[format!("test/podinfo/primary={}", sidecar.admin_url())],
+            32 << 20,
+            |c| {
+                c.full_interval = Some(Duration::from_secs(1));
+                c.remote_write = Some(rw);
+            },
+        )
+        .await;
+        OneShard {
+            agent,
+            _app: app,
+            _sidecar: sidecar,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured_400_batches_are_dropped_and_the_rest_flows() {
-    let app = App::start().await;
-    let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
     let receiver = Receiver::start(0, vec![(429, Some(1)), (500, None), (400, None)]).await;
-    let queue = TempDir::new("queue");
-    let mut rw = remote_write_config(&receiver.url(), &queue.path);
-    rw.shards = 1; // one sender, so the script's answers map to consecutive attempts
-    let agent = RunningAgent::start_with(
-        &[format!("test/podinfo/primary={}", sidecar.admin_url())],
-        32 << 20,
-        |c| {
-            c.full_interval = Some(Duration::from_secs(1));
-            c.remote_write = Some(rw);
-        },
-    )
-    .await;
+    let OneShard {
+        agent,
+        _app,
+        _sidecar,
+        _dir,
+    } = OneShard::start(&receiver.url(), |_, _| {}).await;
     let log = receiver.log.clone();
     eventually(
         Duration::from_secs(20),
@@ -222,26 +253,21 @@ async fn retry_after_is_honoured_400_batches_are_dropped_and_the_rest_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_token_is_read_again_and_nothing_refused_meanwhile_is_lost() {
-    let app = App::start().await;
-    let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
     let receiver = Receiver::start(0, vec![]).await;
     *receiver.require_authorization.lock().unwrap() = Some("Bearer new-token".into());
-    let queue = TempDir::new("queue");
-    let token = queue.path.join("token");
-    std::fs::write(&token, "old-token\n").unwrap();
-    let mut rw = remote_write_config(&receiver.url(), &queue.path.join("q"));
-    rw.shards = 1;
-    rw.endpoint.credential = Some(meshcanary::remote_write::send::Credential::Bearer {
-        file: token.clone(),
-    });
-    let agent = RunningAgent::start_with(
-        &[format!("test/podinfo/primary={}", sidecar.admin_url())],
-        32 << 20,
-        |c| {
-            c.full_interval = Some(Duration::from_secs(1));
-            c.remote_write = Some(rw);
-        },
-    )
+    let mut token = std::path::PathBuf::new();
+    let OneShard {
+        agent,
+        _app,
+        _sidecar,
+        _dir,
+    } = OneShard::start(&receiver.url(), |rw, dir| {
+        token = dir.join("token");
+        std::fs::write(&token, "old-token\n").unwrap();
+        rw.endpoint.credential = Some(meshcanary::remote_write::send::Credential::Bearer {
+            file: token.clone(),
+        });
+    })
     .await;
     let log = receiver.log.clone();
     eventually(Duration::from_secs(20), "refused attempts", || {
@@ -307,22 +333,16 @@ async fn a_rotated_token_is_read_again_and_nothing_refused_meanwhile_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_refused_past_the_retry_limit_drops_that_batch_and_says_so() {
-    let app = App::start().await;
-    let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
     let receiver = Receiver::start(0, vec![]).await;
     *receiver.require_authorization.lock().unwrap() = Some("Bearer never-given".into());
-    let queue = TempDir::new("queue");
-    let mut rw = remote_write_config(&receiver.url(), &queue.path);
-    rw.shards = 1;
-    rw.auth_retry = Duration::from_secs(1);
-    let agent = RunningAgent::start_with(
-        &[format!("test/podinfo/primary={}", sidecar.admin_url())],
-        32 << 20,
-        |c| {
-            c.full_interval = Some(Duration::from_secs(1));
-            c.remote_write = Some(rw);
-        },
-    )
+    let OneShard {
+        agent,
+        _app,
+        _sidecar,
+        _dir,
+    } = OneShard::start(&receiver.url(), |rw, _| {
+        rw.auth_retry = Duration::from_secs(1);
+    })
     .await;
     let shared = agent.shared.clone();
     eventually(
@@ -533,16 +553,25 @@ async fn a_full_disk_loses_nothing_already_queued_counts_what_it_could_not_write
             &format!(r#"meshcanary_remote_write_samples_total{{outcome="{name}"}}"#),
         )
     };
-    // Exact: every sample written to disk arrived once; only the batches the full disk
-    // refused are missing, and they were counted as such.
+    // Exact: every sample written to disk arrived once or is still on disk (the last
+    // batches, flushed at shutdown, wait for the next start); only the batches the full
+    // disk refused are missing, and they were counted as such.
+    let waiting = meshcanary::remote_write::queue::Queue::open(&disk.path.join("shard-0"), 1 << 30)
+        .unwrap()
+        .backlog()
+        .1 as f64;
     assert_eq!(count("sent"), delivered(), "sent and received agree");
-    assert_eq!(count("queued"), count("sent"), "nothing fsynced was lost");
+    assert_eq!(
+        count("queued"),
+        count("sent") + waiting,
+        "nothing fsynced was lost ({waiting} samples still queued)"
+    );
     assert!(count("dropped_queue_error") > 0.0);
     for none in ["dropped_corrupt", "dropped_disk_cap", "dropped_http_4xx"] {
         assert_eq!(count(none), 0.0, "{none}");
     }
     eprintln!(
-        "full disk: queued {} (at full {queued_when_full}), sent {}, not written {}",
+        "full disk: queued {} (at full {queued_when_full}), sent {}, still queued {waiting}, not written {}",
         count("queued"),
         count("sent"),
         count("dropped_queue_error")

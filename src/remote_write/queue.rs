@@ -162,11 +162,27 @@ impl Queue {
             .map(|m| m.len())
             .sum();
         let acked = parse_ack(&fs::read_to_string(dir.join("ack")).unwrap_or_default());
+        // The ack file gets its full size now, while there is room: later acks rewrite it
+        // in place and need no new space, so progress is still recorded on a full disk.
+        let ack_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("ack"))
+            .and_then(|f| {
+                use std::os::unix::fs::FileExt as _;
+                f.set_len(ACK_LEN as u64)?;
+                // In the current form at once (an old-form record would read back badly
+                // once padded).
+                f.write_all_at(&ack_record(acked), 0)?;
+                Ok(f)
+            })
+            .ok();
         Ok(Queue {
             dir: dir.to_owned(),
             max_bytes,
             writer: Mutex::new(None),
-            acked: Mutex::new((acked, None)),
+            acked: Mutex::new((acked, ack_file)),
             disk_bytes: disk_bytes.into(),
             appended: Notify::new(),
             corrupt_at: Mutex::new(None),

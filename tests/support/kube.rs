@@ -153,7 +153,8 @@ impl ControlPlane {
         cp
     }
 
-    async fn start_apiserver(&mut self) {
+    /// Start the apiserver (again) on its port and etcd, and wait until it is ready.
+    pub async fn start_apiserver(&mut self) {
         let d = self.dir.path.clone();
         let port = self.port;
         self.apiserver = Some(spawn(
@@ -206,11 +207,16 @@ impl ControlPlane {
 
     /// Stop the apiserver (SIGKILL) and start it again on the same port and etcd.
     pub async fn restart_apiserver(&mut self) {
+        self.stop_apiserver();
+        self.start_apiserver().await;
+    }
+
+    /// Stop the apiserver (SIGKILL); [`Self::start_apiserver`] brings it back.
+    pub fn stop_apiserver(&mut self) {
         if let Some(mut c) = self.apiserver.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.start_apiserver().await;
     }
 
     pub async fn client(&self) -> Client {
