@@ -506,21 +506,17 @@ impl TargetTask {
             .get_or_create(&TierLabels { tier: "fast" })
             .inc_by(body.len() as u64);
         let limit = self.config.sample_limit;
-        let (metrics, regex, id) = (
-            Arc::clone(&self.shared.metrics),
-            self.config.cluster_regex.clone(),
-            self.target.id.clone(),
-        );
-        let read = move || match over_sample_limit(&body, limit) {
-            Some(n) => Err(n),
-            None => Ok(fast_snapshot(&body, &regex, &metrics, &id)),
-        };
-        // A filtered fast body is a few KB; a sidecar that ignores the filter is parsed on
-        // the blocking pool, off the workers that keep every target's 1 s cadence.
+        // A filtered fast body is a few KB, read here; a sidecar that ignores the filter is
+        // parsed on the blocking pool, off the workers that keep every target's 1 s cadence.
         let read = if body_len <= INLINE_PARSE_BYTES {
-            read()
+            fast_snapshot(&body, limit, &self.config.cluster_regex, m, &self.target.id)
         } else {
-            off_workers(read).await
+            let (metrics, regex, id) = (
+                Arc::clone(&self.shared.metrics),
+                self.config.cluster_regex.clone(),
+                self.target.id.clone(),
+            );
+            off_workers(move || fast_snapshot(&body, limit, &regex, &metrics, &id)).await
         };
         let snapshot = match read {
             Ok(snapshot) => snapshot,
@@ -749,13 +745,18 @@ async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stati
     }
 }
 
-/// The inbound counters of a fast-tier body; rejected lines are counted and skipped.
+/// The inbound counters of a fast-tier body (rejected lines are counted and skipped), or
+/// its sample count once past `limit`.
 fn fast_snapshot(
     body: &[u8],
+    limit: usize,
     cluster: &Regex,
     metrics: &Metrics,
     target_id: &str,
-) -> InboundSnapshot {
+) -> Result<InboundSnapshot, usize> {
+    if let Some(n) = over_sample_limit(body, limit) {
+        return Err(n);
+    }
     let parser = Parser::new(body).filter_map(|r| match r {
         Ok(s) => Some(s),
         Err(e) => {
@@ -770,7 +771,7 @@ fn fast_snapshot(
             None
         }
     });
-    InboundSnapshot::extract(parser, cluster)
+    Ok(InboundSnapshot::extract(parser, cluster))
 }
 
 /// Remote-write the agent's own metrics every full interval, as a collector scraping it
