@@ -648,6 +648,16 @@ impl Receiver {
     pub fn received(&self) -> Vec<Received> {
         self.log.lock().unwrap().clone()
     }
+
+    /// How many requests it answered with `status`.
+    pub fn answered(&self, status: u16) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status == status)
+            .count()
+    }
 }
 
 impl Drop for Receiver {
