@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::{unix_ms, unix_ms_i64};
+use crate::shutdown::stopping;
 
 use regex::Regex;
 use tokio::sync::watch;
@@ -59,21 +62,28 @@ pub struct AgentConfig {
 #[derive(Clone, Debug)]
 pub struct KubeSettings {
     pub discovery: crate::discover::pods::DiscoveryConfig,
-    /// `None`: scrape only, never lead.
-    pub controller: Option<crate::controller::ControllerConfig>,
-    /// `None`: no window exchange; the leader sees only its own node.
-    pub peers: Option<crate::peers::cluster::PeerConfig>,
+    /// The agent's pod name: its `instance` label.
+    pub identity: String,
+    /// Where and to whom the agent serves its windows.
+    pub peers: PeerServing,
+}
+
+/// The peer port of an agent: the controller polls it.
+#[derive(Clone, Debug)]
+pub struct PeerServing {
+    pub listen: std::net::SocketAddr,
+    /// The audience the controller's token must carry.
+    pub audience: String,
+    /// The only user answered: `system:serviceaccount:<namespace>:<controller account>`.
+    pub client: String,
 }
 
 impl AgentConfig {
     /// This agent's `instance` label on its own metrics: its identity in Kubernetes (pod
-    /// name, else node name), else its listen address.
+    /// name), else its listen address.
     pub fn instance(&self) -> String {
         match &self.kube {
-            Some(k) => k
-                .controller
-                .as_ref()
-                .map_or_else(|| k.discovery.node_name.clone(), |c| c.identity.clone()),
+            Some(k) => k.identity.clone(),
             None => self
                 .listen
                 .map_or_else(|| "meshcanary".to_owned(), |a| a.to_string()),
@@ -200,16 +210,6 @@ impl Shared {
 
 /// Wall-clock time in unix milliseconds: the time base of windows (shared across nodes) and
 /// of remote-write samples.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// [`unix_ms`] as the signed milliseconds remote-write samples carry.
-pub fn unix_ms_i64() -> i64 {
-    i64::try_from(unix_ms()).unwrap_or(i64::MAX)
-}
 
 /// A running agent's handle.
 pub struct Agent {
@@ -894,11 +894,6 @@ impl crate::window::WindowSource for Shared {
     ) -> Option<crate::window::WindowPair> {
         lock(&self.windows).pair(namespace, workload, now_ms, self.stale_after_ms)
     }
-}
-
-/// Resolve once `shutdown` turns true (or its sender is gone).
-pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|&s| s).await;
 }
 
 /// The next deadline after `deadline`, skipping ticks missed while a slow scrape ran.

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use regex::Regex;
-use tokio::sync::watch;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::config::{parse_bytes, parse_duration};
@@ -41,8 +40,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent: scrape the sidecars, keep the windows, serve /metrics.
+    /// Run the agent (the DaemonSet): scrape this node's sidecars, keep the windows, serve
+    /// them to the controller, remote write, serve /metrics. It writes nothing to the cluster.
     Agent(AgentArgs),
+    /// Run the controller (a Deployment): poll the agents' windows, judge, run the rollouts
+    /// and drive the router, as the elected one of its replicas.
+    Controller(ControllerArgs),
     /// Run the same pipeline with a live terminal view of every window, refreshed each second.
     Watch(AgentArgs),
     /// Print every sample of a Prometheus text file as one JSON object per line; rejected
@@ -249,8 +252,8 @@ pub struct AgentArgs {
     /// File with the basic-auth password (read at startup; never logged).
     #[arg(long, env = "MESHCANARY_REMOTE_WRITE_BASIC_AUTH_PASSWORD_FILE")]
     pub remote_write_basic_auth_password_file: Option<std::path::PathBuf>,
-    /// Run in Kubernetes: discover this node's sidecars and take part in the controller's
-    /// leader election. Set from the downward API (`spec.nodeName`) in the DaemonSet.
+    /// Run in Kubernetes: discover this node's sidecars and serve their windows to the
+    /// controller. Set from the downward API (`spec.nodeName`) in the DaemonSet.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// Label selector of the namespaces whose pods are scraped.
@@ -263,12 +266,52 @@ pub struct AgentArgs {
     /// Name of the Envoy sidecar container in pods.
     #[arg(long, env = "MESHCANARY_ENVOY_CONTAINER", default_value = "envoy")]
     pub envoy_container: String,
-    /// Run the rollout controller when elected (false: scrape and remote-write only).
-    #[arg(long, env = "MESHCANARY_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
-    pub controller: bool,
-    /// Namespace of the leader-election Lease (the agent's own namespace).
+    /// meshcanary's own namespace (the controller's ServiceAccount is in it).
     #[arg(long, env = "POD_NAMESPACE", default_value = "meshcanary")]
-    pub lease_namespace: String,
+    pub namespace: String,
+    /// Where this agent serves its windows to the controller (`GET /v1/windows`).
+    #[arg(long, env = "MESHCANARY_PEER_LISTEN", default_value = "0.0.0.0:9103")]
+    pub peer_listen: SocketAddr,
+    /// Audience the controller's token must carry (checked with a TokenReview).
+    #[arg(
+        long,
+        env = "MESHCANARY_PEER_AUDIENCE",
+        default_value = "meshcanary-peers"
+    )]
+    pub peer_audience: String,
+    /// The controller's ServiceAccount (in --namespace): the only user the peer port answers.
+    #[arg(
+        long,
+        env = "MESHCANARY_CONTROLLER_SERVICE_ACCOUNT",
+        default_value = "meshcanary-controller"
+    )]
+    pub controller_service_account: String,
+    /// This agent's identity on its metrics (default: the node name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Time allowed to finish in-flight work after SIGTERM.
+    #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+}
+
+/// Flags of `meshcanary controller`.
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "MESHCANARY_LISTEN", default_value = "0.0.0.0:9102")]
+    pub listen: SocketAddr,
+    /// Connections the telemetry port serves at once (as the agent's).
+    #[arg(long, env = "MESHCANARY_HTTP_MAX_CONNECTIONS", default_value_t = 128)]
+    pub http_max_connections: usize,
+    /// A request's headers must arrive within this time (as the agent's).
+    #[arg(long, env = "MESHCANARY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// meshcanary's own namespace: the Lease and the agents' pods are in it.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "meshcanary")]
+    pub namespace: String,
+    /// This replica's identity for the Lease and Events (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "meshcanary-controller")]
+    pub identity: String,
     /// Name of the leader-election Lease.
     #[arg(
         long,
@@ -279,50 +322,119 @@ pub struct AgentArgs {
     /// How long a leader's Lease is valid without renewal; a crashed leader is replaced after it.
     #[arg(long, env = "MESHCANARY_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// How often the leader reconciles and judges every rollout.
+    /// How often the leader polls the agents, judges and reconciles every rollout.
     #[arg(long, env = "MESHCANARY_DECISION_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub decision_interval: Duration,
-    /// Exchange windows with the other agents, so the leader judges every node's pods (off:
-    /// the leader sees only its own node, for single-node clusters).
-    #[arg(long, env = "MESHCANARY_PEERS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub peers: bool,
-    /// Where this agent serves its windows to the leader (`GET /v1/windows`); peers are
-    /// reached on the same port at their pod IPs.
-    #[arg(long, env = "MESHCANARY_PEER_LISTEN", default_value = "0.0.0.0:9103")]
-    pub peer_listen: SocketAddr,
-    /// Label selector of the agents' pods (in the agent's namespace).
+    /// Label selector of the agents' pods (in --namespace).
     #[arg(
         long,
-        env = "MESHCANARY_PEER_SELECTOR",
-        default_value = "app.kubernetes.io/name=meshcanary"
+        env = "MESHCANARY_AGENT_SELECTOR",
+        default_value = "app.kubernetes.io/name=meshcanary,app.kubernetes.io/component=agent"
     )]
-    pub peer_selector: String,
-    /// Projected ServiceAccount token sent to peers (re-read at every poll; never logged).
+    pub agent_selector: String,
+    /// The agents' peer port (on their pod IPs).
+    #[arg(long, env = "MESHCANARY_AGENT_PORT", default_value_t = 9103)]
+    pub agent_port: u16,
+    /// Projected ServiceAccount token sent to the agents (re-read at every poll; never logged).
     #[arg(
         long,
         env = "MESHCANARY_PEER_TOKEN_FILE",
         default_value = "/var/run/secrets/meshcanary/peer-token"
     )]
     pub peer_token_file: std::path::PathBuf,
-    /// Audience of the peer token; peers check it with a TokenReview.
-    #[arg(
-        long,
-        env = "MESHCANARY_PEER_AUDIENCE",
-        default_value = "meshcanary-peers"
-    )]
-    pub peer_audience: String,
-    /// The agents' ServiceAccount: peers answer only tokens of this account.
-    #[arg(long, env = "MESHCANARY_SERVICE_ACCOUNT", default_value = "meshcanary")]
-    pub service_account: String,
-    /// How long the leader waits for a peer's windows before its node counts as stale.
+    /// How long the controller waits for an agent's windows before its node counts as stale.
     #[arg(long, env = "MESHCANARY_PEER_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub peer_timeout: Duration,
-    /// This agent's identity for the Lease and Events (default: the node name).
-    #[arg(long, env = "POD_NAME")]
-    pub identity: Option<String>,
+    /// The agents' --window (whole seconds): the checks' analysis window.
+    #[arg(long, env = "MESHCANARY_WINDOW", default_value = "30s", value_parser = parse_duration)]
+    pub window: Duration,
+    /// The agents' --min-requests.
+    #[arg(long, env = "MESHCANARY_MIN_REQUESTS", default_value_t = 10)]
+    pub min_requests: u64,
+    /// The agents' --fast-interval: windows without data for three of them (at least 3 s)
+    /// are stale.
+    #[arg(long, env = "MESHCANARY_FAST_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub fast_interval: Duration,
+    /// Name of the Envoy sidecar container in pods.
+    #[arg(long, env = "MESHCANARY_ENVOY_CONTAINER", default_value = "envoy")]
+    pub envoy_container: String,
     /// Time allowed to finish in-flight work after SIGTERM.
     #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub grace_period: Duration,
+}
+
+/// The controller's settings, checked together.
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    pub listen: SocketAddr,
+    pub http_limits: crate::telemetry::HttpLimits,
+    pub controller: crate::controller::ControllerConfig,
+    pub agents: crate::peers::cluster::PeerConfig,
+    pub window: WindowConfig,
+    pub stale_after_ms: u64,
+    pub grace_period: Duration,
+}
+
+impl ControllerArgs {
+    /// Validate the flags into [`ControllerSettings`].
+    ///
+    /// ### Errors
+    /// A message naming the flag and what it expects.
+    pub fn into_settings(self) -> anyhow::Result<ControllerSettings> {
+        if self.lease_duration < Duration::from_secs(2) {
+            anyhow::bail!("--lease-duration must be at least 2s");
+        }
+        if self.decision_interval.is_zero() {
+            anyhow::bail!("--decision-interval must be greater than 0");
+        }
+        if self.peer_timeout.is_zero() || self.peer_timeout >= self.decision_interval {
+            anyhow::bail!(
+                "--peer-timeout ({:?}) must be greater than 0 and shorter than --decision-interval ({:?})",
+                self.peer_timeout,
+                self.decision_interval
+            );
+        }
+        if self.window.as_secs() == 0 {
+            anyhow::bail!("--window must be at least one second");
+        }
+        if self.fast_interval.is_zero() {
+            anyhow::bail!("--fast-interval must be greater than 0");
+        }
+        Ok(ControllerSettings {
+            listen: self.listen,
+            http_limits: crate::telemetry::HttpLimits {
+                max_connections: self.http_max_connections,
+                header_timeout: self.http_header_timeout,
+            },
+            controller: crate::controller::ControllerConfig {
+                decision_interval: self.decision_interval,
+                lease: Some(crate::controller::LeaseConfig {
+                    namespace: self.namespace.clone(),
+                    name: self.lease_name,
+                    duration: self.lease_duration,
+                }),
+                envoy_container: self.envoy_container,
+                identity: self.identity,
+                liveness_bound: crate::controller::ControllerConfig::liveness_bound_for(
+                    self.decision_interval,
+                ),
+            },
+            agents: crate::peers::cluster::PeerConfig {
+                port: self.agent_port,
+                namespace: self.namespace,
+                selector: self.agent_selector,
+                token_file: Some(self.peer_token_file),
+                timeout: self.peer_timeout,
+            },
+            window: WindowConfig {
+                slot_ms: 1_000,
+                slots: self.window.as_secs() as usize,
+                min_requests: self.min_requests,
+            },
+            stale_after_ms: crate::agent::stale_after(self.fast_interval),
+            grace_period: self.grace_period,
+        })
+    }
 }
 
 /// Default telemetry address of `meshcanary agent`.
@@ -387,52 +499,21 @@ impl AgentArgs {
                 if !config.targets.is_empty() {
                     anyhow::bail!("give --target (static targets) or --node-name (Kubernetes discovery), not both");
                 }
-                if self.lease_duration < Duration::from_secs(2) {
-                    anyhow::bail!("--lease-duration must be at least 2s");
-                }
-                if self.decision_interval.is_zero() {
-                    anyhow::bail!("--decision-interval must be greater than 0");
-                }
-                if self.peer_timeout.is_zero() {
-                    anyhow::bail!("--peer-timeout must be greater than 0");
-                }
-                if self.peers && self.peer_timeout >= self.decision_interval {
-                    anyhow::bail!(
-                        "--peer-timeout ({:?}) must be shorter than --decision-interval ({:?})",
-                        self.peer_timeout,
-                        self.decision_interval
-                    );
-                }
                 Some(crate::agent::KubeSettings {
-                    peers: self.peers.then(|| crate::peers::cluster::PeerConfig {
+                    identity: self.identity.unwrap_or_else(|| node_name.clone()),
+                    peers: crate::agent::PeerServing {
                         listen: self.peer_listen,
-                        namespace: self.lease_namespace.clone(),
-                        selector: self.peer_selector,
-                        token_file: Some(self.peer_token_file),
                         audience: self.peer_audience,
-                        service_account: self.service_account,
-                        timeout: self.peer_timeout,
-                    }),
-                    discovery: crate::discover::pods::DiscoveryConfig {
-                        node_name: node_name.clone(),
-                        namespace_selector: self.namespace_selector,
-                        envoy_container: self.envoy_container.clone(),
+                        client: format!(
+                            "system:serviceaccount:{}:{}",
+                            self.namespace, self.controller_service_account
+                        ),
                     },
-                    controller: self
-                        .controller
-                        .then(|| crate::controller::ControllerConfig {
-                            decision_interval: self.decision_interval,
-                            lease: Some(crate::controller::LeaseConfig {
-                                namespace: self.lease_namespace,
-                                name: self.lease_name,
-                                duration: self.lease_duration,
-                            }),
-                            envoy_container: self.envoy_container,
-                            identity: self.identity.unwrap_or(node_name),
-                            liveness_bound: crate::controller::ControllerConfig::liveness_bound_for(
-                                self.decision_interval,
-                            ),
-                        }),
+                    discovery: crate::discover::pods::DiscoveryConfig {
+                        node_name,
+                        namespace_selector: self.namespace_selector,
+                        envoy_container: self.envoy_container,
+                    },
                 })
             }
         };
@@ -708,6 +789,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = args.into_config(None)?;
             runtime()?.block_on(run_agent(config, true))
         }
+        Command::Controller(args) => {
+            let settings = args.into_settings()?;
+            runtime()?.block_on(run_controller(settings))
+        }
     }
 }
 
@@ -732,12 +817,7 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
     let http_limits = config.http_limits;
     let kube = config.kube.clone();
     let mut agent = Agent::new(config)?;
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    let mut controller = None;
+    let rx = crate::shutdown::on_signal();
     if let Some(kube) = kube {
         let client = kube::Client::try_default()
             .await
@@ -747,99 +827,90 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
         let targets = crate::discover::pods::start(client.clone(), kube.discovery, rx.clone());
         agent = agent.with_discovery(targets);
         let shared = agent.shared();
-        let identity = kube
-            .controller
-            .as_ref()
-            .map_or_else(|| node.clone(), |c| c.identity.clone());
-        let cluster = match &kube.peers {
-            Some(pc) => {
-                let listener = crate::telemetry::listen(pc.listen)
-                    .with_context(|| format!("binding the peer listener on {}", pc.listen))?;
-                let reviewer = crate::peers::auth::Reviewer::new(
-                    client.clone(),
-                    pc.audience.clone(),
-                    format!(
-                        "system:serviceaccount:{}:{}",
-                        pc.namespace, pc.service_account
-                    ),
-                    Arc::clone(&shared.metrics),
-                );
-                let server = crate::peers::serve::PeerServer {
-                    shared: Arc::clone(&shared),
-                    node: node.clone(),
-                    reviewer: Some(Arc::new(reviewer)),
-                    limits: http_limits,
-                };
-                tracing::info!(addr = %pc.listen, "Serving windows to peers on /v1/windows");
-                tokio::spawn(server.serve(listener, rx.clone()));
-                kube.controller.as_ref().map(|_| {
-                    let peers = crate::peers::cluster::discover(client.clone(), pc, rx.clone());
-                    crate::peers::cluster::Cluster::new(
-                        Arc::clone(&shared),
-                        identity,
-                        node,
-                        peers,
-                        pc.clone(),
-                    )
-                })
-            }
-            None => None,
+        let peers = kube.peers;
+        let listener = crate::telemetry::listen(peers.listen)
+            .with_context(|| format!("binding the peer listener on {}", peers.listen))?;
+        let reviewer = crate::peers::auth::Reviewer::new(
+            client,
+            peers.audience,
+            peers.client,
+            Arc::clone(&shared.metrics),
+        );
+        let server = crate::peers::serve::PeerServer {
+            shared,
+            node,
+            reviewer: Some(Arc::new(reviewer)),
+            limits: http_limits,
         };
-        if let Some(cc) = kube.controller {
-            agent = agent.without_judge();
-            let router = crate::router::appmesh::AppMesh::new(client.clone());
-            let metrics = Arc::clone(&shared.metrics);
-            let judgements = Arc::clone(&shared.judgements);
-            let heartbeat = shared.heartbeat.clone();
-            let task = match cluster {
-                Some(cluster) => {
-                    let c =
-                        crate::controller::Controller::new(client, router, cluster, cc, metrics)
-                            .publish_judgements(judgements)
-                            .with_heartbeat(heartbeat);
-                    tokio::spawn(c.run(rx.clone()))
-                }
-                None => {
-                    let c = crate::controller::Controller::new(client, router, shared, cc, metrics)
-                        .publish_judgements(judgements)
-                        .with_heartbeat(heartbeat);
-                    tokio::spawn(c.run(rx.clone()))
-                }
-            };
-            controller = Some(task);
-        }
+        tracing::info!(addr = %peers.listen, "Serving windows to the controller on /v1/windows");
+        tokio::spawn(server.serve(listener, rx.clone()));
     }
     if with_view {
         tokio::spawn(crate::watch::run(agent.shared(), window_s, rx.clone()));
     }
     agent.run(rx).await?;
-    if let Some(c) = controller {
-        c.await.context("controller task")??;
-    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolve on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+/// `meshcanary controller`: the agents' windows, merged ([`crate::peers::cluster::Cluster`])
+/// and checked against where the pods run, feed the rollout controller; its own telemetry
+/// port serves `/metrics` (the rollout gauges and decisions) and `/healthz` (its loop).
+async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode> {
+    let shutdown = crate::shutdown::on_signal();
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let judgements: crate::agent::Judgements = Arc::default();
+    let heartbeat = crate::telemetry::Heartbeat::default();
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = crate::telemetry::bind(settings.listen).await?;
+    tracing::info!(addr = %settings.listen, identity = %settings.controller.identity, "Controller: serving /metrics, /healthz and /readyz");
+    let endpoints = crate::telemetry::Endpoints {
+        metrics: {
+            let (metrics, judgements) = (Arc::clone(&metrics), Arc::clone(&judgements));
+            Arc::new(move || {
+                let judged: Vec<_> = crate::telemetry::lock(&judgements)
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                metrics.render(&[], &[], &judged)
+            })
+        },
+        ready: Arc::clone(&ready),
+        heartbeat: heartbeat.clone(),
+    };
+    let server = crate::telemetry::HttpServer {
+        name: "telemetry",
+        limits: settings.http_limits,
+        metrics: Arc::clone(&metrics),
+    };
+    let telemetry = tokio::spawn(crate::telemetry::serve(
+        listener,
+        endpoints,
+        server,
+        shutdown.clone(),
+    ));
+    let agents =
+        crate::peers::cluster::discover(client.clone(), &settings.agents, shutdown.clone());
+    let placement = crate::placement::Placement::watch(client.clone(), shutdown.clone());
+    let cluster = crate::peers::cluster::Cluster::new(
+        settings.window,
+        settings.stale_after_ms,
+        agents,
+        settings.agents,
+        Arc::clone(&metrics),
+    )
+    .with_placement(placement);
+    let router = crate::router::appmesh::AppMesh::new(client.clone());
+    let controller =
+        crate::controller::Controller::new(client, router, cluster, settings.controller, metrics)
+            .publish_judgements(judgements)
+            .with_heartbeat(heartbeat)
+            .with_ready(ready);
+    controller.run(shutdown).await?;
+    let _ = tokio::time::timeout(settings.grace_period, telemetry).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_file(file: &str) -> anyhow::Result<ExitCode> {

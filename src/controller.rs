@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Client, Resource as _, ResourceExt as _};
@@ -34,14 +35,18 @@ use tokio::sync::watch;
 use crate::annotations::{self, RolloutPolicy};
 use crate::judge::{Evidence, JudgeState, Judgement, Observation, Verdict};
 use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, Status};
-use crate::router::appmesh;
-use crate::router::Router;
+use crate::router::{owned_by, Router};
 use crate::telemetry::{lock, DecisionLabels, JudgeLabels, Metrics, OperationLabels, PhaseLabels};
 use crate::window::{Summary, WindowSource};
 use objects::{template_hash, Plan};
 
-/// The field manager of every server-side apply.
-pub const FIELD_MANAGER: &str = "meshcanary";
+pub use crate::router::FIELD_MANAGER;
+
+/// How often the objects of a workload past bootstrap are checked for owners and drift.
+pub const RESYNC: Duration = Duration::from_secs(60);
+
+/// How often a workload held back by objects someone else owns is checked again.
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -140,10 +145,18 @@ pub struct Controller<R, W> {
     judgements: Option<crate::agent::Judgements>,
     /// The last reconcile error per workload, to log each distinct one once.
     failing: HashMap<(String, String), String>,
+    /// Per workload: when its objects were last checked for owners and drift, and the
+    /// ownership conflict last reported.
+    synced: HashMap<(String, String), Instant>,
+    conflicts: HashMap<(String, String), String>,
+    /// Per workload, the nodes without an answering agent last logged.
+    unobserved: HashMap<(String, String), Vec<String>>,
     /// Workloads whose gauges are exported, to drop them when the workload goes.
     exported: Vec<(String, String)>,
     /// Beaten every loop iteration, for `/healthz`.
     heartbeat: crate::telemetry::Heartbeat,
+    /// Set once the Deployment cache has synced, for `/readyz`.
+    ready: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<R: Router, W: WindowSource> Controller<R, W> {
@@ -166,9 +179,20 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             invalid: HashMap::new(),
             judgements: None,
             exported: Vec::new(),
+            unobserved: HashMap::new(),
+            synced: HashMap::new(),
+            conflicts: HashMap::new(),
             failing: HashMap::new(),
             heartbeat: crate::telemetry::Heartbeat::default(),
+            ready: None,
         }
+    }
+
+    /// Set `ready` once the Deployment cache has synced (`/readyz`).
+    #[must_use]
+    pub fn with_ready(mut self, ready: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.ready = Some(ready);
+        self
     }
 
     /// Beat `heartbeat` every loop iteration (the agent's `/healthz` watches it).
@@ -213,16 +237,16 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let mut retry_at = Instant::now();
         let mut backoff = Duration::from_secs(1);
         self.heartbeat
-            .arm(self.config.liveness_bound, crate::agent::unix_ms());
+            .arm(self.config.liveness_bound, crate::clock::unix_ms());
         let mut tick = tokio::time::interval(self.config.decision_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_leader = false;
         loop {
             tokio::select! {
-                () = crate::agent::stopping(&mut shutdown) => break,
+                () = crate::shutdown::stopping(&mut shutdown) => break,
                 _ = tick.tick() => {}
             }
-            self.heartbeat.beat(crate::agent::unix_ms());
+            self.heartbeat.beat(crate::clock::unix_ms());
             if let Some(cfg) = &self.config.lease {
                 if lease.as_ref().is_some_and(|(_, task)| task.is_finished()) {
                     tracing::warn!("The Lease manager stopped; not leading until it is back");
@@ -268,7 +292,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             // tick, so the loop (and its heartbeat) goes on.
             let synced =
                 tokio::time::timeout(self.config.decision_interval, store.wait_until_ready()).await;
-            if !is_leader || !matches!(synced, Ok(Ok(()))) {
+            if !matches!(synced, Ok(Ok(()))) {
+                continue;
+            }
+            if let Some(ready) = &self.ready {
+                ready.store(true, std::sync::atomic::Ordering::Release);
+            }
+            if !is_leader {
                 continue;
             }
             let leader = leader.clone();
@@ -342,6 +372,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self.judges.retain(|k, _| seen.contains(k));
         self.invalid.retain(|k, _| seen.contains(k));
         self.failing.retain(|k, _| seen.contains(k));
+        self.unobserved.retain(|k, _| seen.contains(k));
+        self.synced.retain(|k, _| seen.contains(k));
+        self.conflicts.retain(|k, _| seen.contains(k));
         if let Some(j) = &self.judgements {
             lock(j).retain(|k, _| seen.contains(k));
         }
@@ -413,7 +446,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             name: &name,
             namespace: &namespace,
         };
-        let Some(tr) = rollout::release(status, weight, &who, why, crate::agent::unix_ms()) else {
+        let Some(tr) = rollout::release(status, weight, &who, why, crate::clock::unix_ms()) else {
             return Ok(());
         };
         if status != Some(&tr.status) {
@@ -501,7 +534,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             namespace: namespace.clone(),
             workload: name.clone(),
         };
-        let now_ms = crate::agent::unix_ms();
+        let now_ms = crate::clock::unix_ms();
         // The stored status is outside input too: one that does not parse or holds numbers
         // no step writes is reported and replaced by a fresh start, never computed with.
         let status = match read_status(dep).map_err(|e| e.to_string()).and_then(|s| {
@@ -546,6 +579,50 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self.metrics.rollout_invalid.remove(&labels);
         if status.is_some() {
             self.invalid.remove(&id);
+        }
+        // Objects NAME needs that someone else owns are not taken over: checked before
+        // bootstrap, and with the drift re-apply every RESYNC after it.
+        let bootstrapping = status
+            .as_ref()
+            .is_none_or(|s| s.phase == Phase::Initializing);
+        let conflicted = self.conflicts.contains_key(&id);
+        let every = if conflicted { CONFLICT_RECHECK } else { RESYNC };
+        let due = self.synced.get(&id).is_none_or(|t| t.elapsed() >= every);
+        if bootstrapping && conflicted && !due {
+            return Ok(());
+        }
+        if bootstrapping || due {
+            let foreign = self.foreign(&plan, store).await?;
+            if foreign.is_empty() {
+                if self.conflicts.remove(&id).is_some() {
+                    tracing::info!("No object of the workload is someone else's any more");
+                }
+                if !bootstrapping {
+                    self.resync(&plan).await?;
+                }
+                self.synced.insert(id.clone(), Instant::now());
+            } else {
+                let problem = format!(
+                    "{} already exist and are not owned by Deployment {namespace}/{name}",
+                    foreign.join(", ")
+                );
+                if self.conflicts.get(&id) != Some(&problem) {
+                    let message = if bootstrapping {
+                        format!("{problem}; meshcanary does not take them over and leaves {name}.{namespace} alone (delete or rename them)")
+                    } else {
+                        format!("{problem}; meshcanary no longer re-applies them (delete them to let it recreate its own)")
+                    };
+                    tracing::warn!(objects = ?foreign, "{message}");
+                    self.event(dep, Severity::Warning, "OwnershipConflict", message)
+                        .await;
+                    self.conflicts.insert(id.clone(), problem);
+                }
+                self.synced.insert(id.clone(), Instant::now());
+                if bootstrapping {
+                    self.metrics.rollout_invalid.get_or_create(&labels).set(1);
+                    return Ok(());
+                }
+            }
         }
 
         let primary = store
@@ -644,6 +721,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .entry(id.clone())
             .or_insert_with(|| JudgeState::new(&policy.judge));
         let pair = self.windows.pair(&id.0, &id.1, now_ms);
+        let unobserved = self.windows.uncovered(&id.0, &id.1);
+        if unobserved.is_empty() {
+            self.unobserved.remove(id);
+        } else if self.unobserved.get(id) != Some(&unobserved) {
+            tracing::warn!(namespace = %id.0, workload = %id.1, nodes = ?unobserved, "No meshcanary agent answers on nodes that run the workload's pods; its analysis halts until one does (is the DaemonSet's pod there and Running?)");
+            self.unobserved.insert(id.clone(), unobserved);
+        }
         let judgement = match &pair {
             Some(pair) => state.judge(
                 &Observation::of(pair, now_ms).in_step(step_started_ms),
@@ -740,8 +824,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     }
 
     /// Create what is missing: the primary (only if absent: applying it again would promote
-    /// an unanalysed template), the Services, the VirtualNodes and VirtualService (applied),
-    /// and the VirtualRouter (only if absent: its weights belong to the router).
+    /// an unanalysed template), the Services (applied), and the router's objects.
     async fn bootstrap(
         &self,
         dep: &Deployment,
@@ -757,33 +840,44 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             self.apply::<Deployment>(ns, &plan.primary_name(), &plan.primary(dep, replicas))
                 .await?;
         }
+        self.resync(plan).await
+    }
+
+    /// Re-apply the Services and the router's objects: whatever drifted is put back, and
+    /// fields other managers own are kept (server-side apply).
+    async fn resync(&self, plan: &Plan) -> Result<(), ReconcileError> {
         for (name, svc) in plan.services() {
-            self.apply::<k8s_openapi::api::core::v1::Service>(ns, &name, &svc)
-                .await?;
+            self.apply::<Service>(&plan.namespace, &name, &svc).await?;
         }
-        for (name, node) in plan.virtual_nodes() {
-            self.apply_dynamic("VirtualNode", ns, &name, &node).await?;
+        self.router.ensure_routes(&plan.routes()).await?;
+        Ok(())
+    }
+
+    /// The objects `NAME` needs that exist and are not `NAME`'s (its owner reference):
+    /// `NAME-primary`, the Services and the router's objects.
+    async fn foreign(
+        &self,
+        plan: &Plan,
+        store: &Store<Deployment>,
+    ) -> Result<Vec<String>, ReconcileError> {
+        let ns = &plan.namespace;
+        let mut foreign = Vec::new();
+        let primary = store.get(&ObjectRef::new(&plan.primary_name()).within(ns));
+        if primary.is_some_and(|p| !owned_by(&p.metadata, plan.owner_uid())) {
+            foreign.push(format!("Deployment {ns}/{}", plan.primary_name()));
         }
-        let routers: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), ns, &appmesh::resource("VirtualRouter"));
-        let router: DynamicObject =
-            serde_json::from_value(plan.virtual_router()).map_err(|e| ReconcileError::Api {
-                op: "building",
-                what: format!("VirtualRouter {ns}/{}", plan.name),
-                source: kube::Error::SerdeError(e),
-            })?;
-        match routers.create(&PostParams::default(), &router).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-            Err(e) => {
-                return Err(api_error(
-                    "creating",
-                    format!("VirtualRouter {ns}/{}", plan.name),
-                )(e))
+        let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
+        for (name, _) in plan.services() {
+            let found = services
+                .get_opt(&name)
+                .await
+                .map_err(api_error("reading", format!("Service {ns}/{name}")))?;
+            if found.is_some_and(|s| !owned_by(&s.metadata, plan.owner_uid())) {
+                foreign.push(format!("Service {ns}/{name}"));
             }
         }
-        self.apply_dynamic("VirtualService", ns, &plan.name, &plan.virtual_service())
-            .await
+        foreign.extend(self.router.foreign_routes(&plan.routes()).await?);
+        Ok(foreign)
     }
 
     async fn apply<K>(
@@ -810,25 +904,6 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             "applying",
             format!("{} {namespace}/{name}", K::kind(&K::DynamicType::default())),
         ))?;
-        Ok(())
-    }
-
-    async fn apply_dynamic(
-        &self,
-        kind: &str,
-        namespace: &str,
-        name: &str,
-        body: &serde_json::Value,
-    ) -> Result<(), ReconcileError> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), namespace, &appmesh::resource(kind));
-        api.patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await
-        .map_err(api_error("applying", format!("{kind} {namespace}/{name}")))?;
         Ok(())
     }
 

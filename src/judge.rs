@@ -550,6 +550,7 @@ impl JudgeState {
             None => {}
             // Checked in every mode: a dead canary is not a threshold, it is no canary.
             Some(Stale::Canary) => return Verdict::Failed(FailedCheck::CanarySilent),
+            Some(Stale::NoAgent) => return Verdict::NoData { reason: "no_agent" },
             Some(_) => return Verdict::NoData { reason: "stale" },
         }
         let mut canary = obs.canary_window;
@@ -672,6 +673,10 @@ impl fmt::Display for Message<'_> {
             Verdict::NoData { reason: "stale" } => {
                 write!(f, "Halt {t} advancement: data is stale (a sidecar or peer is not answering)")
             }
+            Verdict::NoData { reason: "no_agent" } => write!(
+                f,
+                "Halt {t} advancement: no meshcanary agent answers on a node that runs its pods"
+            ),
             Verdict::NoData { .. } => write!(
                 f,
                 "Halt advancement no values found for envoy metric request-success-rate probably {t} is not receiving traffic"

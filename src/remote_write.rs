@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::stopping;
+use crate::shutdown::stopping;
 use crate::telemetry::{lock, Metrics, OutcomeLabels, ReasonLabels, StatusClassLabels};
 use encode::ShardChunk;
 use queue::{Cursor, Queue};

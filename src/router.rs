@@ -1,14 +1,65 @@
-//! Stage 8, router: reads and writes the canary's share of traffic.
+//! Stage 8, router: owns a workload's routing objects and reads and writes the canary's
+//! share of traffic.
 //!
-//! The [`Router`] trait speaks only of a workload and a canary weight (the primary gets the
-//! rest), so the controller does not know whether an App Mesh `VirtualRouter`
-//! ([`appmesh::AppMesh`]) or, later, a Gateway API `HTTPRoute` carries the weights. A write is
+//! The [`Router`] trait speaks only of a workload ([`Routes`]) and a canary weight (the
+//! primary gets the rest), so the controller does not know whether App Mesh objects
+//! ([`appmesh::AppMesh`]) or, later, a Gateway API `HTTPRoute` carry the weights. The router
+//! creates its objects, re-applies them when they drift, and names the ones that exist but
+//! belong to someone else (meshcanary then leaves the workload alone). A write is
 //! one update guarded by `resourceVersion` (a conflict re-reads and retries), followed by a
 //! read-back that must show the weight written.
 
 pub mod appmesh;
 
+use std::collections::BTreeMap;
 use std::future::Future;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The field manager of every server-side apply meshcanary makes.
+pub const FIELD_MANAGER: &str = "meshcanary";
+
+/// What a router needs to build a workload's routing objects: the workload, its port, the
+/// selectors of both arms, and the owner reference (to `NAME`) every object carries, so
+/// deleting `NAME` deletes them and meshcanary can tell its objects from others'.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routes {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    pub primary_labels: BTreeMap<String, String>,
+    pub canary_labels: BTreeMap<String, String>,
+    /// An `ownerReferences` entry naming `NAME` (apiVersion, kind, name, uid, controller).
+    pub owner: serde_json::Value,
+}
+
+impl Routes {
+    /// `NAME`'s uid, from the owner reference.
+    pub fn owner_uid(&self) -> &str {
+        self.owner["uid"].as_str().unwrap_or_default()
+    }
+
+    /// Metadata of an object meshcanary owns: name, namespace, the managed-by label and the
+    /// owner reference.
+    pub fn meta(&self, name: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": name,
+            "namespace": self.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "meshcanary"},
+            "ownerReferences": [self.owner],
+        })
+    }
+}
+
+/// Whether an object with `metadata` is owned by the object with `uid` (meshcanary's
+/// objects name `NAME` as their owner; anything else is someone else's).
+pub fn owned_by(metadata: &ObjectMeta, uid: &str) -> bool {
+    metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid)
+}
 
 /// Why a weight could not be read or set.
 #[derive(Debug, thiserror::Error)]
@@ -67,4 +118,24 @@ pub trait Router: Send + Sync + 'static {
         name: &str,
         weight: u8,
     ) -> impl Future<Output = Result<(), RouterError>> + Send;
+
+    /// Create the workload's routing objects, or re-apply the ones that drifted; the
+    /// weights of an existing object are the router's and stay as they are.
+    ///
+    /// ### Errors
+    /// An API call failed (retried at the next tick).
+    fn ensure_routes(
+        &self,
+        routes: &Routes,
+    ) -> impl Future<Output = Result<(), RouterError>> + Send;
+
+    /// The routing objects of the workload that exist and are not owned by `NAME`, as
+    /// `Kind namespace/name` (meshcanary does not take them over).
+    ///
+    /// ### Errors
+    /// An API call failed.
+    fn foreign_routes(
+        &self,
+        routes: &Routes,
+    ) -> impl Future<Output = Result<Vec<String>, RouterError>> + Send;
 }

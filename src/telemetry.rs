@@ -963,7 +963,7 @@ pub async fn serve_http<H, F>(
         while conns.try_join_next().is_some() {}
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = crate::agent::stopping(&mut shutdown) => break,
+            () = crate::shutdown::stopping(&mut shutdown) => break,
         };
         let (stream, _) = match accepted {
             Ok(a) => a,
@@ -1061,7 +1061,7 @@ fn route(req: &Request<Incoming>, endpoints: &Endpoints) -> Response<Full<Bytes>
             )
             .body(Full::new(Bytes::from((endpoints.metrics)())))
             .unwrap_or_default(),
-        "/healthz" => match endpoints.heartbeat.check(crate::agent::unix_ms()) {
+        "/healthz" => match endpoints.heartbeat.check(crate::clock::unix_ms()) {
             Ok(()) => text(StatusCode::OK, "ok\n".into()),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,

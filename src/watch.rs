@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::agent::{unix_ms, Shared, TargetStatus};
+use crate::agent::{Shared, TargetStatus};
+use crate::clock::unix_ms;
 use crate::judge::{sci, Judgement};
 use crate::window::{Summary, WindowKey};
 
@@ -83,7 +84,7 @@ pub async fn run(shared: Arc<Shared>, window_s: u64, mut shutdown: watch::Receiv
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = crate::agent::stopping(&mut shutdown) => return,
+            () = crate::shutdown::stopping(&mut shutdown) => return,
         }
         let judgements: Vec<_> = crate::telemetry::lock(&shared.judgements)
             .iter()

@@ -181,6 +181,9 @@ pub enum Stale {
     Primary,
     /// Only the canary's sidecars sent nothing within the limit; every observer answered.
     Canary,
+    /// A node that runs one of the workload's pods has no agent answering (deleted, not
+    /// scheduled yet, or failing): that node is unobserved.
+    NoAgent,
 }
 
 impl Stale {
@@ -203,6 +206,7 @@ impl Stale {
             Stale::Observer => "observer",
             Stale::Primary => "primary",
             Stale::Canary => "canary",
+            Stale::NoAgent => "no_agent",
         }
     }
 }
@@ -219,6 +223,12 @@ pub trait WindowSource: Send + Sync + 'static {
     fn refresh(&self) -> impl std::future::Future<Output = ()> + Send {
         async {}
     }
+
+    /// The nodes that run pods of the workload but whose agent did not answer at the last
+    /// refresh (a source that does not know where pods run says none).
+    fn uncovered(&self, _namespace: &str, _workload: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl<T: WindowSource> WindowSource for std::sync::Arc<T> {
@@ -228,6 +238,10 @@ impl<T: WindowSource> WindowSource for std::sync::Arc<T> {
 
     fn refresh(&self) -> impl std::future::Future<Output = ()> + Send {
         (**self).refresh()
+    }
+
+    fn uncovered(&self, namespace: &str, workload: &str) -> Vec<String> {
+        (**self).uncovered(namespace, workload)
     }
 }
 

@@ -907,7 +907,7 @@ async fn apiserver_down_at_start(cp: &mut ControlPlane) {
         body.contains("the controller loop has not run for"),
         "{body}"
     );
-    assert!(heartbeat.check(meshcanary::agent::unix_ms()).is_err());
+    assert!(heartbeat.check(meshcanary::clock::unix_ms()).is_err());
     let _ = stop_http.send(true);
     s.cleanup().await;
 }
@@ -1055,7 +1055,7 @@ async fn discovery(cp: &ControlPlane) {
         ids.iter().all(|id| id.starts_with("disc/podinfo-")),
         "{ids:?}"
     );
-    let now = meshcanary::agent::unix_ms();
+    let now = meshcanary::clock::unix_ms();
     assert!(agents[0]
         .shared
         .summaries(now)
@@ -1075,7 +1075,7 @@ async fn discovery(cp: &ControlPlane) {
             agents[0].shared.target_statuses().is_empty()
                 && agents[0]
                     .shared
-                    .summaries(meshcanary::agent::unix_ms())
+                    .summaries(meshcanary::clock::unix_ms())
                     .is_empty()
         },
     )

@@ -16,7 +16,7 @@ fn key(role: Role) -> WindowKey {
 }
 
 fn summary(agent: &RunningAgent, role: Role) -> Summary {
-    let now = meshcanary::agent::unix_ms();
+    let now = meshcanary::clock::unix_ms();
     agent
         .shared
         .summaries(now)

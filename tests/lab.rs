@@ -170,7 +170,7 @@ async fn run_one(lab: &mut Lab, file: &str) -> RolloutResult {
 }
 
 async fn prometheus_down(lab: &mut Lab) {
-    let started_ms = meshcanary::agent::unix_ms();
+    let started_ms = meshcanary::clock::unix_ms();
     let r = run_one(lab, "prometheus-down.yaml").await;
     steps_in_order(&r);
     let outage_s = r.restarted_at.unwrap() - r.fault_at.unwrap();
@@ -210,7 +210,7 @@ async fn prometheus_down(lab: &mut Lab) {
     }
     // Each sidecar's series has a sample every full scrape (5 s) through the outage.
     let prometheus = lab.prometheus.as_ref().expect("the lab runs Prometheus");
-    let range = (meshcanary::agent::unix_ms() - started_ms) / 1000 + 5;
+    let range = (meshcanary::clock::unix_ms() - started_ms) / 1000 + 5;
     let series = prometheus
         .query(&format!(
             "envoy_server_uptime{{kubernetes_namespace=\"test\"}}[{range}s]"

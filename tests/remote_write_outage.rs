@@ -70,7 +70,7 @@ async fn an_outage_and_a_restart_lose_nothing_and_duplicate_nothing() {
             r#"meshcanary_remote_write_retries_total{reason="connect"}"#
         ) > 0.0
     );
-    let restart_at_ms = meshcanary::agent::unix_ms() as i64;
+    let restart_at_ms = meshcanary::clock::unix_ms() as i64;
 
     // Second agent, same queue, receiver still down for the rest of the 60 s.
     let second = RunningAgent::start_with(&target, 32 << 20, configure).await;

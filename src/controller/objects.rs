@@ -1,7 +1,8 @@
-//! The objects meshcanary creates for an opted-in Deployment `NAME`, built as plain values
-//! (pure functions, unit-tested): `NAME-primary`, the Services `NAME`, `NAME-primary`,
-//! `NAME-canary`, and the App Mesh `VirtualNode`s, `VirtualRouter` and `VirtualService`.
-//! Every object has an owner reference to `NAME`, so deleting `NAME` deletes them.
+//! The objects the controller creates for an opted-in Deployment `NAME`, built as plain
+//! values (pure functions, unit-tested): `NAME-primary` and the Services `NAME`,
+//! `NAME-primary`, `NAME-canary`. The routing objects are the router's ([`Routes`] is what
+//! it is given). Every object has an owner reference to `NAME`, so deleting `NAME` deletes
+//! them.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,7 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use serde_json::{json, Value};
 
 use crate::annotations;
-use crate::router::appmesh::{GROUP, VERSION};
+use crate::router::Routes;
 
 /// The hash of a pod template that names a revision: FNV-1a over its JSON, in hex.
 /// Stable across processes (field order is fixed by the types, maps are sorted).
@@ -97,12 +98,7 @@ impl Plan {
     }
 
     fn meta(&self, name: &str) -> Value {
-        json!({
-            "name": name,
-            "namespace": self.namespace,
-            "labels": {"app.kubernetes.io/managed-by": "meshcanary"},
-            "ownerReferences": [self.owner],
-        })
+        self.routes().meta(name)
     }
 
     /// `NAME-primary`: `template` (the canary's, at bootstrap or promotion) with primary
@@ -154,56 +150,21 @@ impl Plan {
         ]
     }
 
-    fn appmesh(&self, kind: &str, name: &str, spec: Value) -> Value {
-        json!({
-            "apiVersion": format!("{GROUP}/{VERSION}"),
-            "kind": kind,
-            "metadata": self.meta(name),
-            "spec": spec,
-        })
+    /// What the router needs to build the routing objects.
+    pub fn routes(&self) -> Routes {
+        Routes {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            port: self.port,
+            primary_labels: self.primary_labels.clone(),
+            canary_labels: self.canary_labels.clone(),
+            owner: self.owner.clone(),
+        }
     }
 
-    /// VirtualNodes `NAME-primary` and `NAME-canary`. `meshRef` and `awsName` are left to
-    /// App Mesh's controller (server-side apply keeps fields other managers own).
-    pub fn virtual_nodes(&self) -> Vec<(String, Value)> {
-        [("primary", &self.primary_labels), ("canary", &self.canary_labels)]
-            .into_iter()
-            .map(|(role, labels)| {
-                let name = format!("{}-{role}", self.name);
-                let spec = json!({
-                    "podSelector": {"matchLabels": labels},
-                    "listeners": [{"portMapping": {"port": self.port, "protocol": "http"}}],
-                    "serviceDiscovery": {"dns": {"hostname": format!("{name}.{}.svc.cluster.local", self.namespace)}},
-                });
-                (name.clone(), self.appmesh("VirtualNode", &name, spec))
-            })
-            .collect()
-    }
-
-    /// VirtualRouter `NAME`: one route, all traffic to the primary. Created once, never
-    /// re-applied: its weights belong to the router from then on.
-    pub fn virtual_router(&self) -> Value {
-        let spec = json!({
-            "listeners": [{"portMapping": {"port": self.port, "protocol": "http"}}],
-            "routes": [{
-                "name": self.name,
-                "httpRoute": {
-                    "match": {"prefix": "/"},
-                    "action": {"weightedTargets": [
-                        {"virtualNodeRef": {"name": format!("{}-canary", self.name)}, "weight": 0},
-                        {"virtualNodeRef": {"name": self.primary_name()}, "weight": 100},
-                    ]},
-                },
-            }],
-        });
-        self.appmesh("VirtualRouter", &self.name, spec)
-    }
-
-    /// VirtualService `NAME`, provided by the router.
-    pub fn virtual_service(&self) -> Value {
-        let spec =
-            json!({"provider": {"virtualRouter": {"virtualRouterRef": {"name": self.name}}}});
-        self.appmesh("VirtualService", &self.name, spec)
+    /// `NAME`'s uid (every object meshcanary creates names it as owner).
+    pub fn owner_uid(&self) -> &str {
+        self.owner["uid"].as_str().unwrap_or_default()
     }
 }
 
@@ -320,24 +281,7 @@ mod tests {
             p.services()[0].1["spec"]["selector"]["app"],
             "podinfo-primary"
         );
-        let nodes = p.virtual_nodes();
-        assert_eq!(
-            nodes[0].1["spec"]["serviceDiscovery"]["dns"]["hostname"],
-            "podinfo-primary.test.svc.cluster.local"
-        );
-        assert_eq!(
-            nodes[1].1["spec"]["podSelector"]["matchLabels"]["app"],
-            "podinfo"
-        );
-        let router = p.virtual_router();
-        assert_eq!(
-            crate::router::appmesh::read_weight(&router["spec"], "podinfo"),
-            Ok(0)
-        );
-        assert_eq!(
-            p.virtual_service()["spec"]["provider"]["virtualRouter"]["virtualRouterRef"]["name"],
-            "podinfo"
-        );
+        assert_eq!(p.routes().owner_uid(), "u-1");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Three kube-runtime reflectors keep local caches: Pods with `spec.nodeName=$NODE_NAME`
 //! (so each agent sees only its node's pods), Namespaces matching the mesh label selector,
-//! and Deployments (for the opt-in annotation). Once a second the target set is derived
+//! and Deployments' metadata only (for the opt-in annotation). Once a second the target set is derived
 //! from the caches by the pure [`targets`] and published on a watch channel when it
 //! changes; the agent starts and stops scrape tasks from it.
 //!
@@ -16,7 +16,8 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::Api;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Client, ResourceExt as _};
@@ -24,6 +25,7 @@ use tokio::sync::watch;
 
 use super::Target;
 use crate::annotations;
+use crate::placement::deployment_of;
 use crate::window::{Role, WindowKey};
 
 /// What discovery needs to know.
@@ -104,37 +106,39 @@ pub fn target_of(
     })
 }
 
-/// The Deployment that owns a pod through its ReplicaSet, by name.
-fn deployment_of(pod: &Pod) -> Option<String> {
-    let rs = pod
-        .owner_references()
-        .iter()
-        .find(|o| o.kind == "ReplicaSet" && o.controller == Some(true))?;
-    match pod.labels().get("pod-template-hash") {
-        Some(hash) => rs.name.strip_suffix(&format!("-{hash}")).map(str::to_owned),
-        None => rs.name.rsplit_once('-').map(|(d, _)| d.to_owned()),
-    }
-}
-
 /// Every target among `pods`, sorted by id. Pure.
 pub fn targets(
     pods: &[impl std::borrow::Borrow<Pod>],
     mesh_namespaces: &BTreeSet<String>,
-    deployments: &[impl std::borrow::Borrow<Deployment>],
+    opted_in: &BTreeSet<(String, String)>,
     envoy_container: &str,
 ) -> Vec<Target> {
-    let opted_in: BTreeSet<(String, String)> = deployments
-        .iter()
-        .map(std::borrow::Borrow::borrow)
-        .filter(|d| annotations::enabled(d.annotations()))
-        .map(|d| (d.namespace().unwrap_or_default(), d.name_any()))
-        .collect();
     let mut out: Vec<Target> = pods
         .iter()
-        .filter_map(|p| target_of(p.borrow(), mesh_namespaces, &opted_in, envoy_container).ok())
+        .filter_map(|p| target_of(p.borrow(), mesh_namespaces, opted_in, envoy_container).ok())
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     out
+}
+
+/// The opted-in Deployments (namespace, name) among `deployments`' metadata. Pure.
+pub fn opted_in<'a>(
+    deployments: impl IntoIterator<Item = &'a ObjectMeta>,
+) -> BTreeSet<(String, String)> {
+    deployments
+        .into_iter()
+        .filter(|m| {
+            m.annotations
+                .as_ref()
+                .is_some_and(|a| annotations::enabled(a))
+        })
+        .map(|m| {
+            (
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// Keep a reflector's store filled until `shutdown`; errors are logged and retried with
@@ -163,7 +167,7 @@ where
         let mut stream = std::pin::pin!(stream);
         loop {
             let item = tokio::select! {
-                () = crate::agent::stopping(&mut shutdown) => return,
+                () = crate::shutdown::stopping(&mut shutdown) => return,
                 item = stream.next() => item,
             };
             match item {
@@ -194,8 +198,10 @@ pub fn start(
         "namespaces",
         shutdown.clone(),
     );
+    // Metadata only: the agent reads the opt-in annotation and nothing else of a
+    // Deployment (a fraction of the bytes and memory of full objects).
     let deployments = reflect(
-        Api::<Deployment>::all(client),
+        Api::<PartialObjectMeta<Deployment>>::all(client),
         watcher::Config::default(),
         "deployments",
         shutdown.clone(),
@@ -215,14 +221,14 @@ pub fn start(
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                () = crate::agent::stopping(&mut shutdown) => return,
+                () = crate::shutdown::stopping(&mut shutdown) => return,
                 _ = tick.tick() => {}
             }
             let mesh: BTreeSet<String> = namespaces.state().iter().map(|n| n.name_any()).collect();
             let next = targets(
                 &pods.state(),
                 &mesh,
-                &deployments.state(),
+                &opted_in(deployments.state().iter().map(|d| &d.metadata)),
                 &config.envoy_container,
             );
             tx.send_if_modified(|current: &mut Vec<Target>| {
@@ -297,7 +303,12 @@ mod tests {
             dep("test", "other", false),
             dep("elsewhere", "podinfo", true),
         ];
-        let t = targets(&pods, &mesh, &deps, "envoy");
+        let t = targets(
+            &pods,
+            &mesh,
+            &opted_in(deps.iter().map(|d| &d.metadata)),
+            "envoy",
+        );
         assert_eq!(t.len(), 2, "{t:#?}");
         assert_eq!(t[0].key.to_string(), "test/podinfo/canary");
         assert_eq!(t[0].admin_url, "http://10.0.0.7:9901");

@@ -1,8 +1,12 @@
-//! The leader's view of every node: it discovers the agents from the DaemonSet's pods,
-//! polls each one's peer port at every decision tick, and merges the replies with its own
-//! node's windows ([`super::Merged`]). The controller reads it as its [`WindowSource`].
+//! The controller's view of every node: it discovers the agents from the DaemonSet's pods,
+//! polls each one's peer port at every decision tick and merges the replies
+//! ([`super::Merged`]). The controller reads it as its [`WindowSource`].
+//!
+//! With a [`Placement`] (where every workload's pods run), an agent's windows count only
+//! for workloads that have a pod on that agent's node, and a workload with a pod on a node
+//! whose agent does not answer is stale ([`Stale::NoAgent`]): it halts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,29 +26,31 @@ use prost::Message as _;
 use tokio::sync::watch;
 
 use super::{Merged, Replica, WindowsReply};
-use crate::agent::{unix_ms, Shared};
-use crate::telemetry::{lock, ResultLabels};
-use crate::window::{WindowPair, WindowSource};
+use crate::clock::unix_ms;
+use crate::placement::{NodeIndex, Placement};
+use crate::telemetry::{lock, Metrics, ResultLabels};
+use crate::window::{Stale, WindowConfig, WindowPair, WindowSource};
+use crate::workload::WorkloadId;
 
 /// A peer reply larger than this is refused (a node with thousands of windows is far below).
 pub const MAX_REPLY_BYTES: usize = 16 << 20;
 
-/// How agents find and reach each other.
+/// A peer reply with more windows than this is refused: a node runs at most a few hundred
+/// pods, each in one window.
+pub const MAX_REPLY_WINDOWS: usize = 4096;
+
+/// How the controller finds and reaches the agents.
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
-    /// Where this agent serves its windows.
-    pub listen: SocketAddr,
-    /// Namespace and label selector of the DaemonSet's pods.
+    /// The agents' peer port (on their pod IPs).
+    pub port: u16,
+    /// Namespace and label selector of the agents' (the DaemonSet's) pods.
     pub namespace: String,
     pub selector: String,
-    /// The projected ServiceAccount token sent to peers (re-read at every poll: the kubelet
-    /// rotates it).
+    /// The projected ServiceAccount token sent to the agents (re-read at every poll: the
+    /// kubelet rotates it).
     pub token_file: Option<PathBuf>,
-    /// The token audience peers check.
-    pub audience: String,
-    /// The agents' ServiceAccount name (in `namespace`): the only user peers answer.
-    pub service_account: String,
-    /// How long one poll may take before the peer counts as not answering.
+    /// How long one poll may take before the agent counts as not answering.
     pub timeout: Duration,
 }
 
@@ -94,7 +100,7 @@ pub fn discover(
     .default_backoff()
     .touched_objects();
     let (tx, rx) = watch::channel(Vec::new());
-    let port = config.listen.port();
+    let port = config.port;
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         // The store fills as a whole when the initial list is done, and changes with every
@@ -102,7 +108,7 @@ pub fn discover(
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                () = crate::agent::stopping(&mut shutdown) => return,
+                () = crate::shutdown::stopping(&mut shutdown) => return,
                 item = stream.next() => match item {
                     None => return,
                     Some(Err(error)) => {
@@ -157,58 +163,79 @@ impl PollError {
     }
 }
 
-/// Every node's windows, as the leader sees them.
+/// Every node's windows, as the controller sees them.
 pub struct Cluster {
     merged: Merged,
-    local: Arc<Shared>,
-    /// This agent's pod name: its own node is read from memory, not over the network.
-    me: String,
-    node: String,
+    metrics: Arc<Metrics>,
+    stale_after_ms: u64,
     peers: watch::Receiver<Vec<Peer>>,
     http: HttpClient<HttpConnector, Empty<Bytes>>,
     config: PeerConfig,
+    placement: Option<Placement>,
+    /// From the last refresh: where each workload runs (`None`: not known yet), and the
+    /// nodes whose agent answered within the staleness limit.
+    coverage: Mutex<(Option<NodeIndex>, BTreeSet<String>)>,
     /// The last error logged per peer, so each distinct one is logged once.
     failing: Mutex<HashMap<String, String>>,
 }
 
 impl Cluster {
     pub fn new(
-        local: Arc<Shared>,
-        me: String,
-        node: String,
+        window: WindowConfig,
+        stale_after_ms: u64,
         peers: watch::Receiver<Vec<Peer>>,
         config: PeerConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        let window = lock(&local.windows).config();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeout));
         Cluster {
-            merged: Merged::new(window, local.stale_after_ms),
-            me,
-            node,
-            local,
+            merged: Merged::new(window, stale_after_ms),
+            metrics,
+            stale_after_ms,
             peers,
             http: HttpClient::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(connector),
             config,
+            placement: None,
+            coverage: Mutex::new((None, BTreeSet::new())),
             failing: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Poll every peer once and fold the answers in.
+    /// Check every answer and every workload against where the pods run.
+    #[must_use]
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = Some(placement);
+        self
+    }
+
+    /// The nodes that run pods of `id` and whose agent did not answer at the last refresh
+    /// (empty without a [`Placement`]; a placeholder while the pods are not listed yet).
+    pub fn uncovered_nodes(&self, id: &WorkloadId) -> Vec<String> {
+        if self.placement.is_none() {
+            return Vec::new();
+        }
+        let coverage = lock(&self.coverage);
+        match &coverage.0 {
+            None => vec!["(pods not listed yet)".to_owned()],
+            Some(index) => index
+                .nodes(id)
+                .filter(|n| !coverage.1.contains(*n))
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+
+    /// Poll every agent once and fold the answers in.
     pub async fn poll_all(&self) {
-        let peers: Vec<Peer> = self
-            .peers
-            .borrow()
-            .iter()
-            .filter(|p| p.name != self.me)
-            .cloned()
-            .collect();
+        let index = self.placement.as_ref().and_then(Placement::index);
+        let peers: Vec<Peer> = self.peers.borrow().clone();
         let cursors: BTreeMap<String, u64> = {
             let mut replicas = lock(&self.merged.peers);
-            replicas.retain(|name, _| *name == self.me || peers.iter().any(|p| p.name == *name));
+            replicas.retain(|name, _| peers.iter().any(|p| p.name == *name));
             peers
                 .iter()
                 .map(|p| {
@@ -227,39 +254,40 @@ impl Cluster {
         });
         let answers = futures_util::future::join_all(polls).await;
         let now = unix_ms();
-        let metrics = &self.local.metrics;
+        let metrics = &self.metrics;
         let mut replicas = lock(&self.merged.peers);
-        {
-            let local = lock(&self.local.windows);
-            let mine = replicas
-                .entry(self.me.clone())
-                .or_insert_with(|| Replica::new(self.merged.config));
-            let reply = super::snapshot(&local, mine.cursor, now, &self.node);
-            mine.apply(reply, now);
-        }
         let mut failing = lock(&self.failing);
         for (peer, answer) in answers {
             let result = match answer {
-                Ok((reply, took)) => {
+                Ok((mut reply, took)) => {
                     metrics.peer_poll_seconds.observe(took.as_secs_f64());
+                    let before = reply.windows.len();
+                    if let Some(index) = &index {
+                        // An agent speaks only for the pods of its own node.
+                        reply.windows.retain(|w| {
+                            let id = WorkloadId::new(&*w.namespace, &*w.workload);
+                            index.runs_on(&id, &peer.node)
+                        });
+                    }
+                    let foreign = before - reply.windows.len();
                     let invalid = replicas
                         .get_mut(&peer.name)
                         .map(|r| r.apply(reply, now))
                         .unwrap_or_default();
                     if failing.remove(&peer.name).is_some() {
-                        tracing::info!(peer = %peer.name, node = %peer.node, "Peer answers again");
+                        tracing::info!(peer = %peer.name, node = %peer.node, "Agent answers again");
                     }
-                    if invalid.is_empty() {
+                    if invalid.is_empty() && foreign == 0 {
                         "ok"
                     } else {
-                        tracing::warn!(peer = %peer.name, node = %peer.node, skipped = ?invalid, "A peer sent windows that fail their checks (another version, or not a meshcanary agent); they are not used");
+                        tracing::warn!(peer = %peer.name, node = %peer.node, skipped = ?invalid, foreign, "An agent sent windows that fail their checks, or of workloads with no pod on its node (another version, or not a meshcanary agent); they are not used");
                         "invalid"
                     }
                 }
                 Err(error) => {
                     let message = error.to_string();
                     if failing.get(&peer.name) != Some(&message) {
-                        tracing::warn!(peer = %peer.name, node = %peer.node, addr = %peer.addr, %error, "Peer did not answer; its node's workloads halt while its windows are stale");
+                        tracing::warn!(peer = %peer.name, node = %peer.node, addr = %peer.addr, %error, "Agent did not answer; its node's workloads halt while its windows are stale");
                         failing.insert(peer.name.clone(), message);
                     }
                     error.result()
@@ -271,7 +299,17 @@ impl Cluster {
                 .inc();
         }
         failing.retain(|name, _| replicas.contains_key(name));
-        let stale = self.local.stale_after_ms;
+        let stale = self.stale_after_ms;
+        let fresh = |r: &Replica| {
+            r.answered_ms
+                .is_some_and(|t| now.saturating_sub(t) <= stale)
+        };
+        let answering: BTreeSet<String> = peers
+            .iter()
+            .filter(|p| replicas.get(&p.name).is_some_and(fresh))
+            .map(|p| p.node.clone())
+            .collect();
+        *lock(&self.coverage) = (index, answering);
         let ages: Vec<Option<u64>> = replicas
             .values()
             .map(|r| r.answered_ms.map(|t| now.saturating_sub(t)))
@@ -331,7 +369,14 @@ impl Cluster {
                 .await
                 .map_err(|e| PollError::Decode(e.to_string()))?
                 .to_bytes();
-            WindowsReply::decode(body).map_err(|e| PollError::Decode(e.to_string()))
+            let reply = WindowsReply::decode(body).map_err(|e| PollError::Decode(e.to_string()))?;
+            if reply.windows.len() > MAX_REPLY_WINDOWS {
+                return Err(PollError::Decode(format!(
+                    "{} windows, more than {MAX_REPLY_WINDOWS}",
+                    reply.windows.len()
+                )));
+            }
+            Ok(reply)
         };
         let reply = tokio::time::timeout(self.config.timeout, exchange)
             .await
@@ -342,10 +387,25 @@ impl Cluster {
 
 impl WindowSource for Cluster {
     fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair> {
-        self.merged.pair(namespace, workload, now_ms)
+        let pair = self.merged.pair(namespace, workload, now_ms);
+        if self
+            .uncovered_nodes(&WorkloadId::new(namespace, workload))
+            .is_empty()
+        {
+            return pair;
+        }
+        // A node that runs one of its pods has no agent answering: unobserved, not healthy
+        // (and a canary whose only node is unobserved is not a silent canary).
+        let mut pair = pair.unwrap_or_default();
+        pair.stale = Some(Stale::NoAgent);
+        Some(pair)
     }
 
     async fn refresh(&self) {
         self.poll_all().await;
+    }
+
+    fn uncovered(&self, namespace: &str, workload: &str) -> Vec<String> {
+        self.uncovered_nodes(&WorkloadId::new(namespace, workload))
     }
 }

@@ -12,7 +12,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::auth::Reviewer;
-use crate::agent::{unix_ms, Shared};
+use crate::agent::Shared;
+use crate::clock::unix_ms;
 use crate::telemetry::{lock, ResultLabels};
 
 /// What the peer port answers from.

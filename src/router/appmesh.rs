@@ -1,16 +1,22 @@
 //! The App Mesh router: the weighted targets of `VirtualRouter` `NAME`'s routes.
 //!
+//! It owns the workload's mesh objects, following Flagger's model: VirtualNodes
+//! `NAME-primary` and `NAME-canary`, VirtualRouter `NAME` and VirtualService `NAME`, each
+//! with an owner reference to `NAME`.
+//!
 //! meshcanary creates the router with one `httpRoute` whose `weightedTargets` name
 //! `NAME-canary` and `NAME-primary`. Every route that names both gets the weights; other
 //! fields (and what App Mesh's controller adds, such as `awsName` and `meshRef`) are kept
 //! as read, because the write is a full update of the object as read, guarded by its
 //! `resourceVersion`.
 
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use kube::Client;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::{Router, RouterError};
+use super::{Router, RouterError, Routes};
 
 /// `appmesh.k8s.aws/v1beta2`, the version App Mesh's controller serves.
 pub const GROUP: &str = "appmesh.k8s.aws";
@@ -141,6 +147,100 @@ fn weighted_targets(spec: &Value) -> impl Iterator<Item = &Vec<Value>> {
         })
 }
 
+fn object(routes: &Routes, kind: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"),
+        "kind": kind,
+        "metadata": routes.meta(name),
+        "spec": spec,
+    })
+}
+
+/// VirtualNodes `NAME-primary` and `NAME-canary`. `meshRef` and `awsName` are left to
+/// App Mesh's controller (server-side apply keeps fields other managers own).
+pub fn virtual_nodes(routes: &Routes) -> Vec<(String, Value)> {
+    [
+        ("primary", &routes.primary_labels),
+        ("canary", &routes.canary_labels),
+    ]
+    .into_iter()
+    .map(|(role, labels)| {
+        let name = format!("{}-{role}", routes.name);
+        let spec = json!({
+            "podSelector": {"matchLabels": labels},
+            "listeners": [{"portMapping": {"port": routes.port, "protocol": "http"}}],
+            "serviceDiscovery": {"dns": {"hostname": format!("{name}.{}.svc.cluster.local", routes.namespace)}},
+        });
+        (name.clone(), object(routes, "VirtualNode", &name, spec))
+    })
+    .collect()
+}
+
+/// VirtualRouter `NAME`: one route, all traffic to the primary. Created once, never
+/// re-applied: its weights belong to the router from then on.
+pub fn virtual_router(routes: &Routes) -> Value {
+    let name = &routes.name;
+    let spec = json!({
+        "listeners": [{"portMapping": {"port": routes.port, "protocol": "http"}}],
+        "routes": [{
+            "name": name,
+            "httpRoute": {
+                "match": {"prefix": "/"},
+                "action": {"weightedTargets": [
+                    {"virtualNodeRef": {"name": format!("{name}-canary")}, "weight": 0},
+                    {"virtualNodeRef": {"name": format!("{name}-primary")}, "weight": 100},
+                ]},
+            },
+        }],
+    });
+    object(routes, "VirtualRouter", name, spec)
+}
+
+/// VirtualService `NAME`, provided by the router.
+pub fn virtual_service(routes: &Routes) -> Value {
+    let spec = json!({"provider": {"virtualRouter": {"virtualRouterRef": {"name": routes.name}}}});
+    object(routes, "VirtualService", &routes.name, spec)
+}
+
+impl AppMesh {
+    fn api_of(&self, namespace: &str, kind: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &resource(kind))
+    }
+
+    /// The objects this router keeps for a workload, by kind and name.
+    fn objects(routes: &Routes) -> Vec<(&'static str, String)> {
+        let mut out: Vec<(&'static str, String)> = virtual_nodes(routes)
+            .into_iter()
+            .map(|(n, _)| ("VirtualNode", n))
+            .collect();
+        out.push(("VirtualRouter", routes.name.clone()));
+        out.push(("VirtualService", routes.name.clone()));
+        out
+    }
+
+    async fn apply(
+        &self,
+        routes: &Routes,
+        kind: &str,
+        name: &str,
+        body: &Value,
+    ) -> Result<(), RouterError> {
+        self.api_of(&routes.namespace, kind)
+            .patch(
+                name,
+                &PatchParams::apply(super::FIELD_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .map_err(|source| RouterError::Api {
+                op: "applying",
+                what: format!("{kind} {}/{name}", routes.namespace),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
 impl Router for AppMesh {
     async fn canary_weight(&self, namespace: &str, name: &str) -> Result<u8, RouterError> {
         let router = self.get(namespace, name).await?;
@@ -200,6 +300,58 @@ impl Router for AppMesh {
             })
         }
     }
+    async fn ensure_routes(&self, routes: &Routes) -> Result<(), RouterError> {
+        let ns = &routes.namespace;
+        for (name, node) in virtual_nodes(routes) {
+            self.apply(routes, "VirtualNode", &name, &node).await?;
+        }
+        // Created only if absent: an existing router's weights are the rollout's.
+        let router: DynamicObject =
+            serde_json::from_value(virtual_router(routes)).map_err(|e| RouterError::Malformed {
+                what: what(ns, &routes.name),
+                why: e.to_string(),
+            })?;
+        match self.api(ns).create(&PostParams::default(), &router).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+            Err(source) => {
+                return Err(RouterError::Api {
+                    op: "creating",
+                    what: what(ns, &routes.name),
+                    source,
+                })
+            }
+        }
+        self.apply(
+            routes,
+            "VirtualService",
+            &routes.name,
+            &virtual_service(routes),
+        )
+        .await
+    }
+
+    async fn foreign_routes(&self, routes: &Routes) -> Result<Vec<String>, RouterError> {
+        let ns = &routes.namespace;
+        let mut foreign = Vec::new();
+        for (kind, name) in Self::objects(routes) {
+            let found = self
+                .api_of(ns, kind)
+                .get_opt(&name)
+                .await
+                .map_err(|source| RouterError::Api {
+                    op: "reading",
+                    what: format!("{kind} {ns}/{name}"),
+                    source,
+                })?;
+            if let Some(o) = found {
+                if !super::owned_by(&o.metadata, routes.owner_uid()) {
+                    foreign.push(format!("{kind} {ns}/{name}"));
+                }
+            }
+        }
+        Ok(foreign)
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +381,51 @@ mod tests {
         assert_eq!(
             s["routes"][0]["httpRoute"]["action"]["weightedTargets"][1]["weight"],
             70
+        );
+    }
+
+    fn podinfo() -> Routes {
+        Routes {
+            namespace: "test".into(),
+            name: "podinfo".into(),
+            port: 9898,
+            primary_labels: [("app".to_owned(), "podinfo-primary".to_owned())].into(),
+            canary_labels: [("app".to_owned(), "podinfo".to_owned())].into(),
+            owner: json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "podinfo", "uid": "u-1", "controller": true}),
+        }
+    }
+
+    #[test]
+    fn mesh_objects_follow_flaggers_model() {
+        let r = podinfo();
+        let nodes = virtual_nodes(&r);
+        assert_eq!(
+            nodes[0].1["spec"]["serviceDiscovery"]["dns"]["hostname"],
+            "podinfo-primary.test.svc.cluster.local"
+        );
+        assert_eq!(
+            nodes[1].1["spec"]["podSelector"]["matchLabels"]["app"],
+            "podinfo"
+        );
+        let router = virtual_router(&r);
+        assert_eq!(read_weight(&router["spec"], "podinfo"), Ok(0));
+        assert_eq!(router["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(
+            virtual_service(&r)["spec"]["provider"]["virtualRouter"]["virtualRouterRef"]["name"],
+            "podinfo"
+        );
+        let kinds: Vec<String> = AppMesh::objects(&r)
+            .into_iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "VirtualNode podinfo-primary",
+                "VirtualNode podinfo-canary",
+                "VirtualRouter podinfo",
+                "VirtualService podinfo"
+            ]
         );
     }
 
