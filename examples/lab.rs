@@ -1,6 +1,7 @@
 //! The lab as a program (`tests/support/lab.rs` describes it): a real control plane with
 //! two nodes, the primary and canary pods as test apps behind real Envoy sidecars, a
-//! gateway Envoy that follows the VirtualRouter, and one `meshcanary agent` per node.
+//! gateway Envoy that follows the VirtualRouter, one `meshcanary agent` per node and two
+//! `meshcanary controller` replicas.
 //!
 //! With `--scenario FILE` (see `tests/support/scenario.rs` and `lab/*.yaml`) it runs the
 //! scenario, prints the event stream and one line per rollout, writes the measurements as
@@ -133,6 +134,13 @@ async fn main() {
             "AGENT_{}=http://{}:9102",
             a.node.replace('-', "_").to_uppercase(),
             a.ip
+        );
+    }
+    for c in lab.controllers.values() {
+        println!(
+            "CONTROLLER_{}=http://{}:9102",
+            c.pod.rsplit('-').next().unwrap_or_default(),
+            c.ip
         );
     }
     println!("READY=1");

@@ -7,7 +7,8 @@
 # kube-controller-manager with two nodes; podinfo's primary pod on node-a and its canary pod
 # on node-b, each the test app behind a real Envoy 1.40 sidecar on its own loopback address;
 # a gateway Envoy (the apex) whose weights follow the App Mesh VirtualRouter; one meshcanary
-# agent per node (they elect a leader, which polls the other for its windows).
+# agent per node (read-only, serving its node's windows) and two meshcanary controller
+# replicas (they elect a leader, which polls the agents, judges and sets the weights).
 #
 # The scenario (lab/walkthrough.yaml): podinfo opted in with step weights 2,5,10,20,30,50 and
 # success rate >= 99 %; `hey -c 2 -q 20` at the apex; a new image is promoted step by step;
@@ -32,6 +33,6 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-echo "demo: starting the lab (control plane, two nodes, sidecars, gateway, two agents)" >&2
+echo "demo: starting the lab (control plane, two nodes, sidecars, gateway, two agents, two controllers)" >&2
 target/release/examples/lab --scenario "$scenario" --net 127.0.0 "${args[@]}"
 echo "summary: Flagger at the walkthrough's settings (1 m interval, threshold 5) rolls the same failure back after about 5 to 6.5 minutes (scripts/bench-ttr.sh)"

@@ -92,8 +92,10 @@ pub enum Command {
 pub enum DocsWhat {
     /// The metrics reference table (Markdown), as embedded in the README.
     Metrics,
-    /// The `agent`/`watch` flags reference table (Markdown), as embedded in the README.
+    /// The `agent`/`watch` flags reference table (Markdown), as embedded in the reference.
     Flags,
+    /// The `controller` flags reference table (Markdown), as embedded in the reference.
+    ControllerFlags,
     /// The `meshcanary.io/*` annotations reference table (Markdown), as embedded in the README.
     Annotations,
     /// The built-in limits table (Markdown): what is bounded, by how much, and what happens past it.
@@ -556,11 +558,18 @@ pub fn limits_table() -> String {
 /// The Markdown reference of every `agent`/`watch` flag, generated from the clap definitions
 /// (so the README cannot drift from the code).
 pub fn flags_table() -> String {
+    flags_table_of("agent")
+}
+
+/// The same for `meshcanary controller`.
+pub fn controller_flags_table() -> String {
+    flags_table_of("controller")
+}
+
+fn flags_table_of(command: &str) -> String {
     use clap::CommandFactory as _;
     let cli = Cli::command();
-    let agent = cli
-        .find_subcommand("agent")
-        .expect("the agent subcommand exists");
+    let agent = cli.find_subcommand(command).expect("the subcommand exists");
     let mut out = String::from("| flag | environment | default | meaning |\n|---|---|---|---|\n");
     let globals = cli.get_arguments().filter(|a| a.is_global_set());
     for arg in agent.get_arguments().chain(globals) {
@@ -774,6 +783,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Docs {
             what: DocsWhat::Flags,
         } => out(&flags_table()),
+        Command::Docs {
+            what: DocsWhat::ControllerFlags,
+        } => out(&controller_flags_table()),
         Command::Docs {
             what: DocsWhat::Annotations,
         } => out(&crate::annotations::reference_table()),

@@ -521,7 +521,7 @@ impl Metrics {
             &["namespace", "workload"],
             Box::new(m.rollout_p99_max.clone()),
         );
-        reg("meshcanary_rollout_invalid_config", "1 while an opted-in Deployment's annotations or shape are invalid (see its Warning events); it is left untouched.", &["namespace", "workload"], Box::new(m.rollout_invalid.clone()));
+        reg("meshcanary_rollout_invalid_config", "1 while an opted-in Deployment's annotations or shape are invalid, or objects it needs belong to someone else (see its Warning events); it is left untouched.", &["namespace", "workload"], Box::new(m.rollout_invalid.clone()));
         reg(
             "meshcanary_decisions",
             "Rollout decisions by kind (advance, halt, rollback, promote).",

@@ -77,7 +77,7 @@ struct Agent {
 
 impl Agent {
     async fn start(cp: &ControlPlane, windows: Script, identity: &str, lease: bool) -> Agent {
-        let client = cp.agent_client().await;
+        let client = cp.controller_client().await;
         let config = ControllerConfig {
             decision_interval: Duration::from_millis(200),
             lease: lease.then(|| LeaseConfig {
@@ -345,17 +345,32 @@ async fn rollouts_against_a_real_apiserver() {
         "-f",
         manifests.join("namespace.yaml").to_str().unwrap(),
     ]);
-    let out = cp.kubectl(&[
-        "apply",
-        "--dry-run=server",
-        "-k",
-        manifests.to_str().unwrap(),
-    ]);
+    // The manifests' PodDisruptionBudget is `policy/v1` (every supported cluster; the
+    // beta was removed in 1.25), which this 1.20 apiserver does not serve yet: it gets
+    // the same object as `policy/v1beta1` (same fields), everything else as written.
+    let built = cp.kubectl(&["kustomize", manifests.to_str().unwrap()]);
     assert!(
-        out.contains("daemonset.apps/meshcanary created (server dry run)"),
-        "{out}"
+        built.contains("apiVersion: policy/v1\nkind: PodDisruptionBudget"),
+        "{built}"
     );
-    cp.kubectl(&["apply", "-k", manifests.to_str().unwrap()]);
+    let built = built.replace(
+        "apiVersion: policy/v1\nkind: PodDisruptionBudget",
+        "apiVersion: policy/v1beta1\nkind: PodDisruptionBudget",
+    );
+    let tmp = support::TempDir::new("manifests");
+    let all = tmp.path.join("all.yaml");
+    std::fs::write(&all, built).unwrap();
+    let all = all.to_str().unwrap();
+    let out = cp.kubectl(&["apply", "--dry-run=server", "-f", all]);
+    for created in [
+        "daemonset.apps/meshcanary created (server dry run)",
+        "deployment.apps/meshcanary-controller created (server dry run)",
+        "poddisruptionbudget.policy/meshcanary-controller created (server dry run)",
+        "networkpolicy.networking.k8s.io/meshcanary-agent-peers created (server dry run)",
+    ] {
+        assert!(out.contains(created), "{out}");
+    }
+    cp.kubectl(&["apply", "-f", all]);
     macro_rules! scenario {
         ($name:literal, $body:expr) => {{
             let t = Instant::now();
@@ -369,8 +384,16 @@ async fn rollouts_against_a_real_apiserver() {
         }};
     }
     scenario!(
+        "RBAC: the agent cannot write workloads, Services or routes; the controller can",
+        rbac(&cp)
+    );
+    scenario!(
         "bootstrap creates exactly the objects, owned by NAME",
         bootstrap(&cp).await
+    );
+    scenario!(
+        "objects NAME needs owned by someone else: a Warning, nothing changed",
+        ownership_conflict(&cp).await
     );
     scenario!(
         "a promotion walks 2..50, promotes, scales the canary to 0",
@@ -434,6 +457,137 @@ async fn rollouts_against_a_real_apiserver() {
         started.elapsed().as_secs_f64(),
         results.join("\n")
     );
+}
+
+/// What each ServiceAccount of `manifests/` may do, as the apiserver's authorizer answers
+/// `kubectl auth can-i --as=system:serviceaccount:meshcanary:...`.
+fn rbac(cp: &ControlPlane) {
+    let writes = ["create", "patch", "update", "delete"];
+    let objects = [
+        "deployments.apps",
+        "services",
+        "virtualrouters.appmesh.k8s.aws",
+        "virtualnodes.appmesh.k8s.aws",
+        "virtualservices.appmesh.k8s.aws",
+    ];
+    for ns in ["default", "kube-system", "meshcanary", "test"] {
+        for verb in writes {
+            for object in objects {
+                assert!(
+                    !cp.can_i("meshcanary", verb, object, ns),
+                    "the agent may {verb} {object} in {ns}"
+                );
+            }
+        }
+        for verb in ["list", "watch"] {
+            assert!(cp.can_i("meshcanary", verb, "deployments.apps", ns));
+            assert!(cp.can_i("meshcanary", verb, "pods", ns));
+        }
+        assert!(!cp.can_i("meshcanary", "get", "secrets", ns));
+        // The controller's writes, everywhere a workload may live.
+        for (verb, object) in [
+            ("create", "deployments.apps"),
+            ("patch", "deployments.apps"),
+            ("create", "services"),
+            ("patch", "services"),
+            ("update", "virtualrouters.appmesh.k8s.aws"),
+            ("patch", "virtualnodes.appmesh.k8s.aws"),
+            ("create", "events.events.k8s.io"),
+        ] {
+            assert!(
+                cp.can_i("meshcanary-controller", verb, object, ns),
+                "the controller may not {verb} {object} in {ns}"
+            );
+        }
+        assert!(!cp.can_i("meshcanary-controller", "delete", "deployments.apps", ns));
+        assert!(!cp.can_i("meshcanary-controller", "get", "secrets", ns));
+    }
+    assert!(!cp.can_i(
+        "meshcanary",
+        "patch",
+        "leases.coordination.k8s.io",
+        "meshcanary"
+    ));
+    assert!(cp.can_i(
+        "meshcanary-controller",
+        "patch",
+        "leases.coordination.k8s.io",
+        "meshcanary"
+    ));
+}
+
+/// `NAME-primary` or a routing object that exists and is not NAME's is not taken over:
+/// a Warning Event names it, and nothing is created or changed (no status either).
+async fn ownership_conflict(cp: &ControlPlane) {
+    for (ns, kind) in [("own-svc", "Service"), ("own-vr", "VirtualRouter")] {
+        let s = Scenario::new(cp, ns).await;
+        let foreign = match kind {
+            "Service" => {
+                let services: Api<Service> = Api::namespaced(s.client.clone(), ns);
+                let svc: Service = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "podinfo-primary"},
+                    "spec": {"selector": {"app": "someone-else"}, "ports": [{"port": 80}]}
+                }))
+                .unwrap();
+                services.create(&PostParams::default(), &svc).await.unwrap();
+                format!("Service {ns}/podinfo-primary")
+            }
+            _ => {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(s.client.clone(), ns, &appmesh::resource("VirtualRouter"));
+                let vr: DynamicObject = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "VirtualRouter",
+                    "metadata": {"name": "podinfo"},
+                    "spec": {"listeners": [{"portMapping": {"port": 80, "protocol": "http"}}], "routes": []}
+                }))
+                .unwrap();
+                api.create(&PostParams::default(), &vr).await.unwrap();
+                format!("VirtualRouter {ns}/podinfo")
+            }
+        };
+        let agent = Agent::start(cp, Script::default(), "a", false).await;
+        s.create(&podinfo(ns, "podinfo:6.0.0", &[])).await;
+        support::eventually_async(
+            Duration::from_secs(20),
+            "an OwnershipConflict Warning",
+            || async { s.events().await.iter().any(|e| e.contains(&foreign)) },
+        )
+        .await;
+        let events = s.events().await;
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert!(
+            events[0].contains("not owned by Deployment") && events[0].contains("leaves podinfo"),
+            "{events:#?}"
+        );
+        // An absence takes time to show: five more ticks, still nothing created, no
+        // status, no repeated Event.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(s.status().await.is_none(), "no status is written");
+        assert!(s
+            .deployments()
+            .get_opt("podinfo-primary")
+            .await
+            .unwrap()
+            .is_none());
+        let services: Api<Service> = Api::namespaced(s.client.clone(), ns);
+        let names: Vec<String> = services
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|x| x.metadata.name)
+            .collect();
+        let expected: &[&str] = if kind == "Service" {
+            &["podinfo-primary"]
+        } else {
+            &[]
+        };
+        assert_eq!(names, expected);
+        assert_eq!(s.events().await.len(), 1);
+        agent.stop().await;
+        s.cleanup().await;
+    }
 }
 
 async fn bootstrap(cp: &ControlPlane) {
@@ -1159,7 +1313,7 @@ async fn peer_auth(cp: &ControlPlane) {
     let reviewer = Arc::new(Reviewer::new(
         cp.agent_client().await,
         "meshcanary-peers".into(),
-        "system:serviceaccount:meshcanary:meshcanary".into(),
+        "system:serviceaccount:meshcanary:meshcanary-controller".into(),
         Arc::clone(&shared.metrics),
     ));
     let limits = meshcanary::telemetry::HttpLimits {
@@ -1192,15 +1346,20 @@ async fn peer_auth(cp: &ControlPlane) {
         ]);
         format!("Bearer {}", t.trim())
     };
-    let good = token("meshcanary", "meshcanary-peers");
+    let good = token("meshcanary-controller", "meshcanary-peers");
     for (auth, want) in [
         (Some(good.clone()), 200),
         (Some(good.clone()), 200), // the cached verdict
         (None, 401),
         (
-            Some(token("meshcanary", "https://kubernetes.default.svc")),
+            Some(token(
+                "meshcanary-controller",
+                "https://kubernetes.default.svc",
+            )),
             401,
         ),
+        // Another agent (a compromised node) is not the controller.
+        (Some(token("meshcanary", "meshcanary-peers")), 401),
         (Some(token("intruder", "meshcanary-peers")), 401),
         (Some("Bearer not-a-token".into()), 401),
     ] {
@@ -1216,7 +1375,7 @@ async fn peer_auth(cp: &ControlPlane) {
         ("ok", 2.0),
         ("no_token", 1.0),
         ("token_rejected", 2.0),
-        ("wrong_user", 1.0),
+        ("wrong_user", 2.0),
     ] {
         assert_eq!(
             support::counter(

@@ -38,6 +38,15 @@ fn readme_flags_table_matches_the_cli() {
 }
 
 #[test]
+fn controller_flags_table_matches_the_cli() {
+    assert_eq!(
+        block(&read("docs/reference.md"), "controller-flags"),
+        meshcanary::cli::controller_flags_table(),
+        "docs/reference.md controller flags table is stale: paste `meshcanary docs controller-flags` between the markers"
+    );
+}
+
+#[test]
 fn readme_annotations_table_matches_the_parser() {
     assert_eq!(
         block(&read("docs/reference.md"), "annotations"),

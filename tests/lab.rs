@@ -88,11 +88,14 @@ async fn the_loop_across_two_nodes() {
             assert_eq!(w, [0, 5, 20, 0], "{:?}", r.weights);
         }
     );
-    check!("leader killed mid-rollout: the other agent finishes it", {
-        let r = run_one(&mut lab, "leader-killed.yaml").await;
-        assert!(r.killed_at.is_some(), "the leader was killed");
-        steps_in_order(&r);
-    });
+    check!(
+        "leader killed mid-rollout: the other controller finishes it",
+        {
+            let r = run_one(&mut lab, "leader-killed.yaml").await;
+            assert!(r.killed_at.is_some(), "the leader was killed");
+            steps_in_order(&r);
+        }
+    );
     check!(
         "peer killed: decisions halt while its node is stale, then resume",
         {
@@ -106,6 +109,26 @@ async fn the_loop_across_two_nodes() {
                 .collect();
             assert!(moved.is_empty(), "weights changed while a node was silent: {:?} (killed at {killed:.1} s, back at {back:.1} s)", r.weights);
             steps_in_order(&r);
+        }
+    );
+    check!(
+        "agent pod deleted: the canary's node is unobserved, halt (Event), then resume",
+        {
+            let r = run_one(&mut lab, "agent-pod-deleted.yaml").await;
+            let (killed, back) = (r.killed_at.unwrap(), r.restarted_at.unwrap());
+            let moved: Vec<&(f64, u8)> = r
+                .weights
+                .iter()
+                .filter(|(t, _)| *t > killed + 2.0 && *t < back)
+                .collect();
+            assert!(moved.is_empty(), "weights changed while the canary's node had no agent: {:?} (deleted at {killed:.1} s, back at {back:.1} s)", r.weights);
+            steps_in_order(&r);
+            let events = lab.events().await;
+            assert!(
+                events.iter().any(|e| e.note
+                    == "Halt podinfo.test advancement: no meshcanary agent answers on a node that runs its pods"),
+                "{events:#?}"
+            );
         }
     );
     check!("apiserver restarted mid-rollout: the promotion goes on", {
@@ -249,16 +272,17 @@ async fn walkthrough(lab: &mut Lab) {
         gateway <= ttr + 2.0,
         "the gateway followed the router: {gateway} s vs {ttr} s"
     );
-    // The canary pod is on node-b, the primary on node-a: whichever agent leads judged
-    // both nodes' windows.
-    let leader = lab.leader_node().await.expect("a leader");
-    let url = lab.agents[&leader].metrics_url();
+    // The canary pod is on node-b, the primary on node-a: the leading controller polled
+    // both nodes' agents, and each agent answered it.
+    let leader = lab.leader_controller().await.expect("a leader");
+    let url = lab.controllers[&leader].metrics_url();
     assert_eq!(metric(&url, "meshcanary_peers_known ").await, 2.0);
     assert_eq!(metric(&url, "meshcanary_peers_up ").await, 2.0);
     assert!(metric(&url, "meshcanary_peer_polls_total{result=\"ok\"}").await > 5.0);
-    let other = lab.agents.keys().find(|n| **n != leader).unwrap().clone();
-    let peer_url = lab.agents[&other].metrics_url();
-    assert!(metric(&peer_url, "meshcanary_peer_requests_total{result=\"ok\"}").await > 5.0);
+    for agent in lab.agents.values() {
+        let peer_url = agent.metrics_url();
+        assert!(metric(&peer_url, "meshcanary_peer_requests_total{result=\"ok\"}").await > 5.0);
+    }
     assert!(
         lab.gateway_canary_requests().await > 20,
         "the canary got its share"
@@ -276,5 +300,5 @@ async fn walkthrough(lab: &mut Lab) {
             "no event {want:?} in {notes:#?}"
         );
     }
-    eprintln!("rolled back {ttr:.1} s after the fault started (leader on {leader})");
+    eprintln!("rolled back {ttr:.1} s after the fault started (leader {leader})");
 }

@@ -227,13 +227,13 @@ impl ControlPlane {
         Client::try_from(config).expect("kube client")
     }
 
-    /// The kubeconfig of the agent's ServiceAccount from `manifests/` (impersonated), so
-    /// its RBAC is exercised by every call the code makes.
-    pub fn agent_kubeconfig(&self) -> Kubeconfig {
+    /// The kubeconfig of a ServiceAccount of `manifests/` in namespace `meshcanary`
+    /// (impersonated), so its RBAC is exercised by every call the code makes.
+    pub fn account_kubeconfig(&self, account: &str) -> Kubeconfig {
         let mut kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
         for user in &mut kc.auth_infos {
             if let Some(auth) = user.auth_info.as_mut() {
-                auth.impersonate = Some("system:serviceaccount:meshcanary:meshcanary".into());
+                auth.impersonate = Some(format!("system:serviceaccount:meshcanary:{account}"));
                 auth.impersonate_groups = Some(vec![
                     "system:serviceaccounts".into(),
                     "system:serviceaccounts:meshcanary".into(),
@@ -244,13 +244,51 @@ impl ControlPlane {
         kc
     }
 
-    /// A client that acts as the agent's ServiceAccount ([`Self::agent_kubeconfig`]).
-    pub async fn agent_client(&self) -> Client {
-        let config =
-            Config::from_custom_kubeconfig(self.agent_kubeconfig(), &KubeConfigOptions::default())
-                .await
-                .expect("kube config");
+    /// The agents' ServiceAccount (read-only).
+    pub fn agent_kubeconfig(&self) -> Kubeconfig {
+        self.account_kubeconfig("meshcanary")
+    }
+
+    /// The controller's ServiceAccount (the write verbs).
+    pub fn controller_kubeconfig(&self) -> Kubeconfig {
+        self.account_kubeconfig("meshcanary-controller")
+    }
+
+    async fn client_of(kc: Kubeconfig) -> Client {
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("kube config");
         Client::try_from(config).expect("kube client")
+    }
+
+    /// A client that acts as the agents' ServiceAccount.
+    pub async fn agent_client(&self) -> Client {
+        Self::client_of(self.agent_kubeconfig()).await
+    }
+
+    /// A client that acts as the controller's ServiceAccount.
+    pub async fn controller_client(&self) -> Client {
+        Self::client_of(self.controller_kubeconfig()).await
+    }
+
+    /// Whether `account` (in namespace `meshcanary`) may `verb` `resource` in `namespace`,
+    /// as `kubectl auth can-i --as=system:serviceaccount:meshcanary:ACCOUNT` answers it.
+    pub fn can_i(&self, account: &str, verb: &str, resource: &str, namespace: &str) -> bool {
+        let out = Command::new("kubectl")
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(["auth", "can-i", verb, resource, "-n", namespace])
+            .arg(format!("--as=system:serviceaccount:meshcanary:{account}"))
+            .output()
+            .expect("kubectl");
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        match answer.as_str() {
+            "yes" => true,
+            "no" => false,
+            _ => panic!(
+                "kubectl auth can-i {verb} {resource}: {answer} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
     }
 
     /// Run kubectl against this control plane; panics with its output if it fails.

@@ -10,9 +10,11 @@
 //!   rewrites the gateway's file-based route configuration atomically (write, then rename;
 //!   Envoy reloads it from the watched directory);
 //! - one `meshcanary agent` process per node, as the DaemonSet's pods: a Pod object per
-//!   agent (so they find each other), the agents' ServiceAccount with the RBAC of
-//!   `manifests/` (impersonated), and a token with the peer audience from the TokenRequest
-//!   API (what the projected volume holds in a cluster).
+//!   agent (so the controller finds them), the agents' read-only ServiceAccount with the
+//!   RBAC of `manifests/` (impersonated);
+//! - two `meshcanary controller` processes, as the Deployment's replicas: the controller's
+//!   ServiceAccount (impersonated), one Lease between them, and a token with the peer
+//!   audience from the TokenRequest API (what the projected volume holds in a cluster).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -42,7 +44,8 @@ pub struct LabOptions {
     /// The `meshcanary` binary the agents run.
     pub meshcanary: PathBuf,
     /// The first three octets of the lab's loopback addresses (`127.0.0` gives 127.0.0.2
-    /// for the primary pod, .3 for the canary pod, .4 and .5 for the agents).
+    /// for the primary pod, .3 for the canary pod, .4 and .5 for the agents, .6 and .7 for
+    /// the controllers).
     pub net: String,
     pub decision_interval: Duration,
     pub lease_duration: Duration,
@@ -75,7 +78,7 @@ pub struct PodSide {
     pub sidecar: Sidecar,
 }
 
-/// A `meshcanary agent` process.
+/// A `meshcanary agent` or `meshcanary controller` process.
 pub struct AgentProcess {
     pub node: String,
     pub pod: String,
@@ -146,6 +149,8 @@ impl Drop for Gateway {
 pub struct Lab {
     pub options: LabOptions,
     pub agents: BTreeMap<String, AgentProcess>,
+    /// The controller replicas, by pod name.
+    pub controllers: BTreeMap<String, AgentProcess>,
     pub gateway: Gateway,
     pub primary: PodSide,
     pub canary: PodSide,
@@ -239,6 +244,7 @@ impl Lab {
         let mut lab = Lab {
             prometheus,
             agents: BTreeMap::new(),
+            controllers: BTreeMap::new(),
             gateway,
             primary,
             canary,
@@ -251,24 +257,12 @@ impl Lab {
             _tmp: tmp,
         };
         lab.start_agents().await;
+        lab.start_controllers();
         lab
     }
 
     async fn start_agents(&mut self) {
-        let kubeconfig = self.agent_kubeconfig();
-        let token = self.dir.join("peer-token");
-        let out = self.cp.kubectl(&[
-            "create",
-            "token",
-            "meshcanary",
-            "-n",
-            "meshcanary",
-            "--audience",
-            "meshcanary-peers",
-            "--duration",
-            "2h",
-        ]);
-        std::fs::write(&token, out.trim()).expect("writing the peer token");
+        let kubeconfig = self.kubeconfig("agent", self.cp.agent_kubeconfig());
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), "meshcanary");
         for (i, node) in NODES.iter().enumerate() {
             let ip = format!("{}.{}", self.options.net, 4 + i);
@@ -314,14 +308,8 @@ impl Lab {
                     &format!("{ip}:9102"),
                     "--peer-listen",
                     &format!("{ip}:9103"),
-                    "--peer-token-file",
-                    token.to_str().unwrap(),
                     "--window",
                     &secs(self.options.window),
-                    "--decision-interval",
-                    &secs(self.options.decision_interval),
-                    "--lease-duration",
-                    &secs(self.options.lease_duration),
                 ]
                 .iter()
                 .map(|s| (*s).to_owned())
@@ -344,14 +332,118 @@ impl Lab {
         }
     }
 
-    /// The agents' ServiceAccount's kubeconfig (impersonated, so the agents run with exactly
-    /// the RBAC of `manifests/`), written for the agent processes.
-    fn agent_kubeconfig(&self) -> PathBuf {
-        let kc = self.cp.agent_kubeconfig();
-        let path = self.dir.join("agent-kubeconfig");
+    /// A Pod object for a node's agent, as the DaemonSet creates it (the stand-in kubelet
+    /// runs it at `ip`).
+    async fn create_agent_pod(&self, node: &str, pod_name: &str, ip: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "meshcanary");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": pod_name,
+                "labels": {"app.kubernetes.io/name": "meshcanary", "app.kubernetes.io/component": "agent"},
+                "annotations": {"lab.meshcanary.io/pod-ip": ip},
+            },
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": "meshcanary",
+                "containers": [{"name": "meshcanary", "image": "meshcanary/meshcanary:0.1.0"}],
+            },
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("creating an agent pod");
+    }
+
+    /// The controller replicas: the controller's ServiceAccount, a peer-audience token, one
+    /// Lease between them.
+    fn start_controllers(&mut self) {
+        let kubeconfig = self.kubeconfig("controller", self.cp.controller_kubeconfig());
+        let token = self.dir.join("peer-token");
+        let out = self.cp.kubectl(&[
+            "create",
+            "token",
+            "meshcanary-controller",
+            "-n",
+            "meshcanary",
+            "--audience",
+            "meshcanary-peers",
+            "--duration",
+            "2h",
+        ]);
+        std::fs::write(&token, out.trim()).expect("writing the peer token");
+        let secs = |d: Duration| format!("{}ms", d.as_millis());
+        for i in 0..2 {
+            let ip = format!("{}.{}", self.options.net, 6 + i);
+            let pod = format!("meshcanary-controller-{i}");
+            let mut controller = AgentProcess {
+                node: String::new(),
+                pod: pod.clone(),
+                ip: ip.clone(),
+                child: None,
+                args: [
+                    "controller",
+                    "--listen",
+                    &format!("{ip}:9102"),
+                    "--peer-token-file",
+                    token.to_str().unwrap(),
+                    "--window",
+                    &secs(self.options.window),
+                    "--decision-interval",
+                    &secs(self.options.decision_interval),
+                    "--lease-duration",
+                    &secs(self.options.lease_duration),
+                ]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+                envs: vec![
+                    ("POD_NAME".into(), pod.clone()),
+                    ("POD_NAMESPACE".into(), "meshcanary".into()),
+                    ("KUBECONFIG".into(), kubeconfig.to_str().unwrap().to_owned()),
+                    (
+                        "RUST_LOG".into(),
+                        std::env::var("LAB_AGENT_LOG").unwrap_or_else(|_| "meshcanary=info".into()),
+                    ),
+                ],
+                log: self.dir.join(format!("{pod}.log")),
+            };
+            controller.spawn(&self.options.meshcanary);
+            self.controllers.insert(pod, controller);
+        }
+    }
+
+    /// A ServiceAccount's kubeconfig (impersonated, so the processes run with exactly the
+    /// RBAC of `manifests/`), written for them.
+    fn kubeconfig(&self, role: &str, kc: kube::config::Kubeconfig) -> PathBuf {
+        let path = self.dir.join(format!("{role}-kubeconfig"));
         // JSON is YAML.
-        std::fs::write(&path, serde_json::to_vec(&kc).unwrap()).expect("agent kubeconfig");
+        std::fs::write(&path, serde_json::to_vec(&kc).unwrap()).expect("kubeconfig");
         path
+    }
+
+    /// Delete a node's agent Pod and kill its process, as a drained or evicted DaemonSet
+    /// pod: the controller no longer knows an agent for that node.
+    pub async fn delete_agent_pod(&mut self, node: &str) {
+        self.kill_agent(node);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "meshcanary");
+        let name = self.agents[node].pod.clone();
+        pods.delete(&name, &kube::api::DeleteParams::default().grace_period(0))
+            .await
+            .expect("deleting an agent pod");
+        super::eventually_async(Duration::from_secs(10), "the agent pod gone", || async {
+            pods.get_opt(&name).await.ok().flatten().is_none()
+        })
+        .await;
+    }
+
+    /// Recreate a deleted agent Pod and start its process again.
+    pub async fn recreate_agent_pod(&mut self, node: &str) {
+        let (pod, ip) = {
+            let a = &self.agents[node];
+            (a.pod.clone(), a.ip.clone())
+        };
+        self.create_agent_pod(node, &pod, &ip).await;
+        self.restart_agent(node);
     }
 
     /// Kill a node's agent (SIGKILL).
@@ -375,13 +467,23 @@ impl Lab {
         spec.holder_identity.filter(|h| !h.is_empty())
     }
 
-    /// The node of the leader agent.
-    pub async fn leader_node(&self) -> Option<String> {
+    /// The controller replica holding the Lease.
+    pub async fn leader_controller(&self) -> Option<String> {
         let leader = self.leader().await?;
-        self.agents
-            .values()
-            .find(|a| a.pod == leader)
-            .map(|a| a.node.clone())
+        self.controllers.contains_key(&leader).then_some(leader)
+    }
+
+    /// Kill a controller replica (SIGKILL: no Lease release).
+    pub fn kill_controller(&mut self, pod: &str) {
+        self.controllers.get_mut(pod).expect("a controller").kill();
+    }
+
+    /// Start a killed controller replica again.
+    pub fn restart_controller(&mut self, pod: &str) {
+        let bin = self.options.meshcanary.clone();
+        let c = self.controllers.get_mut(pod).expect("a controller");
+        c.kill();
+        c.spawn(&bin);
     }
 
     /// Apply `podinfo` with `image` and the walkthrough's annotations plus `extra`.

@@ -22,7 +22,7 @@
 //!       direct-errors: {concurrency: 1, qps: 5, path: /status/500}
 //!       # error-percent: 5               # the canary app fails this share of its requests
 //!       # added-latency-ms: 300          # the canary app answers this much later
-//!       # kill: {what: leader, after-seconds: 2}   # leader | peer | canary-envoy | canary-app
+//!       # kill: {what: leader, after-seconds: 2}   # leader | peer | agent-pod | canary-envoy | canary-app
 //!       # restart-apiserver: true
 //!       # stop-prometheus-seconds: 60      # the remote-write receiver
 //!     expect: rollback                   # or promotion
@@ -128,8 +128,13 @@ pub struct Kill {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum KillWhat {
+    /// The controller replica holding the Lease.
     Leader,
+    /// The agent of the canary's node (its Pod stays: the agent is known and silent).
     Peer,
+    /// The agent of the canary's node, Pod and process (a drained or evicted agent: the
+    /// node has no agent at all).
+    AgentPod,
     CanaryEnvoy,
     /// The test app behind the canary's sidecar (the sidecar stays up and answers 503).
     CanaryApp,
@@ -343,7 +348,7 @@ pub async fn run(
                 seconds: 0.0,
                 ttr_router: None,
                 ttr_gateway: None,
-                leader: lab.leader_node().await,
+                leader: lab.leader_controller().await,
                 faulted: rollout.fault.is_some(),
                 weights: Vec::new(),
                 fault_at: None,
@@ -374,7 +379,7 @@ async fn measure(
     let deadline = analysis + limit;
     let mut fault_at: Option<Instant> = None;
     let mut direct: Option<Hey> = None;
-    let mut killed: Option<String> = None;
+    let mut killed: Option<Killed> = None;
     let mut envoy_killed = false;
     let mut app_killed = false;
     let mut kill_time: Option<Instant> = None;
@@ -458,22 +463,28 @@ async fn measure(
                             result.killed_at = Some(analysis.elapsed().as_secs_f64());
                             print("lab: killed the canary's app");
                         }
-                        KillWhat::Leader | KillWhat::Peer => {
-                            let leader = lab.leader_node().await;
-                            let node = lab
-                                .agents
-                                .keys()
-                                .find(|n| {
-                                    (Some(*n) == leader.as_ref()) == (k.what == KillWhat::Leader)
-                                })
-                                .cloned();
-                            if let Some(node) = node {
-                                lab.kill_agent(&node);
-                                print(&format!("lab: killed the agent on {node} ({:?})", k.what));
-                                killed = Some(node);
+                        KillWhat::Leader => {
+                            if let Some(pod) = lab.leader_controller().await {
+                                lab.kill_controller(&pod);
+                                print(&format!("lab: killed the leading controller {pod}"));
+                                killed = Some(Killed::Controller(pod));
                                 kill_time = Some(Instant::now());
                                 result.killed_at = Some(analysis.elapsed().as_secs_f64());
                             }
+                        }
+                        KillWhat::Peer | KillWhat::AgentPod => {
+                            let node = CANARY_NODE.to_owned();
+                            if k.what == KillWhat::Peer {
+                                lab.kill_agent(&node);
+                                print(&format!("lab: killed the agent on {node}"));
+                                killed = Some(Killed::Agent(node));
+                            } else {
+                                lab.delete_agent_pod(&node).await;
+                                print(&format!("lab: deleted the agent pod of {node}"));
+                                killed = Some(Killed::AgentPod(node));
+                            }
+                            kill_time = Some(Instant::now());
+                            result.killed_at = Some(analysis.elapsed().as_secs_f64());
                         }
                     }
                 }
@@ -565,12 +576,22 @@ async fn measure(
     }
 }
 
+/// The node the lab's canary pod runs on.
+const CANARY_NODE: &str = "node-b";
+
+/// What a fault killed, to start again.
+enum Killed {
+    Controller(String),
+    Agent(String),
+    AgentPod(String),
+}
+
 /// Start again what a fault killed.
 async fn restart(
     lab: &mut Lab,
     envoy_killed: &mut bool,
     app_killed: &mut bool,
-    killed: &mut Option<String>,
+    killed: &mut Option<Killed>,
     print: &mut impl FnMut(&str),
 ) {
     if std::mem::take(envoy_killed) {
@@ -581,8 +602,19 @@ async fn restart(
         lab.canary.app.restart().await;
         print("lab: restarted the canary's app");
     }
-    if let Some(node) = killed.take() {
-        lab.restart_agent(&node);
-        print(&format!("lab: restarted the agent on {node}"));
+    match killed.take() {
+        None => {}
+        Some(Killed::Controller(pod)) => {
+            lab.restart_controller(&pod);
+            print(&format!("lab: restarted the controller {pod}"));
+        }
+        Some(Killed::Agent(node)) => {
+            lab.restart_agent(&node);
+            print(&format!("lab: restarted the agent on {node}"));
+        }
+        Some(Killed::AgentPod(node)) => {
+            lab.recreate_agent_pod(&node).await;
+            print(&format!("lab: recreated the agent pod of {node}"));
+        }
     }
 }
