@@ -6,6 +6,12 @@
 #                             under load (release build; 60 s after a 10 s warm-up)
 #   scripts/bench.sh judge    one judge call with the sequential tests vs threshold-only
 #   scripts/bench.sh encode   remote-write encoding of a scrape: direct vs owned TimeSeries + prost
+#   scripts/bench.sh controller  `meshcanary controller` (release) against 50, 200 and 1000 agent
+#                             endpoints (real peer servers, token checks by TokenReview) with
+#                             10 and 100 workloads under analysis, on a real control plane;
+#                             its CPU and tick time (p50, p99) per size, then the line
+#                             `controller at 1000 agents, 100 workloads: tick p99 <ms> ms, <cores> cores`
+#                             (about 25 minutes; SIZES="agents:workloads ..." to choose)
 #   scripts/bench.sh          parse, window, judge and encode
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +41,23 @@ if [ "$what" = agent ]; then
   hz=$(getconf CLK_TCK)
   rss=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
   python3 -c "import sys; t0,t1,s0,s1,hz,rss=map(float,sys.argv[1:]); print(f'agent: {(t1-t0)/hz/(s1-s0):.4f} cores, peak RSS {rss/1024:.1f} MiB (2 Envoys, fast tier 1 s, full tier 15 s)')" "$t0" "$t1" "$s0" "$s1" "$hz" "$rss"
+  exit 0
+fi
+if [ "$what" = controller ]; then
+  eval "$(scripts/testenv.sh --kube)" >/dev/null
+  cargo build --release --locked --bin meshcanary --example bench_controller >&2
+  ulimit -n 65536 2>/dev/null || true
+  last=""
+  for size in ${SIZES:-50:10 200:10 1000:10 50:100 200:100 1000:100}; do
+    a=${size%%:*} w=${size##*:}
+    echo "bench: controller with $a agents, $w workloads" >&2
+    line=$(target/release/examples/bench_controller --agents "$a" --workloads "$w" --seconds "${MEASURE_S:-30}" \
+      --meshcanary target/release/meshcanary | tail -1)
+    echo "$line"
+    last=$line
+  done
+  # The headline, in the issue's form: the 1000 x 100 run.
+  echo "$last" | sed -n 's/^\(controller at [0-9]* agents, [0-9]* workloads\): tick p50 [0-9]* ms, p99 \([0-9]*\) ms, \([0-9.]*\) cores.*/\1: tick p99 \2 ms, \3 cores/p'
   exit 0
 fi
 median_ns() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["median"]["point_estimate"])' "target/criterion/$1/new/estimates.json"; }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::discover::Target;
-use crate::judge::{JudgeState, Judgement, Observation, Policy};
+use crate::judge::Policy;
 use crate::parse::Parser;
 use crate::remote_write::{self, SeriesSender};
 use crate::scrape::{over_sample_limit, AdminUrls, ScrapeError, Scraper, Tier};
@@ -144,7 +144,7 @@ pub struct TargetStatus {
 }
 
 /// The judge's latest verdict per (namespace, workload), shared with `/metrics` and `watch`.
-pub type Judgements = Arc<Mutex<BTreeMap<(String, String), Judgement>>>;
+use crate::analysis::Judgements;
 
 impl TargetStatus {
     /// A target not scraped yet.
@@ -160,7 +160,7 @@ impl TargetStatus {
 
 /// State shared by the target tasks, the telemetry endpoints and the watch view.
 pub struct Shared {
-    pub windows: Mutex<Windows>,
+    pub windows: Arc<Mutex<Windows>>,
     pub targets: Mutex<BTreeMap<String, TargetStatus>>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
@@ -208,9 +208,6 @@ impl Shared {
     }
 }
 
-/// Wall-clock time in unix milliseconds: the time base of windows (shared across nodes) and
-/// of remote-write samples.
-
 /// A running agent's handle.
 pub struct Agent {
     config: AgentConfig,
@@ -232,7 +229,7 @@ impl Agent {
             targets.insert(t.id.clone(), TargetStatus::new(t.clone()));
         }
         let shared = Arc::new(Shared {
-            windows: Mutex::new(Windows::new(config.window)),
+            windows: Arc::new(Mutex::new(Windows::new(config.window))),
             targets: Mutex::new(targets),
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
@@ -401,9 +398,14 @@ impl Agent {
             running.insert(target.id.clone(), (target.clone(), removed));
         }
         if self.judge {
-            tasks.spawn(judge_loop(
-                self.shared(),
-                self.config.clone(),
+            let shared = self.shared();
+            let listed = self.shared();
+            tasks.spawn(crate::analysis::run(
+                shared,
+                move || analysed(&listed),
+                self.config.policy.clone(),
+                self.config.fast_interval,
+                Arc::clone(&self.shared.judgements),
                 shutdown.clone(),
             ));
         }
@@ -809,75 +811,17 @@ async fn self_scrape(
     }
 }
 
-/// Judge every workload that has both a primary and a canary window, once per fast
-/// interval, and publish the verdicts. Judge state lives here, one per workload, and is
-/// dropped with the workload.
-async fn judge_loop(shared: Arc<Shared>, config: AgentConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut states: BTreeMap<(String, String), JudgeState> = BTreeMap::new();
-    let mut tick = tokio::time::interval(config.fast_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stale_after_ms = stale_after(config.fast_interval);
-    loop {
-        tokio::select! {
-            () = stopping(&mut shutdown) => return,
-            _ = tick.tick() => {}
-        }
-        let now_ms = unix_ms();
-        let mut fresh_judgements = BTreeMap::new();
-        {
-            let windows = lock(&shared.windows);
-            let mut workloads: Vec<(String, String)> = windows
-                .keys()
-                .into_iter()
-                .filter(|k| k.role == Role::Canary)
-                .map(|k| (k.namespace.clone(), k.workload.clone()))
-                .collect();
-            workloads.dedup();
-            for (namespace, workload) in workloads {
-                let Some(pair) = windows.pair(&namespace, &workload, now_ms, stale_after_ms) else {
-                    continue;
-                };
-                let obs = Observation::of(&pair, now_ms);
-                let id = (namespace.clone(), workload.clone());
-                let state = states
-                    .entry(id.clone())
-                    .or_insert_with(|| JudgeState::new(&config.policy));
-                fresh_judgements.insert(id, state.judge(&obs, &config.policy));
-            }
-        }
-        states.retain(|k, _| fresh_judgements.contains_key(k));
-        let mut published = lock(&shared.judgements);
-        for ((namespace, workload), j) in &fresh_judgements {
-            let before = published
-                .get(&(namespace.clone(), workload.clone()))
-                .map(|p| p.verdict.as_str());
-            if before != Some(j.verdict.as_str()) {
-                let target = format!("{workload}.{namespace}");
-                let message = crate::judge::Message {
-                    target: &target,
-                    judgement: j,
-                }
-                .to_string();
-                match j.verdict {
-                    crate::judge::Verdict::Rollback(_) | crate::judge::Verdict::Failed(_) => {
-                        tracing::warn!(
-                            namespace,
-                            workload,
-                            verdict = j.verdict.as_str(),
-                            "{message}"
-                        );
-                    }
-                    _ => tracing::info!(
-                        namespace,
-                        workload,
-                        verdict = j.verdict.as_str(),
-                        "{message}"
-                    ),
-                }
-            }
-        }
-        *published = fresh_judgements;
-    }
+/// The workloads this agent has a canary window of (the standalone analysis judges those
+/// that also have a primary).
+fn analysed(shared: &Shared) -> Vec<crate::workload::WorkloadId> {
+    let mut out: Vec<crate::workload::WorkloadId> = lock(&shared.windows)
+        .keys()
+        .into_iter()
+        .filter(|k| k.role == Role::Canary)
+        .map(|k| crate::workload::WorkloadId::new(k.namespace.clone(), k.workload.clone()))
+        .collect();
+    out.dedup();
+    out
 }
 
 /// Data older than three fast scrapes (at least 3 s) is stale: a sidecar stopped answering.

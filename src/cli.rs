@@ -837,7 +837,9 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
         tracing::info!(node = %kube.discovery.node_name, "Kubernetes mode: discovering this node's sidecars");
         let node = kube.discovery.node_name.clone();
         let targets = crate::discover::pods::start(client.clone(), kube.discovery, rx.clone());
-        agent = agent.with_discovery(targets);
+        // The controller judges every workload with its own policy on every node's windows;
+        // one node's half of a workload is nothing to judge.
+        agent = agent.with_discovery(targets).without_judge();
         let shared = agent.shared();
         let peers = kube.peers;
         let listener = crate::telemetry::listen(peers.listen)
@@ -849,7 +851,8 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
             Arc::clone(&shared.metrics),
         );
         let server = crate::peers::serve::PeerServer {
-            shared,
+            windows: Arc::clone(&shared.windows),
+            metrics: Arc::clone(&shared.metrics),
             node,
             reviewer: Some(Arc::new(reviewer)),
             limits: http_limits,
@@ -873,7 +876,7 @@ async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let metrics = Arc::new(crate::telemetry::Metrics::new());
-    let judgements: crate::agent::Judgements = Arc::default();
+    let judgements: crate::analysis::Judgements = Arc::default();
     let heartbeat = crate::telemetry::Heartbeat::default();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listener = crate::telemetry::bind(settings.listen).await?;

@@ -19,8 +19,8 @@
 pub mod events;
 pub mod objects;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -32,12 +32,14 @@ use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Client, Resource as _, ResourceExt as _};
 use tokio::sync::watch;
 
+use crate::analysis::{Analysis, Judgements};
 use crate::annotations::{self, RolloutPolicy};
-use crate::judge::{Evidence, JudgeState, Judgement, Observation, Verdict};
+use crate::judge::Judgement;
 use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, Status};
 use crate::router::{owned_by, Router};
-use crate::telemetry::{lock, DecisionLabels, JudgeLabels, Metrics, OperationLabels, PhaseLabels};
+use crate::telemetry::{DecisionLabels, JudgeLabels, Metrics, OperationLabels, PhaseLabels};
 use crate::window::{Summary, WindowSource};
+use crate::workload::WorkloadId;
 use objects::{template_hash, Plan};
 
 pub use crate::router::FIELD_MANAGER;
@@ -135,14 +137,13 @@ pub struct Controller<R, W> {
     config: ControllerConfig,
     metrics: Arc<Metrics>,
     events: events::Events,
-    /// Judge state per workload (namespace, name), reset when an analysis starts. A new
-    /// leader starts without evidence, which can only delay a rollback, never cause one.
-    judges: HashMap<(String, String), JudgeState>,
+    /// The analysis: judge state per workload, reset when an analysis starts, and the
+    /// published verdicts. A new leader starts without evidence, which can only delay a
+    /// rollback, never cause one.
+    analysis: Analysis,
     /// The last invalid-configuration message per workload, so the Warning Event is sent
     /// once per distinct problem rather than once per tick.
     invalid: HashMap<(String, String), String>,
-    /// Where the judge's verdicts are published for `/metrics` and `watch`.
-    judgements: Option<crate::agent::Judgements>,
     /// The last reconcile error per workload, to log each distinct one once.
     failing: HashMap<(String, String), String>,
     /// Per workload: when its objects were last checked for owners and drift, and the
@@ -175,9 +176,8 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             config,
             metrics,
             events,
-            judges: HashMap::new(),
+            analysis: Analysis::default(),
             invalid: HashMap::new(),
-            judgements: None,
             exported: Vec::new(),
             unobserved: HashMap::new(),
             synced: HashMap::new(),
@@ -201,12 +201,10 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self
     }
 
-    /// Publish verdicts into `judgements` (the agent's shared map).
-    pub fn publish_judgements(
-        mut self,
-        judgements: Arc<Mutex<BTreeMap<(String, String), Judgement>>>,
-    ) -> Self {
-        self.judgements = Some(judgements);
+    /// Publish verdicts into `judgements` (for `/metrics`).
+    #[must_use]
+    pub fn publish_judgements(mut self, judgements: Judgements) -> Self {
+        self.analysis = self.analysis.publishing(judgements);
         self
     }
 
@@ -302,7 +300,11 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 continue;
             }
             let leader = leader.clone();
+            let started = Instant::now();
             self.tick(&store, &leader).await;
+            self.metrics
+                .controller_tick
+                .observe(started.elapsed().as_secs_f64());
         }
         cache.abort();
         // Dropping the receiver makes the manager release the Lease: a graceful handover.
@@ -330,8 +332,19 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
 
     /// Reconcile every opted-in Deployment once.
     async fn tick(&mut self, store: &Store<Deployment>, leader: &watch::Receiver<bool>) {
-        self.windows.refresh().await;
         let all = store.state();
+        let analysis: Vec<WorkloadId> = all
+            .iter()
+            .filter(|d| annotations::enabled(d.annotations()))
+            .filter(|d| {
+                read_status(d)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|s| s.phase == Phase::Progressing && s.analysing)
+            })
+            .map(|d| WorkloadId::new(d.namespace().unwrap_or_default(), d.name_any()))
+            .collect();
+        self.windows.refresh(analysis).await;
         let mut seen = Vec::new();
         for dep in &all {
             if !annotations::enabled(dep.annotations()) {
@@ -369,15 +382,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 }
             }
         }
-        self.judges.retain(|k, _| seen.contains(k));
+        self.analysis
+            .retain(|id| seen.contains(&(id.namespace.clone(), id.name.clone())));
         self.invalid.retain(|k, _| seen.contains(k));
         self.failing.retain(|k, _| seen.contains(k));
         self.unobserved.retain(|k, _| seen.contains(k));
         self.synced.retain(|k, _| seen.contains(k));
         self.conflicts.retain(|k, _| seen.contains(k));
-        if let Some(j) = &self.judgements {
-            lock(j).retain(|k, _| seen.contains(k));
-        }
         for (namespace, workload) in std::mem::take(&mut self.exported) {
             if !seen.contains(&(namespace.clone(), workload.clone())) {
                 self.forget(JudgeLabels {
@@ -678,8 +689,8 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 }
                 Action::SetWeight(w) => self.set_weight(&namespace, &name, w, decided).await?,
                 Action::ResetJudge => {
-                    self.judges
-                        .insert(id.clone(), JudgeState::new(&policy.judge));
+                    self.analysis
+                        .reset(&WorkloadId::new(&*id.0, &*id.1), &policy.judge);
                 }
                 Action::Decision(d) => {
                     self.metrics
@@ -716,11 +727,6 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         now_ms: u64,
         step_started_ms: u64,
     ) -> (Judgement, Option<Summary>) {
-        let state = self
-            .judges
-            .entry(id.clone())
-            .or_insert_with(|| JudgeState::new(&policy.judge));
-        let pair = self.windows.pair(&id.0, &id.1, now_ms);
         let unobserved = self.windows.uncovered(&id.0, &id.1);
         if unobserved.is_empty() {
             self.unobserved.remove(id);
@@ -728,21 +734,14 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             tracing::warn!(namespace = %id.0, workload = %id.1, nodes = ?unobserved, "No meshcanary agent answers on nodes that run the workload's pods; its analysis halts until one does (is the DaemonSet's pod there and Running?)");
             self.unobserved.insert(id.clone(), unobserved);
         }
-        let judgement = match &pair {
-            Some(pair) => state.judge(
-                &Observation::of(pair, now_ms).in_step(step_started_ms),
-                &policy.judge,
-            ),
-            None => Judgement {
-                verdict: Verdict::NoData {
-                    reason: "no_window",
-                },
-                evidence: Evidence::default(),
-            },
-        };
-        if let Some(j) = &self.judgements {
-            lock(j).insert(id.clone(), judgement.clone());
-        }
+        let workload = WorkloadId::new(&*id.0, &*id.1);
+        let (judgement, pair) = self.analysis.judge(
+            &self.windows,
+            &workload,
+            &policy.judge,
+            now_ms,
+            step_started_ms,
+        );
         (judgement, pair.map(|p| p.canary))
     }
 

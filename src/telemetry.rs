@@ -260,6 +260,7 @@ pub struct Metrics {
     pub rollout_invalid: Family<JudgeLabels, Gauge>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub weight_applied: prometheus_client::metrics::histogram::Histogram,
+    pub controller_tick: prometheus_client::metrics::histogram::Histogram,
     pub leader: Gauge,
     pub controller_errors: Family<OperationLabels, Counter>,
     pub peer_requests: Family<ResultLabels, Counter>,
@@ -351,6 +352,9 @@ impl Metrics {
             weight_applied: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.002, 2.0, 14),
             ),
+            controller_tick: prometheus_client::metrics::histogram::Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+            ]),
             leader: Gauge::default(),
             controller_errors: Family::default(),
             peer_requests: Family::default(),
@@ -535,8 +539,14 @@ impl Metrics {
             Box::new(m.weight_applied.clone()),
         );
         reg(
+            "meshcanary_controller_tick_seconds",
+            "Time of one decision tick of the leading controller: polling the agents, judging and reconciling every opted-in Deployment.",
+            &[],
+            Box::new(m.controller_tick.clone()),
+        );
+        reg(
             "meshcanary_leader",
-            "1 while this agent holds the controller Lease (and may write), else 0.",
+            "1 while this controller replica holds the Lease (and may write), else 0.",
             &[],
             Box::new(m.leader.clone()),
         );
@@ -548,24 +558,24 @@ impl Metrics {
         reg("meshcanary_http_timeouts", "Connections closed because a request's headers did not arrive within --http-header-timeout (slow or idle clients), by server.", &["server"], Box::new(m.http_timeouts.clone()));
         reg(
             "meshcanary_peers_known",
-            "Agents the leader polls for windows (from the DaemonSet's pods, itself included).",
+            "Agents the controller knows (Running pods of the DaemonSet).",
             &[],
             Box::new(m.peers_known.clone()),
         );
         reg(
             "meshcanary_peers_up",
-            "Agents whose windows are fresh (answered within the staleness limit).",
+            "Agents whose last poll succeeded (those on nodes of workloads under analysis are polled every tick, the others about every tenth).",
             &[],
             Box::new(m.peers_up.clone()),
         );
-        reg("meshcanary_peer_polls", "The leader's window polls of peers, by result: ok, invalid (answered, but some windows failed their checks and were skipped), connect, timeout, unauthorized, status, decode, no_token.", &["result"], Box::new(m.peer_polls.clone()));
+        reg("meshcanary_peer_polls", "The controller's window polls of agents, by result: ok, invalid (answered, but some windows failed their checks or were of workloads with no pod on the agent's node, and were skipped), connect, timeout, unauthorized, status, decode, no_token.", &["result"], Box::new(m.peer_polls.clone()));
         reg(
             "meshcanary_peer_poll_seconds",
             "Time of one successful window poll of a peer.",
             &[],
             Box::new(m.peer_poll_seconds.clone()),
         );
-        reg("meshcanary_merged_window_age_seconds", "Age of the oldest peer answer in the leader's merged windows; above the staleness limit, decisions on the affected workloads halt.", &[], Box::new(m.merged_window_age.clone()));
+        reg("meshcanary_merged_window_age_seconds", "Age of the oldest answer among the agents polled every tick (those on nodes of workloads under analysis); above the staleness limit, decisions on the affected workloads halt.", &[], Box::new(m.merged_window_age.clone()));
         reg(
             "meshcanary_remote_write_samples",
             "Remote-write samples by outcome: queued (on disk), sent, dropped_http_4xx (rejected by the receiver), dropped_auth (credential refused for all of --remote-write-auth-retry), dropped_disk_cap, dropped_corrupt, dropped_queue_error.",

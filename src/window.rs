@@ -218,9 +218,14 @@ pub trait WindowSource: Send + Sync + 'static {
     /// The canary and primary windows of `namespace/workload` at `now_ms`, if both exist.
     fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair>;
 
-    /// Bring the windows up to date before a decision tick (the merged source polls its
-    /// peers here; a node-local source is always current).
-    fn refresh(&self) -> impl std::future::Future<Output = ()> + Send {
+    /// Bring the windows of the workloads under `analysis` up to date before a decision
+    /// tick (the merged source polls the agents here; a node-local source is always
+    /// current).
+    fn refresh(
+        &self,
+        analysis: Vec<crate::workload::WorkloadId>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let _ = analysis;
         async {}
     }
 
@@ -236,8 +241,11 @@ impl<T: WindowSource> WindowSource for std::sync::Arc<T> {
         (**self).pair(namespace, workload, now_ms)
     }
 
-    fn refresh(&self) -> impl std::future::Future<Output = ()> + Send {
-        (**self).refresh()
+    fn refresh(
+        &self,
+        analysis: Vec<crate::workload::WorkloadId>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        (**self).refresh(analysis)
     }
 
     fn uncovered(&self, namespace: &str, workload: &str) -> Vec<String> {

@@ -4,7 +4,9 @@
 //! invalid annotations, an apiserver restart, and garbage collection.
 //!
 //! One control plane serves every scenario (each in its own namespace), run one after the
-//! other: starting a control plane costs more than most scenarios.
+//! other: starting a control plane costs more than most scenarios. A scenario that fails is
+//! reported and the others still run (the test fails at the end, naming every failed one);
+//! `MESHCANARY_SCENARIO=<name>` (the function name, e.g. `rollback`) runs only that one.
 
 mod support;
 
@@ -371,16 +373,32 @@ async fn rollouts_against_a_real_apiserver() {
         assert!(out.contains(created), "{out}");
     }
     cp.kubectl(&["apply", "-f", all]);
+    let only = std::env::var("MESHCANARY_SCENARIO").ok();
+    let mut failed: Vec<&str> = Vec::new();
     macro_rules! scenario {
-        ($name:literal, $body:expr) => {{
-            let t = Instant::now();
-            $body;
-            results.push(format!(
-                "{:<58} ok in {:>5.1} s",
-                $name,
-                t.elapsed().as_secs_f64()
-            ));
-            eprintln!("{}", results.last().unwrap());
+        ($name:literal, $id:ident($($arg:tt)*)) => {{
+            let id = stringify!($id);
+            if only.as_deref().is_none_or(|o| o == id) {
+                let t = Instant::now();
+                // A panic fails this scenario only; the next one runs on the same control
+                // plane (each has its own namespace).
+                let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+                    async { scenario_call!($id($($arg)*)) },
+                ))
+                .await;
+                let verdict = if outcome.is_ok() {
+                    "ok"
+                } else {
+                    failed.push(id);
+                    "FAILED"
+                };
+                results.push(format!(
+                    "{:<58} {verdict} in {:>5.1} s ({id})",
+                    $name,
+                    t.elapsed().as_secs_f64()
+                ));
+                eprintln!("{}", results.last().unwrap());
+            }
         }};
     }
     scenario!(
@@ -389,59 +407,53 @@ async fn rollouts_against_a_real_apiserver() {
     );
     scenario!(
         "bootstrap creates exactly the objects, owned by NAME",
-        bootstrap(&cp).await
+        bootstrap(&cp)
     );
     scenario!(
         "objects NAME needs owned by someone else: a Warning, nothing changed",
-        ownership_conflict(&cp).await
+        ownership_conflict(&cp)
     );
     scenario!(
         "a promotion walks 2..50, promotes, scales the canary to 0",
-        promotion(&cp).await
+        promotion(&cp)
     );
     scenario!(
         "failing windows roll back after threshold failed checks",
-        rollback(&cp).await
+        rollback(&cp)
     );
-    scenario!(
-        "a new revision mid-analysis restarts it",
-        new_revision(&cp).await
-    );
+    scenario!("a new revision mid-analysis restarts it", new_revision(&cp));
     scenario!(
         "a killed agent restarted resumes: no step repeated or skipped",
-        resume(&cp).await
+        resume(&cp)
     );
     scenario!(
         "two agents: only the leader writes; the other takes over",
-        two_agents(&cp).await
+        two_agents(&cp)
     );
-    scenario!(
-        "losing the Lease stops writes at once",
-        lease_lost(&cp).await
-    );
+    scenario!("losing the Lease stops writes at once", lease_lost(&cp));
     scenario!(
         "invalid annotations: a Warning event, nothing created",
-        invalid(&cp).await
+        invalid(&cp)
     );
     scenario!(
         "bad annotation, opt-out, bad status mid-analysis: primary first",
-        let_go(&cp).await
+        let_go(&cp)
     );
     scenario!(
         "an apiserver restart mid-rollout is survived",
-        apiserver_restart(&mut cp).await
+        apiserver_restart(&mut cp)
     );
     scenario!(
         "discovery: each node's agent scrapes its own opted-in sidecars",
-        discovery(&cp).await
+        discovery(&cp)
     );
     scenario!(
         "peers: only the agents' own token, for their audience, gets windows",
-        peer_auth(&cp).await
+        peer_auth(&cp)
     );
     scenario!(
         "deleting NAME removes what meshcanary created",
-        garbage_collection(&cp).await
+        garbage_collection(&cp)
     );
     // Last: run before `apiserver_restart`, its 20 s outage left that scenario's canary
     // Deployment unready after the restart, twice in two runs. The cause is not found yet
@@ -449,7 +461,7 @@ async fn rollouts_against_a_real_apiserver() {
     // recover); until it is, nothing runs after this scenario.
     scenario!(
         "apiserver down 20 s at start: the controller waits, leads, promotes",
-        apiserver_down_at_start(&mut cp).await
+        apiserver_down_at_start(&mut cp)
     );
     drop(kubelet);
     eprintln!(
@@ -457,7 +469,27 @@ async fn rollouts_against_a_real_apiserver() {
         started.elapsed().as_secs_f64(),
         results.join("\n")
     );
+    assert!(
+        failed.is_empty(),
+        "failed scenarios: {failed:?}\n{}",
+        results.join("\n")
+    );
+    assert!(
+        !results.is_empty(),
+        "MESHCANARY_SCENARIO={only:?} names no scenario"
+    );
 }
+
+/// Call a scenario: `rbac` is synchronous, every other one is awaited.
+macro_rules! scenario_call {
+    (rbac($($arg:tt)*)) => {
+        rbac($($arg)*)
+    };
+    ($id:ident($($arg:tt)*)) => {
+        $id($($arg)*).await
+    };
+}
+use scenario_call;
 
 /// What each ServiceAccount of `manifests/` may do, as the apiserver's authorizer answers
 /// `kubectl auth can-i --as=system:serviceaccount:meshcanary:...`.
@@ -1321,7 +1353,8 @@ async fn peer_auth(cp: &ControlPlane) {
         header_timeout: Duration::from_secs(2),
     };
     let server = PeerServer {
-        shared: Arc::clone(&shared),
+        windows: Arc::clone(&shared.windows),
+        metrics: Arc::clone(&shared.metrics),
         node: "node-a".into(),
         reviewer: Some(Arc::clone(&reviewer)),
         limits,

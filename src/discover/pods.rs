@@ -127,11 +127,7 @@ pub fn opted_in<'a>(
 ) -> BTreeSet<(String, String)> {
     deployments
         .into_iter()
-        .filter(|m| {
-            m.annotations
-                .as_ref()
-                .is_some_and(|a| annotations::enabled(a))
-        })
+        .filter(|m| m.annotations.as_ref().is_some_and(annotations::enabled))
         .map(|m| {
             (
                 m.namespace.clone().unwrap_or_default(),
@@ -297,7 +293,7 @@ mod tests {
             ),
             pod("elsewhere", "podinfo-5d8f7", "5d8f7", json!({})),
         ];
-        let deps = vec![
+        let deps = [
             dep("test", "podinfo", true),
             dep("test", "podinfo-primary", false),
             dep("test", "other", false),

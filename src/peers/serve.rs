@@ -12,14 +12,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::auth::Reviewer;
-use crate::agent::Shared;
 use crate::clock::unix_ms;
+use crate::telemetry::Metrics;
 use crate::telemetry::{lock, ResultLabels};
+use crate::window::Windows;
 
 /// What the peer port answers from.
 #[derive(Clone)]
 pub struct PeerServer {
-    pub shared: Arc<Shared>,
+    /// This node's windows.
+    pub windows: Arc<std::sync::Mutex<Windows>>,
+    pub metrics: Arc<Metrics>,
     pub node: String,
     /// `None` answers anyone (only for agents outside Kubernetes and tests).
     pub reviewer: Option<Arc<Reviewer>>,
@@ -32,7 +35,7 @@ impl PeerServer {
         let server = crate::telemetry::HttpServer {
             name: "peers",
             limits: self.limits,
-            metrics: Arc::clone(&self.shared.metrics),
+            metrics: Arc::clone(&self.metrics),
         };
         crate::telemetry::serve_http(listener, server, shutdown, move |req| {
             let server = self.clone();
@@ -43,8 +46,7 @@ impl PeerServer {
 
     async fn answer<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
         let (result, response) = self.route(req).await;
-        self.shared
-            .metrics
+        self.metrics
             .peer_requests
             .get_or_create(&ResultLabels { result })
             .inc();
@@ -92,7 +94,7 @@ impl PeerServer {
                 ),
             );
         };
-        let reply = super::snapshot(&lock(&self.shared.windows), since, unix_ms(), &self.node);
+        let reply = super::snapshot(&lock(&self.windows), since, unix_ms(), &self.node);
         (
             "ok",
             Response::builder()

@@ -263,26 +263,10 @@ impl Lab {
 
     async fn start_agents(&mut self) {
         let kubeconfig = self.kubeconfig("agent", self.cp.agent_kubeconfig());
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "meshcanary");
         for (i, node) in NODES.iter().enumerate() {
             let ip = format!("{}.{}", self.options.net, 4 + i);
             let pod_name = format!("meshcanary-{node}");
-            let pod: Pod = serde_json::from_value(serde_json::json!({
-                "metadata": {
-                    "name": pod_name,
-                    "labels": {"app.kubernetes.io/name": "meshcanary"},
-                    "annotations": {"lab.meshcanary.io/pod-ip": ip},
-                },
-                "spec": {
-                    "nodeName": node,
-                    "serviceAccountName": "meshcanary",
-                    "containers": [{"name": "meshcanary", "image": "meshcanary/meshcanary:0.1.0"}],
-                },
-            }))
-            .unwrap();
-            pods.create(&PostParams::default(), &pod)
-                .await
-                .expect("creating an agent pod");
+            self.create_agent_pod(node, &pod_name, &ip).await;
             let secs = |d: Duration| format!("{}ms", d.as_millis());
             let remote_write: Vec<String> = match &self.prometheus {
                 Some(p) => vec![
