@@ -212,7 +212,8 @@ async fn main() {
         let d: Deployment = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "annotations": {
                 "meshcanary.io/enabled": "true", "meshcanary.io/interval": "1h",
-                "meshcanary.io/step-weights": "50", "meshcanary.io/port": "9898"}},
+                "meshcanary.io/step-weights": "50", "meshcanary.io/port": "9898",
+                "meshcanary.io/progress-deadline": "2h"}},
             "spec": {
                 "replicas": 1,
                 "selector": {"matchLabels": {"app": name}},

@@ -360,6 +360,10 @@ pub struct ControllerArgs {
     /// Name of the Envoy sidecar container in pods.
     #[arg(long, env = "MESHCANARY_ENVOY_CONTAINER", default_value = "envoy")]
     pub envoy_container: String,
+    /// How often each workload's objects (`NAME-primary`, Services, routing objects) are
+    /// checked for owners and re-applied if they drifted.
+    #[arg(long, env = "MESHCANARY_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
     /// Time allowed to finish in-flight work after SIGTERM.
     #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub grace_period: Duration,
@@ -402,6 +406,9 @@ impl ControllerArgs {
         if self.fast_interval.is_zero() {
             anyhow::bail!("--fast-interval must be greater than 0");
         }
+        if self.resync_interval < self.decision_interval {
+            anyhow::bail!("--resync-interval must be at least --decision-interval");
+        }
         Ok(ControllerSettings {
             listen: self.listen,
             http_limits: crate::telemetry::HttpLimits {
@@ -420,6 +427,7 @@ impl ControllerArgs {
                 liveness_bound: crate::controller::ControllerConfig::liveness_bound_for(
                     self.decision_interval,
                 ),
+                resync: self.resync_interval,
             },
             agents: crate::peers::cluster::PeerConfig {
                 port: self.agent_port,
@@ -917,7 +925,7 @@ async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode
         Arc::clone(&metrics),
     )
     .with_placement(placement);
-    let router = crate::router::appmesh::AppMesh::new(client.clone());
+    let router = crate::router::appmesh::AppMesh::new(client.clone()).with_cache(shutdown.clone());
     let controller =
         crate::controller::Controller::new(client, router, cluster, settings.controller, metrics)
             .publish_judgements(judgements)

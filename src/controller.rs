@@ -44,7 +44,8 @@ use objects::{template_hash, Plan};
 
 pub use crate::router::FIELD_MANAGER;
 
-/// How often the objects of a workload past bootstrap are checked for owners and drift.
+/// How often, by default, the objects of a workload past bootstrap are checked for owners
+/// and drift (`--resync-interval`).
 pub const RESYNC: Duration = Duration::from_secs(60);
 
 /// How often a workload held back by objects someone else owns is checked again.
@@ -64,6 +65,8 @@ pub struct ControllerConfig {
     /// `/healthz` fails once the loop has not run for this long (the kubelet then restarts
     /// the pod): ten decision ticks, and at least 30 s.
     pub liveness_bound: Duration,
+    /// How often a workload's objects are checked for owners and re-applied ([`RESYNC`]).
+    pub resync: Duration,
 }
 
 impl ControllerConfig {
@@ -146,7 +149,7 @@ pub struct Controller<R, W> {
     invalid: HashMap<(String, String), String>,
     /// The last reconcile error per workload, to log each distinct one once.
     failing: HashMap<(String, String), String>,
-    /// Per workload: when its objects were last checked for owners and drift, and the
+    /// Per workload: when its objects are next checked for owners and drift, and the
     /// ownership conflict last reported.
     synced: HashMap<(String, String), Instant>,
     conflicts: HashMap<(String, String), String>,
@@ -592,13 +595,12 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             self.invalid.remove(&id);
         }
         // Objects NAME needs that someone else owns are not taken over: checked before
-        // bootstrap, and with the drift re-apply every RESYNC after it.
+        // bootstrap, and with the drift re-apply every `resync` after it.
         let bootstrapping = status
             .as_ref()
             .is_none_or(|s| s.phase == Phase::Initializing);
         let conflicted = self.conflicts.contains_key(&id);
-        let every = if conflicted { CONFLICT_RECHECK } else { RESYNC };
-        let due = self.synced.get(&id).is_none_or(|t| t.elapsed() >= every);
+        let due = self.synced.get(&id).is_none_or(|at| Instant::now() >= *at);
         if bootstrapping && conflicted && !due {
             return Ok(());
         }
@@ -611,7 +613,10 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 if !bootstrapping {
                     self.resync(&plan).await?;
                 }
-                self.synced.insert(id.clone(), Instant::now());
+                // Spread over time: workloads bootstrapped together must not all re-check
+                // in the same tick.
+                let next = self.config.resync.mul_f64(0.75 + fastrand::f64() / 2.0);
+                self.synced.insert(id.clone(), Instant::now() + next);
             } else {
                 let problem = format!(
                     "{} already exist and are not owned by Deployment {namespace}/{name}",
@@ -628,7 +633,8 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                         .await;
                     self.conflicts.insert(id.clone(), problem);
                 }
-                self.synced.insert(id.clone(), Instant::now());
+                let next = CONFLICT_RECHECK.min(self.config.resync);
+                self.synced.insert(id.clone(), Instant::now() + next);
                 if bootstrapping {
                     self.metrics.rollout_invalid.get_or_create(&labels).set(1);
                     return Ok(());

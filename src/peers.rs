@@ -314,6 +314,21 @@ impl Merged {
 
 impl WindowSource for Merged {
     fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair> {
+        self.pair_checking(namespace, workload, now_ms, true)
+    }
+}
+
+impl Merged {
+    /// The merged pair; with `check_peers`, stale ([`Stale::Observer`](crate::window::Stale))
+    /// unless every peer that may hold the workload's pods answered in time. A caller that
+    /// knows which nodes run the pods checks those instead, and passes `false`.
+    pub fn pair_checking(
+        &self,
+        namespace: &str,
+        workload: &str,
+        now_ms: u64,
+        check_peers: bool,
+    ) -> Option<WindowPair> {
         let peers = lock(&self.peers);
         let mut merged = Windows::new(self.config);
         // Every peer that may hold pods of this workload must be current: one that never
@@ -338,7 +353,7 @@ impl WindowSource for Merged {
             }
         }
         let mut pair = merged.pair(namespace, workload, now_ms, self.stale_after_ms)?;
-        if !all_answered {
+        if check_peers && !all_answered {
             pair.stale = Some(crate::window::Stale::Observer);
         }
         Some(pair)

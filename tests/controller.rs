@@ -90,6 +90,7 @@ impl Agent {
             envoy_container: "envoy".into(),
             identity: identity.into(),
             liveness_bound: Duration::from_secs(2),
+            resync: Duration::from_secs(2),
         };
         let metrics = Arc::new(Metrics::new());
         let heartbeat = meshcanary::telemetry::Heartbeat::default();
@@ -448,7 +449,7 @@ async fn rollouts_against_a_real_apiserver() {
         discovery(&cp)
     );
     scenario!(
-        "peers: only the agents' own token, for their audience, gets windows",
+        "peers: only the controller's token, for its audience, gets windows",
         peer_auth(&cp)
     );
     scenario!(
@@ -724,6 +725,28 @@ async fn bootstrap(cp: &ControlPlane) {
         .await;
     let after = vn.get("podinfo-primary").await.unwrap();
     assert_eq!(after.data["spec"]["awsName"], "podinfo-primary_boot");
+    // Drift: someone points the owned Service elsewhere; the next resync puts it back.
+    let services: Api<Service> = Api::namespaced(s.client.clone(), "boot");
+    let patch = serde_json::json!({"spec": {"selector": {"app": "elsewhere"}}});
+    services
+        .patch("podinfo", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    support::eventually_async(
+        Duration::from_secs(10),
+        "the drifted Service re-applied",
+        || async {
+            let svc = services.get("podinfo").await.unwrap();
+            svc.spec
+                .unwrap()
+                .selector
+                .unwrap()
+                .get("app")
+                .map(String::as_str)
+                == Some("podinfo-primary")
+        },
+    )
+    .await;
     agent.stop().await;
     s.cleanup().await;
 }

@@ -460,7 +460,12 @@ impl Cluster {
 
 impl WindowSource for Cluster {
     fn pair(&self, namespace: &str, workload: &str, now_ms: u64) -> Option<WindowPair> {
-        let pair = self.merged.pair(namespace, workload, now_ms);
+        // Where the pods run is known: the agents of exactly those nodes must have answered
+        // (an agent elsewhere that never answers holds nothing of this workload).
+        let placed = lock(&self.coverage).0.is_some();
+        let pair = self
+            .merged
+            .pair_checking(namespace, workload, now_ms, !placed);
         if self
             .uncovered_nodes(&WorkloadId::new(namespace, workload))
             .is_empty()

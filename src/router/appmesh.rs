@@ -10,11 +10,15 @@
 //! as read, because the write is a full update of the object as read, guarded by its
 //! `resourceVersion`.
 
+use futures_util::StreamExt as _;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::Client;
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
 use super::{Router, RouterError, Routes};
 
@@ -35,6 +39,10 @@ const ATTEMPTS: u32 = 5;
 pub struct AppMesh {
     client: Client,
     resource: ApiResource,
+    /// A watch cache of every VirtualRouter, if started: the weight read at every tick of
+    /// every workload comes from memory instead of one GET each (writes and their
+    /// read-back still go to the API).
+    cache: Option<Store<DynamicObject>>,
 }
 
 impl AppMesh {
@@ -42,7 +50,50 @@ impl AppMesh {
         AppMesh {
             client,
             resource: resource("VirtualRouter"),
+            cache: None,
         }
+    }
+
+    /// Read weights from a watch cache of the VirtualRouters (kept until `shutdown`; watch
+    /// errors are logged and retried with backoff). Until it has synced, and for a router
+    /// it does not hold yet, reads go to the API.
+    #[must_use]
+    pub fn with_cache(mut self, mut shutdown: watch::Receiver<bool>) -> Self {
+        let writer = reflector::store::Writer::<DynamicObject>::new(self.resource.clone());
+        let store = writer.as_reader();
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.resource);
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .touched_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let item = tokio::select! {
+                    () = crate::shutdown::stopping(&mut shutdown) => return,
+                    item = stream.next() => item,
+                };
+                match item {
+                    None => return,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "Watching VirtualRouters failed; reading them from the API meanwhile");
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+        });
+        self.cache = Some(store);
+        self
+    }
+
+    /// The router from the cache, if it is synced and holds it.
+    fn cached(&self, namespace: &str, name: &str) -> Option<std::sync::Arc<DynamicObject>> {
+        let store = self.cache.as_ref()?;
+        let synced = futures_util::FutureExt::now_or_never(store.wait_until_ready())
+            .is_some_and(|r| r.is_ok());
+        if !synced {
+            return None;
+        }
+        store.get(&ObjectRef::new_with(name, self.resource.clone()).within(namespace))
     }
 
     fn api(&self, namespace: &str) -> Api<DynamicObject> {
@@ -243,8 +294,11 @@ impl AppMesh {
 
 impl Router for AppMesh {
     async fn canary_weight(&self, namespace: &str, name: &str) -> Result<u8, RouterError> {
-        let router = self.get(namespace, name).await?;
-        read_weight(&router.data["spec"], name).map_err(|why| RouterError::Malformed {
+        let spec = match self.cached(namespace, name) {
+            Some(router) => router.data["spec"].clone(),
+            None => self.get(namespace, name).await?.data["spec"].clone(),
+        };
+        read_weight(&spec, name).map_err(|why| RouterError::Malformed {
             what: what(namespace, name),
             why,
         })
@@ -289,7 +343,12 @@ impl Router for AppMesh {
                 }
             }
         }
-        let got = self.canary_weight(namespace, name).await?;
+        let router = self.get(namespace, name).await?;
+        let got =
+            read_weight(&router.data["spec"], name).map_err(|why| RouterError::Malformed {
+                what: what(namespace, name),
+                why,
+            })?;
         if got == weight {
             Ok(())
         } else {
