@@ -55,6 +55,7 @@ pub const KEYS: &[Key] = &[
     Key { name: "meshcanary.io/judge", on: "Deployment", default: "both", expected: "threshold, sequential or both", meaning: "Which checks may fail a step: Flagger-style thresholds, the anytime-valid sequential tests, or both." },
     Key { name: "meshcanary.io/alpha", on: "Deployment", default: "0.01", expected: "a number between 0 and 1", meaning: "False-rollback budget of the sequential tests over a whole rollout." },
     Key { name: "meshcanary.io/advance-early", on: "Deployment", default: "false", expected: "true or false", meaning: "Advance before the interval ends when the sequential evidence shows the canary within the SLO." },
+    Key { name: "meshcanary.io/adopt", on: "Deployment", default: "false", expected: "true or false", meaning: "Take over NAME-primary, the Services and the routing objects if they exist without a controlling owner (left by Flagger after `kubectl delete canary --cascade=orphan`): meshcanary makes NAME their owner. Objects another controller owns are never taken over." },
     Key { name: ENVOY_ADMIN_PORT, on: "Pod", default: "9901", expected: "a port number from 1 to 65535", meaning: "The Envoy sidecar's admin port the agent scrapes." },
     Key { name: STATUS, on: "Deployment", default: "", expected: "written by meshcanary", meaning: "The rollout's state (phase, weight, failed checks, revisions); do not edit." },
     Key { name: REVISION, on: "Deployment (primary)", default: "", expected: "written by meshcanary", meaning: "The template hash the primary was copied from." },
@@ -71,6 +72,8 @@ pub struct RolloutPolicy {
     pub threshold: u32,
     /// Longest wait for a ready canary, and longest time at one step.
     pub progress_deadline: Duration,
+    /// Take over existing objects that have no controlling owner.
+    pub adopt: bool,
     pub judge: Policy,
 }
 
@@ -215,6 +218,8 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
     })?;
     let (v, _) = get("meshcanary.io/advance-early");
     let advance_early = one("meshcanary.io/advance-early", v, parse_bool)?;
+    let (v, _) = get("meshcanary.io/adopt");
+    let adopt = one("meshcanary.io/adopt", v, parse_bool)?;
     Ok(RolloutPolicy {
         port,
         step_weights,
@@ -222,6 +227,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
         interval,
         threshold,
         progress_deadline,
+        adopt,
         judge: Policy {
             mode,
             success_rate_min,

@@ -36,7 +36,7 @@ use crate::analysis::{Analysis, Judgements};
 use crate::annotations::{self, RolloutPolicy};
 use crate::judge::Judgement;
 use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, Status};
-use crate::router::{owned_by, Router};
+use crate::router::{Foreign, Router};
 use crate::telemetry::{DecisionLabels, JudgeLabels, Metrics, OperationLabels, PhaseLabels};
 use crate::window::{Summary, WindowSource};
 use crate::workload::WorkloadId;
@@ -605,7 +605,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             return Ok(());
         }
         if bootstrapping || due {
-            let foreign = self.foreign(&plan, store).await?;
+            let mut foreign = self.foreign(&plan, store).await?;
+            if policy.adopt && !foreign.is_empty() && foreign.iter().all(|f| f.orphan) {
+                self.adopt(&plan, &foreign).await?;
+                foreign = self.foreign(&plan, store).await?;
+                // The primary in the cache may still show no owner: the next check sees it.
+                foreign.retain(|f| !(f.orphan && f.what.starts_with("Deployment ")));
+            }
             if foreign.is_empty() {
                 if self.conflicts.remove(&id).is_some() {
                     tracing::info!("No object of the workload is someone else's any more");
@@ -618,17 +624,23 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 let next = self.config.resync.mul_f64(0.75 + fastrand::f64() / 2.0);
                 self.synced.insert(id.clone(), Instant::now() + next);
             } else {
+                let names: Vec<&str> = foreign.iter().map(|f| f.what.as_str()).collect();
                 let problem = format!(
                     "{} already exist and are not owned by Deployment {namespace}/{name}",
-                    foreign.join(", ")
+                    names.join(", ")
                 );
                 if self.conflicts.get(&id) != Some(&problem) {
+                    let orphans = if foreign.iter().all(|f| f.orphan) {
+                        ", or set meshcanary.io/adopt: \"true\" to take over these orphans"
+                    } else {
+                        ""
+                    };
                     let message = if bootstrapping {
-                        format!("{problem}; meshcanary does not take them over and leaves {name}.{namespace} alone (delete or rename them)")
+                        format!("{problem}; meshcanary does not take them over and leaves {name}.{namespace} alone (delete or rename them{orphans})")
                     } else {
                         format!("{problem}; meshcanary no longer re-applies them (delete them to let it recreate its own)")
                     };
-                    tracing::warn!(objects = ?foreign, "{message}");
+                    tracing::warn!(objects = ?names, "{message}");
                     self.event(dep, Severity::Warning, "OwnershipConflict", message)
                         .await;
                     self.conflicts.insert(id.clone(), problem);
@@ -864,12 +876,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         &self,
         plan: &Plan,
         store: &Store<Deployment>,
-    ) -> Result<Vec<String>, ReconcileError> {
+    ) -> Result<Vec<Foreign>, ReconcileError> {
         let ns = &plan.namespace;
+        let uid = plan.owner_uid();
         let mut foreign = Vec::new();
-        let primary = store.get(&ObjectRef::new(&plan.primary_name()).within(ns));
-        if primary.is_some_and(|p| !owned_by(&p.metadata, plan.owner_uid())) {
-            foreign.push(format!("Deployment {ns}/{}", plan.primary_name()));
+        if let Some(p) = store.get(&ObjectRef::new(&plan.primary_name()).within(ns)) {
+            let what = format!("Deployment {ns}/{}", plan.primary_name());
+            foreign.extend(Foreign::of(what, &p.metadata, uid));
         }
         let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
         for (name, _) in plan.services() {
@@ -877,12 +890,45 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 .get_opt(&name)
                 .await
                 .map_err(api_error("reading", format!("Service {ns}/{name}")))?;
-            if found.is_some_and(|s| !owned_by(&s.metadata, plan.owner_uid())) {
-                foreign.push(format!("Service {ns}/{name}"));
+            if let Some(s) = found {
+                foreign.extend(Foreign::of(
+                    format!("Service {ns}/{name}"),
+                    &s.metadata,
+                    uid,
+                ));
             }
         }
         foreign.extend(self.router.foreign_routes(&plan.routes()).await?);
         Ok(foreign)
+    }
+
+    /// Make `NAME` the owner of its objects that have no controlling owner (the user asked
+    /// with `meshcanary.io/adopt`).
+    async fn adopt(&self, plan: &Plan, foreign: &[Foreign]) -> Result<(), ReconcileError> {
+        let ns = &plan.namespace;
+        let patch = crate::router::adoption(&plan.routes());
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
+        let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
+        for f in foreign.iter().filter(|f| f.orphan) {
+            if f.what == format!("Deployment {ns}/{}", plan.primary_name()) {
+                deployments
+                    .patch(
+                        &plan.primary_name(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .map_err(api_error("adopting", f.what.clone()))?;
+            } else if let Some(name) = f.what.strip_prefix(&format!("Service {ns}/")) {
+                services
+                    .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(api_error("adopting", f.what.clone()))?;
+            }
+        }
+        self.router.adopt_routes(&plan.routes()).await?;
+        tracing::info!(objects = ?foreign.iter().map(|f| &f.what).collect::<Vec<_>>(), "Adopted objects without an owner (meshcanary.io/adopt)");
+        Ok(())
     }
 
     async fn apply<K>(

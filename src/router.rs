@@ -61,6 +61,38 @@ pub fn owned_by(metadata: &ObjectMeta, uid: &str) -> bool {
         .any(|o| o.uid == uid)
 }
 
+/// An existing object that `NAME` does not own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Foreign {
+    /// `Kind namespace/name`.
+    pub what: String,
+    /// No controller owns it (an orphan): it may be adopted when the user asks.
+    pub orphan: bool,
+}
+
+impl Foreign {
+    /// The object with `metadata`, if `NAME` (`uid`) does not own it.
+    pub fn of(what: String, metadata: &ObjectMeta, uid: &str) -> Option<Foreign> {
+        if owned_by(metadata, uid) {
+            return None;
+        }
+        let controlled = metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true));
+        Some(Foreign {
+            what,
+            orphan: !controlled,
+        })
+    }
+}
+
+/// The merge patch that makes `NAME` (the owner reference in `routes`) an orphan's owner.
+pub fn adoption(routes: &Routes) -> serde_json::Value {
+    serde_json::json!({"metadata": {"ownerReferences": [routes.owner]}})
+}
+
 /// Why a weight could not be read or set.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -129,13 +161,21 @@ pub trait Router: Send + Sync + 'static {
         routes: &Routes,
     ) -> impl Future<Output = Result<(), RouterError>> + Send;
 
-    /// The routing objects of the workload that exist and are not owned by `NAME`, as
-    /// `Kind namespace/name` (meshcanary does not take them over).
+    /// The routing objects of the workload that exist and are not owned by `NAME`
+    /// (meshcanary does not take them over, unless they are orphans and the user asks).
     ///
     /// ### Errors
     /// An API call failed.
     fn foreign_routes(
         &self,
         routes: &Routes,
-    ) -> impl Future<Output = Result<Vec<String>, RouterError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Foreign>, RouterError>> + Send;
+
+    /// Make `NAME` the owner of the workload's routing objects that have no controlling
+    /// owner ([`adoption`]); the others are left as they are.
+    ///
+    /// ### Errors
+    /// An API call failed.
+    fn adopt_routes(&self, routes: &Routes)
+        -> impl Future<Output = Result<(), RouterError>> + Send;
 }

@@ -566,11 +566,26 @@ async fn ownership_conflict(cp: &ControlPlane) {
                 format!("Service {ns}/podinfo-primary")
             }
             _ => {
+                // Controlled by another object: never taken over, even with adopt.
+                let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+                    Api::namespaced(s.client.clone(), ns);
+                let owner = cms
+                    .create(
+                        &PostParams::default(),
+                        &serde_json::from_value(
+                            serde_json::json!({"metadata": {"name": "someone-else"}}),
+                        )
+                        .unwrap(),
+                    )
+                    .await
+                    .unwrap();
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(s.client.clone(), ns, &appmesh::resource("VirtualRouter"));
                 let vr: DynamicObject = serde_json::from_value(serde_json::json!({
                     "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "VirtualRouter",
-                    "metadata": {"name": "podinfo"},
+                    "metadata": {"name": "podinfo", "ownerReferences": [{
+                        "apiVersion": "v1", "kind": "ConfigMap", "name": "someone-else",
+                        "uid": owner.metadata.uid.unwrap(), "controller": true}]},
                     "spec": {"listeners": [{"portMapping": {"port": 80, "protocol": "http"}}], "routes": []}
                 }))
                 .unwrap();
@@ -579,7 +594,12 @@ async fn ownership_conflict(cp: &ControlPlane) {
             }
         };
         let agent = Agent::start(cp, Script::default(), "a", false).await;
-        s.create(&podinfo(ns, "podinfo:6.0.0", &[])).await;
+        let adopt: &[(&str, &str)] = if kind == "Service" {
+            &[]
+        } else {
+            &[("meshcanary.io/adopt", "true")]
+        };
+        s.create(&podinfo(ns, "podinfo:6.0.0", adopt)).await;
         support::eventually_async(
             Duration::from_secs(20),
             "an OwnershipConflict Warning",
@@ -618,6 +638,30 @@ async fn ownership_conflict(cp: &ControlPlane) {
         };
         assert_eq!(names, expected);
         assert_eq!(s.events().await.len(), 1);
+        if kind == "Service" {
+            // An orphan (no controlling owner, as Flagger leaves its objects after
+            // `kubectl delete canary --cascade=orphan`) is adopted when the user asks.
+            assert!(events[0].contains("meshcanary.io/adopt"), "{events:#?}");
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {"meshcanary.io/adopt": "true"}}});
+            s.deployments()
+                .patch("podinfo", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+            s.phase_is(Phase::Initialized, Duration::from_secs(60))
+                .await;
+            let svc = services.get("podinfo-primary").await.unwrap();
+            let owners = svc.metadata.owner_references.unwrap_or_default();
+            assert!(owners
+                .iter()
+                .any(|o| o.name == "podinfo" && o.controller == Some(true)));
+            assert_eq!(
+                svc.spec.unwrap().selector.unwrap()["app"],
+                "podinfo-primary"
+            );
+        } else {
+            assert!(!events[0].contains("meshcanary.io/adopt"), "{events:#?}");
+        }
         agent.stop().await;
         s.cleanup().await;
     }

@@ -20,7 +20,7 @@ use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::{Router, RouterError, Routes};
+use super::{Foreign, Router, RouterError, Routes};
 
 /// `appmesh.k8s.aws/v1beta2`, the version App Mesh's controller serves.
 pub const GROUP: &str = "appmesh.k8s.aws";
@@ -390,7 +390,36 @@ impl Router for AppMesh {
         .await
     }
 
-    async fn foreign_routes(&self, routes: &Routes) -> Result<Vec<String>, RouterError> {
+    async fn adopt_routes(&self, routes: &Routes) -> Result<(), RouterError> {
+        let ns = &routes.namespace;
+        for foreign in self.foreign_routes(routes).await? {
+            if !foreign.orphan {
+                continue;
+            }
+            let Some((kind, name)) = foreign
+                .what
+                .split_once(' ')
+                .and_then(|(kind, rest)| Some((kind, rest.split_once('/')?.1)))
+            else {
+                continue;
+            };
+            self.api_of(ns, kind)
+                .patch(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&super::adoption(routes)),
+                )
+                .await
+                .map_err(|source| RouterError::Api {
+                    op: "adopting",
+                    what: foreign.what.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn foreign_routes(&self, routes: &Routes) -> Result<Vec<Foreign>, RouterError> {
         let ns = &routes.namespace;
         let mut foreign = Vec::new();
         for (kind, name) in Self::objects(routes) {
@@ -404,9 +433,8 @@ impl Router for AppMesh {
                     source,
                 })?;
             if let Some(o) = found {
-                if !super::owned_by(&o.metadata, routes.owner_uid()) {
-                    foreign.push(format!("{kind} {ns}/{name}"));
-                }
+                let what = format!("{kind} {ns}/{name}");
+                foreign.extend(Foreign::of(what, &o.metadata, routes.owner_uid()));
             }
         }
         Ok(foreign)
