@@ -198,7 +198,10 @@ async fn main() {
         .env("KUBECONFIG", &kc)
         .env("POD_NAME", "bench-controller")
         .env("POD_NAMESPACE", "meshcanary")
-        .env("MESHCANARY_LOG", "meshcanary=warn")
+        .env(
+            "MESHCANARY_LOG",
+            std::env::var("BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "meshcanary=warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
@@ -274,11 +277,43 @@ async fn main() {
         args.workloads,
         started.elapsed().as_secs_f64()
     );
+    if std::env::var_os("BENCH_TRACE_STATUS").is_some() {
+        // Diagnostics: how w0's status changes during the steady analysis.
+        let mut last: std::collections::BTreeMap<String, String> = Default::default();
+        for _ in 0..20 {
+            for d in deployments.list(&Default::default()).await.unwrap().items {
+                let name = d.metadata.name.clone().unwrap_or_default();
+                let a = d.metadata.annotations.clone().unwrap_or_default();
+                let s = format!(
+                    "{} generation {:?}/{:?} replicas {:?} status {:?}",
+                    a.get("meshcanary.io/status")
+                        .map(|s| s.contains("notReady"))
+                        .unwrap_or_default(),
+                    d.metadata.generation,
+                    d.status.as_ref().and_then(|s| s.observed_generation),
+                    d.spec.as_ref().and_then(|s| s.replicas),
+                    d.status.as_ref().map(|s| (
+                        s.replicas,
+                        s.ready_replicas,
+                        s.available_replicas,
+                        s.updated_replicas
+                    ))
+                );
+                if last.get(&name) != Some(&s) {
+                    eprintln!("bench: {name} {s}");
+                    last.insert(name, s);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     let url = format!("http://127.0.0.1:{port}/metrics");
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (b0, c0, t0) = (buckets(&url).await, cpu_seconds(pid), Instant::now());
+    let api0 = api_requests(&client).await;
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let (b1, c1, wall) = (buckets(&url).await, cpu_seconds(pid), t0.elapsed());
+    let api1 = api_requests(&client).await;
     assert_eq!(b0.len(), b1.len(), "the same buckets");
     let diff: Vec<(f64, f64)> = b1
         .iter()
@@ -299,10 +334,60 @@ async fn main() {
         ticks,
         polls_ok
     );
+    // What the apiserver served meanwhile (everyone's requests: the controller's, and the
+    // bench's own kubelet stand-in listing pods), per second, largest first.
+    let mut rates: Vec<(String, f64)> = api1
+        .iter()
+        .map(|(k, n)| {
+            (
+                k.clone(),
+                (n - api0.get(k).copied().unwrap_or(0.0)) / wall.as_secs_f64(),
+            )
+        })
+        .filter(|(_, r)| *r >= 0.5)
+        .collect();
+    rates.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let shown: Vec<String> = rates
+        .iter()
+        .take(6)
+        .map(|(k, r)| format!("{k} {r:.1}/s"))
+        .collect();
+    eprintln!("bench: apiserver requests: {}", shown.join(", "));
     let _ = controller.kill();
+    // The controller's log outlives the run's directory.
+    let _ = std::fs::copy(
+        dir.path.join("controller.log"),
+        "/tmp/meshcanary-bench-controller.log",
+    );
     let _ = controller.wait();
     let _ = stop.send(true);
     feeder.abort();
+}
+
+/// The apiserver's request counters by verb and resource (from its /metrics).
+async fn api_requests(client: &kube::Client) -> std::collections::BTreeMap<String, f64> {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+        };
+        let key = format!("{} {}", label("verb"), label("resource"));
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry(key).or_insert(0.0) += n;
+    }
+    out
 }
 
 /// The controller process's user+system CPU so far, in seconds.

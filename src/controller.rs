@@ -1010,7 +1010,8 @@ pub fn deployment_state(dep: &Deployment, primary: bool) -> DeploymentState {
     let spec_replicas = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let st = dep.status.clone().unwrap_or_default();
     let generation = dep.metadata.generation.unwrap_or(0);
-    let ready = st.observed_generation.unwrap_or(0) >= generation
+    let settled = st.observed_generation.unwrap_or(0) >= generation;
+    let ready = settled
         && st.updated_replicas.unwrap_or(0) == spec_replicas
         && st.available_replicas.unwrap_or(0) == spec_replicas
         && st.replicas.unwrap_or(0) == spec_replicas;
@@ -1025,6 +1026,7 @@ pub fn deployment_state(dep: &Deployment, primary: bool) -> DeploymentState {
     DeploymentState {
         replicas: spec_replicas,
         ready,
+        settled,
         template_hash,
     }
 }

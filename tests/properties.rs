@@ -189,8 +189,8 @@ proptest! {
         a.insert("meshcanary.io/enabled".to_owned(), "true".to_owned());
         let policy = meshcanary::annotations::parse(&a).unwrap();
         let obs = Observed {
-            canary: DeploymentState { replicas: 1, ready, template_hash: "v2".into() },
-            primary: Some(DeploymentState { replicas: 1, ready: true, template_hash: "v1".into() }),
+            canary: DeploymentState { replicas: 1, ready, settled: true, template_hash: "v2".into() },
+            primary: Some(DeploymentState { replicas: 1, ready: true, settled: true, template_hash: "v1".into() }),
             weight,
             judgement: None,
         };
