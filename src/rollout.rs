@@ -443,14 +443,11 @@ fn progressing(
         fail(tr, t, why, now_ms);
         return;
     }
-    if !obs.canary.settled && status.not_ready_since_ms == 0 {
-        // A status only one generation behind (the last status write bumped it): decide
-        // at the next tick, without starting the not-ready clock, which would write the
-        // status again and keep it behind.
-        tr.converge(obs, primary_replicas);
-        return;
-    }
-    if !obs.canary.ready {
+    // A status one generation behind (the last status write bumped it) says nothing new
+    // about readiness: a canary that was ready is taken as still ready. Starting the
+    // not-ready clock on it would write the status again and keep it behind.
+    let unsettled = !obs.canary.settled && status.not_ready_since_ms == 0;
+    if !obs.canary.ready && !unsettled {
         // Flagger counts a canary that is not ready as a failed check: pods that crash or
         // stop passing their probes mid-analysis. It halts at once, and counts once it has
         // been unready for the grace.
@@ -1024,8 +1021,9 @@ mod tests {
     }
 
     /// Every status write bumps the Deployment's generation (annotations count), so the
-    /// next read may be one generation behind: that holds the tick, and writes nothing
-    /// (a write would bump it again: a loop the bench found at 20 workloads).
+    /// next read may be one generation behind: that starts no not-ready clock and writes
+    /// nothing (a write would bump it again: a loop the bench found at 20 workloads), and
+    /// the judge still decides.
     #[test]
     fn a_status_one_generation_behind_holds_without_writing() {
         let p = policy();
@@ -1039,6 +1037,10 @@ mod tests {
         assert_eq!(Some(&tr.status), before.as_ref(), "no status change");
         assert!(tr.actions.is_empty(), "{:?}", tr.actions);
         assert_eq!(w.events.len(), events);
+        // The judge still decides on such a tick: a failing canary is not given time.
+        w.obs.judgement = judged(Verdict::Rollback(crate::judge::Test::Errors));
+        w.tick(&p);
+        assert_eq!(w.phase(), Phase::Failed, "{:#?}", w.events);
     }
 
     #[test]
