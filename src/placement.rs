@@ -9,7 +9,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -87,7 +86,7 @@ pub struct Placement {
 
 impl Placement {
     /// Start watching until `shutdown`; errors are logged and retried with backoff.
-    pub fn watch(client: Client, mut shutdown: watch::Receiver<bool>) -> Placement {
+    pub fn watch(client: Client, shutdown: watch::Receiver<bool>) -> Placement {
         let (store, writer) = reflector::store::<Pod>();
         let stream = reflector::reflector(
             writer,
@@ -95,21 +94,8 @@ impl Placement {
         )
         .default_backoff()
         .touched_objects();
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            loop {
-                let item = tokio::select! {
-                    () = crate::shutdown::stopping(&mut shutdown) => return,
-                    item = stream.next() => item,
-                };
-                match item {
-                    None => return,
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "Watching pods (where workloads run) failed; retrying");
-                    }
-                    Some(Ok(_)) => {}
-                }
-            }
+        crate::shutdown::spawn_until(stream, shutdown, |error| {
+            tracing::warn!(%error, "Watching pods (where workloads run) failed; retrying");
         });
         Placement { store }
     }

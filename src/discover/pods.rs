@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -143,7 +142,7 @@ fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Store<K>
 where
     K: kube::Resource
@@ -159,19 +158,8 @@ where
     let stream = reflector::reflector(writer, watcher(api, config))
         .default_backoff()
         .touched_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let item = tokio::select! {
-                () = crate::shutdown::stopping(&mut shutdown) => return,
-                item = stream.next() => item,
-            };
-            match item {
-                None => return,
-                Some(Err(error)) => tracing::warn!(%error, what, "Watch failed; retrying"),
-                Some(Ok(_)) => {}
-            }
-        }
+    crate::shutdown::spawn_until(stream, shutdown, move |error| {
+        tracing::warn!(%error, what, "Watch failed; retrying");
     });
     store
 }

@@ -10,7 +10,6 @@
 //! as read, because the write is a full update of the object as read, guarded by its
 //! `resourceVersion`.
 
-use futures_util::StreamExt as _;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -58,28 +57,15 @@ impl AppMesh {
     /// errors are logged and retried with backoff). Until it has synced, and for a router
     /// it does not hold yet, reads go to the API.
     #[must_use]
-    pub fn with_cache(mut self, mut shutdown: watch::Receiver<bool>) -> Self {
+    pub fn with_cache(mut self, shutdown: watch::Receiver<bool>) -> Self {
         let writer = reflector::store::Writer::<DynamicObject>::new(self.resource.clone());
         let store = writer.as_reader();
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.resource);
         let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
             .default_backoff()
             .touched_objects();
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            loop {
-                let item = tokio::select! {
-                    () = crate::shutdown::stopping(&mut shutdown) => return,
-                    item = stream.next() => item,
-                };
-                match item {
-                    None => return,
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "Watching VirtualRouters failed; reading them from the API meanwhile");
-                    }
-                    Some(Ok(_)) => {}
-                }
-            }
+        crate::shutdown::spawn_until(stream, shutdown, |error| {
+            tracing::warn!(%error, "Watching VirtualRouters failed; reading them from the API meanwhile");
         });
         self.cache = Some(store);
         self
