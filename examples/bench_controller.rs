@@ -118,11 +118,12 @@ async fn main() {
             agent_client.clone(),
             "meshcanary-peers".into(),
             "system:serviceaccount:meshcanary:meshcanary-controller".into(),
-            Arc::clone(&s.metrics),
+            s.metrics.peers.token_reviews.clone(),
         );
         let server = meshcanary::peers::serve::PeerServer {
             windows: Arc::clone(&s.windows),
-            metrics: Arc::clone(&s.metrics),
+            metrics: s.metrics.peers.clone(),
+            http_metrics: s.metrics.http.clone(),
             node: format!("node-{j}"),
             reviewer: Some(Arc::new(reviewer)),
             limits: meshcanary::telemetry::HttpLimits::default(),

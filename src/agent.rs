@@ -14,19 +14,24 @@ use std::time::Duration;
 use crate::clock::{unix_ms, unix_ms_i64};
 use crate::shutdown::stopping;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use regex::Regex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::analysis::JudgeMetrics;
 use crate::discover::Target;
 use crate::judge::Policy;
 use crate::parse::Parser;
+use crate::peers::PeerServerMetrics;
 use crate::remote_write::{self, SeriesSender};
+use crate::remote_write::{OutcomeLabels, RemoteWriteMetrics};
 use crate::scrape::{over_sample_limit, AdminUrls, ScrapeError, Scraper, Tier};
-use crate::telemetry::{
-    self, lock, Endpoints, ErrorLabels, Metrics, OutcomeLabels, TargetHealth, TierLabels,
-    WorkloadLabels,
-};
+use crate::scrape::{ErrorLabels, ScrapeMetrics, TierLabels};
+use crate::telemetry::{self, lock, Endpoints, HttpMetrics, MetricRegistry};
+use crate::window::metrics::{WindowMetrics, WorkloadLabels};
 use crate::window::{
     InboundSnapshot, PodCounters, Role, Summary, WindowConfig, WindowKey, Windows,
 };
@@ -162,7 +167,7 @@ impl TargetStatus {
 pub struct Shared {
     pub windows: Arc<Mutex<Windows>>,
     pub targets: Mutex<BTreeMap<String, TargetStatus>>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<AgentMetrics>,
     pub ready: Arc<AtomicBool>,
     /// Beaten by the controller loop, when this process runs one (`/healthz`).
     pub heartbeat: crate::telemetry::Heartbeat,
@@ -185,26 +190,120 @@ impl Shared {
 
     /// The `/metrics` text.
     pub fn render_metrics(&self) -> String {
-        let windows = self.summaries(unix_ms());
-        let health: Vec<TargetHealth> = self
-            .target_statuses()
-            .into_iter()
-            .map(|s| TargetHealth {
-                key: s.target.key,
-                id: s.target.id,
-                up: s.up,
-            })
-            .collect();
-        let judgements: Vec<_> = lock(&self.judgements)
-            .iter()
-            .map(|(k, j)| (k.clone(), j.clone()))
-            .collect();
-        self.metrics.render(&windows, &health, &judgements)
+        let m = &self.metrics;
+        m.scrape.refresh();
+        m.window.refresh(&self.summaries(unix_ms()));
+        m.targets.refresh(&self.target_statuses());
+        m.judge.refresh(&self.judgements);
+        m.remote_write.refresh();
+        m.registry.encode()
     }
 
     fn update_readiness(&self, targets: &BTreeMap<String, TargetStatus>) {
         let ready = targets.values().all(|t| t.scraped_once);
         self.ready.store(ready, Ordering::Release);
+    }
+}
+
+/// Per-target gauges: the sidecars this agent scrapes and whether each answers.
+#[derive(Clone, Debug, Default)]
+pub struct TargetMetrics {
+    targets: Gauge,
+    targets_up: Gauge,
+    target_up: Family<TargetLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub role: &'static str,
+    pub target: String,
+}
+
+impl TargetMetrics {
+    pub fn register(r: &mut MetricRegistry) -> Self {
+        let m = TargetMetrics::default();
+        r.register(
+            "meshcanary_targets",
+            "Envoy sidecars this agent scrapes.",
+            &[],
+            &m.targets,
+        );
+        r.register(
+            "meshcanary_targets_up",
+            "Envoy sidecars whose last fast scrape succeeded.",
+            &[],
+            &m.targets_up,
+        );
+        r.register(
+            "meshcanary_target_up",
+            "1 if the last fast scrape of this sidecar succeeded, else 0.",
+            &["namespace", "workload", "role", "target"],
+            &m.target_up,
+        );
+        m
+    }
+
+    /// Set the gauges from the targets' statuses (before an encode).
+    pub fn refresh(&self, targets: &[TargetStatus]) {
+        self.targets.set(targets.len() as i64);
+        self.targets_up
+            .set(targets.iter().filter(|t| t.up).count() as i64);
+        self.target_up.clear();
+        for t in targets {
+            let key = &t.target.key;
+            self.target_up
+                .get_or_create(&TargetLabels {
+                    namespace: key.namespace.clone(),
+                    workload: key.workload.clone(),
+                    role: key.role.as_str(),
+                    target: t.target.id.clone(),
+                })
+                .set(i64::from(t.up));
+        }
+    }
+}
+
+/// The agent's metrics: each stage's set, in one registry.
+pub struct AgentMetrics {
+    pub registry: MetricRegistry,
+    pub http: HttpMetrics,
+    pub scrape: ScrapeMetrics,
+    pub targets: TargetMetrics,
+    pub window: WindowMetrics,
+    /// A standalone agent's analysis (empty when the controller judges).
+    pub judge: JudgeMetrics,
+    pub peers: PeerServerMetrics,
+    pub remote_write: RemoteWriteMetrics,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let mut registry = MetricRegistry::new();
+        let scrape = ScrapeMetrics::register(&mut registry);
+        let targets = TargetMetrics::register(&mut registry);
+        let window = WindowMetrics::register(&mut registry);
+        let judge = JudgeMetrics::register(&mut registry);
+        let peers = PeerServerMetrics::register(&mut registry);
+        let http = HttpMetrics::register(&mut registry);
+        let remote_write = RemoteWriteMetrics::register(&mut registry);
+        AgentMetrics {
+            registry,
+            http,
+            scrape,
+            targets,
+            window,
+            judge,
+            peers,
+            remote_write,
+        }
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -231,7 +330,7 @@ impl Agent {
         let shared = Arc::new(Shared {
             windows: Arc::new(Mutex::new(Windows::new(config.window))),
             targets: Mutex::new(targets),
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(AgentMetrics::new()),
             ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
             heartbeat: crate::telemetry::Heartbeat::default(),
             judgements: Arc::new(Mutex::new(BTreeMap::new())),
@@ -337,7 +436,7 @@ impl Agent {
             let server = telemetry::HttpServer {
                 name: "telemetry",
                 limits: self.config.http_limits,
-                metrics: Arc::clone(&self.shared.metrics),
+                metrics: self.shared.metrics.http.clone(),
             };
             tasks.spawn(telemetry::serve(
                 listener,
@@ -350,7 +449,7 @@ impl Agent {
             Some(rw) => {
                 let tx = remote_write::start(
                     rw.clone(),
-                    Arc::clone(&self.shared.metrics),
+                    self.shared.metrics.remote_write.clone(),
                     shutdown.clone(),
                     &mut tasks,
                 )
@@ -493,28 +592,38 @@ impl TargetTask {
     async fn fast(&mut self) {
         let started = std::time::Instant::now();
         let m = &self.shared.metrics;
-        m.scrapes.get_or_create(&TierLabels { tier: "fast" }).inc();
+        m.scrape
+            .scrapes
+            .get_or_create(&TierLabels { tier: "fast" })
+            .inc();
         let result = self
             .scraper
             .fetch_up_to(&self.urls.fast, self.config.fast_timeout, FAST_BODY_LIMIT)
             .await;
-        m.record_scrape_duration(Tier::Fast, started.elapsed());
+        m.scrape.record_duration(Tier::Fast, started.elapsed());
         let body = match result {
             Ok(body) => body,
             Err(e) => return self.mark_down(Tier::Fast, &e),
         };
         let body_len = body.len();
-        m.scraped_bytes
+        m.scrape
+            .bytes
             .get_or_create(&TierLabels { tier: "fast" })
             .inc_by(body.len() as u64);
         let limit = self.config.sample_limit;
         // A filtered fast body is a few KB, read here; a sidecar that ignores the filter is
         // parsed on the blocking pool, off the workers that keep every target's 1 s cadence.
         let read = if body_len <= INLINE_PARSE_BYTES {
-            fast_snapshot(&body, limit, &self.config.cluster_regex, m, &self.target.id)
+            fast_snapshot(
+                &body,
+                limit,
+                &self.config.cluster_regex,
+                &m.scrape,
+                &self.target.id,
+            )
         } else {
             let (metrics, regex, id) = (
-                Arc::clone(&self.shared.metrics),
+                self.shared.metrics.scrape.clone(),
                 self.config.cluster_regex.clone(),
                 self.target.id.clone(),
             );
@@ -551,27 +660,32 @@ impl TargetTask {
             }
         }
         if delta.as_ref().is_some_and(|d| d.reset) {
-            m.counter_resets
+            m.window
+                .counter_resets
                 .get_or_create(&WorkloadLabels::from(&self.target.key))
                 .inc();
             tracing::info!(target_id = %self.target.id, "Envoy counters went down: sidecar restarted; counting from zero");
         }
-        lock(&m.window_latency_recorder).record(started.elapsed());
+        m.window.record_scrape_to_window(started.elapsed());
         self.mark_up();
     }
 
     async fn full(&mut self) {
         let started = std::time::Instant::now();
         let m = Arc::clone(&self.shared.metrics);
-        m.scrapes.get_or_create(&TierLabels { tier: "full" }).inc();
+        m.scrape
+            .scrapes
+            .get_or_create(&TierLabels { tier: "full" })
+            .inc();
         let result = self
             .scraper
             .fetch(&self.urls.full, self.config.full_timeout)
             .await;
-        m.record_scrape_duration(Tier::Full, started.elapsed());
+        m.scrape.record_duration(Tier::Full, started.elapsed());
         let outcome = match result {
             Ok(body) => {
-                m.scraped_bytes
+                m.scrape
+                    .bytes
                     .get_or_create(&TierLabels { tier: "full" })
                     .inc_by(body.len() as u64);
                 self.read_full(body).await
@@ -579,7 +693,8 @@ impl TargetTask {
             Err(e) => Err(e),
         };
         if let Err(e) = outcome {
-            m.scrape_errors
+            m.scrape
+                .errors
                 .get_or_create(&ErrorLabels {
                     tier: "full",
                     reason: e.reason(),
@@ -596,7 +711,7 @@ impl TargetTask {
     /// its series to remote write.
     async fn read_full(&mut self, body: bytes::Bytes) -> Result<(), ScrapeError> {
         let limit = self.config.sample_limit;
-        let metrics = Arc::clone(&self.shared.metrics);
+        let metrics = self.shared.metrics.scrape.clone();
         let count_error = move |e: &crate::parse::LineError| {
             metrics
                 .parse_errors
@@ -633,7 +748,7 @@ impl TargetTask {
             })
             .await
             .map_err(over)?;
-            m.full_samples.inc_by(samples);
+            m.scrape.full_samples.inc_by(samples);
             return Ok(());
         };
         let labels = self.target_labels(rw_config);
@@ -652,8 +767,11 @@ impl TargetTask {
         .await;
         self.series = series;
         let (chunks, counts) = encoded.map_err(over)?;
-        m.full_samples.inc_by((counts.kept + counts.dropped) as u64);
-        m.rw_samples
+        m.scrape
+            .full_samples
+            .inc_by((counts.kept + counts.dropped) as u64);
+        m.remote_write
+            .samples
             .get_or_create(&OutcomeLabels {
                 outcome: "dropped_by_rules",
             })
@@ -714,7 +832,8 @@ impl TargetTask {
     fn mark_down(&self, tier: Tier, error: &ScrapeError) {
         self.shared
             .metrics
-            .scrape_errors
+            .scrape
+            .errors
             .get_or_create(&ErrorLabels {
                 tier: tier.as_str(),
                 reason: error.reason(),
@@ -753,7 +872,7 @@ fn fast_snapshot(
     body: &[u8],
     limit: usize,
     cluster: &Regex,
-    metrics: &Metrics,
+    metrics: &ScrapeMetrics,
     target_id: &str,
 ) -> Result<InboundSnapshot, usize> {
     if let Some(n) = over_sample_limit(body, limit) {

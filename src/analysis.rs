@@ -9,15 +9,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use crate::judge::{Evidence, JudgeState, Judgement, Message, Observation, Policy, Verdict};
-use crate::telemetry::lock;
+use crate::telemetry::{lock, GaugeF, MetricRegistry};
 use crate::window::{WindowPair, WindowSource};
 use crate::workload::WorkloadId;
 
-/// The latest verdict per (namespace, workload), as published.
-pub type Judgements = Arc<Mutex<BTreeMap<(String, String), Judgement>>>;
+/// The latest verdict per workload, as published.
+pub type Judgements = Arc<Mutex<BTreeMap<WorkloadId, Judgement>>>;
 
 /// Judge state per workload under analysis.
 #[derive(Default)]
@@ -76,8 +79,7 @@ impl Analysis {
     pub fn retain(&mut self, keep: impl Fn(&WorkloadId) -> bool) {
         self.states.retain(|id, _| keep(id));
         if let Some(published) = &self.published {
-            lock(published)
-                .retain(|(ns, name), _| keep(&WorkloadId::new(ns.clone(), name.clone())));
+            lock(published).retain(|id, _| keep(id));
         }
     }
 
@@ -85,9 +87,8 @@ impl Analysis {
         let Some(published) = &self.published else {
             return;
         };
-        let key = (id.namespace.clone(), id.name.clone());
         let mut published = lock(published);
-        let before = published.get(&key).map(|j| j.verdict.as_str());
+        let before = published.get(id).map(|j| j.verdict.as_str());
         if before != Some(judgement.verdict.as_str()) {
             let target = id.to_string();
             let message = Message {
@@ -104,7 +105,108 @@ impl Analysis {
                 _ => tracing::info!(%namespace, %workload, verdict, "{message}"),
             }
         }
-        published.insert(key, judgement.clone());
+        published.insert(id.clone(), judgement.clone());
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JudgeLabels {
+    pub namespace: String,
+    pub workload: String,
+}
+
+impl From<&WorkloadId> for JudgeLabels {
+    fn from(id: &WorkloadId) -> Self {
+        JudgeLabels {
+            namespace: id.namespace.clone(),
+            workload: id.name.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TestLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub test: &'static str,
+}
+
+/// The analysis' metrics: each published verdict and its evidence, refreshed from the
+/// published [`Judgements`] before each encode.
+#[derive(Clone, Debug, Default)]
+pub struct JudgeMetrics {
+    verdict: Family<VerdictLabels, Gauge>,
+    e_value: Family<TestLabels, GaugeF>,
+    boundary: Family<TestLabels, GaugeF>,
+    share: Family<JudgeLabels, GaugeF>,
+}
+
+impl JudgeMetrics {
+    pub fn register(r: &mut MetricRegistry) -> Self {
+        let m = JudgeMetrics::default();
+        r.register(
+            "meshcanary_judge_verdict",
+            "1 for the judge's current verdict on a workload (no_data, pass, advance_early, failed_check, rollback).",
+            &["namespace", "workload", "verdict"],
+            &m.verdict,
+        );
+        r.register(
+            "meshcanary_judge_e_value",
+            "Evidence of each sequential test (errors, latency, error_slo, latency_slo, not_worse); a rollback when it reaches the boundary.",
+            &["namespace", "workload", "test"],
+            &m.e_value,
+        );
+        r.register(
+            "meshcanary_judge_boundary",
+            "The value each sequential test's e-value must reach (1 / its share of alpha).",
+            &["namespace", "workload", "test"],
+            &m.boundary,
+        );
+        r.register(
+            "meshcanary_judge_canary_share",
+            "The canary's observed share of requests since the judge started on the workload.",
+            &["namespace", "workload"],
+            &m.share,
+        );
+        m
+    }
+
+    /// Set the gauges from the published verdicts (before an encode).
+    pub fn refresh(&self, judgements: &Judgements) {
+        self.verdict.clear();
+        self.e_value.clear();
+        self.boundary.clear();
+        self.share.clear();
+        for (id, j) in lock(judgements).iter() {
+            self.verdict
+                .get_or_create(&VerdictLabels {
+                    namespace: id.namespace.clone(),
+                    workload: id.name.clone(),
+                    verdict: j.verdict.as_str(),
+                })
+                .set(1);
+            for (test, e, boundary) in j.evidence.tests() {
+                let l = TestLabels {
+                    namespace: id.namespace.clone(),
+                    workload: id.name.clone(),
+                    test,
+                };
+                self.e_value.get_or_create(&l).set(e);
+                if boundary.is_finite() {
+                    self.boundary.get_or_create(&l).set(boundary);
+                }
+            }
+            self.share
+                .get_or_create(&JudgeLabels::from(id))
+                .set(j.evidence.canary_share);
+        }
     }
 }
 

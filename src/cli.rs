@@ -787,7 +787,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Docs {
             what: DocsWhat::Metrics,
-        } => out(&crate::telemetry::Metrics::new().reference_table()),
+        } => out(&metrics_table()),
         Command::Docs {
             what: DocsWhat::Flags,
         } => out(&flags_table()),
@@ -856,11 +856,12 @@ async fn run_agent(config: AgentConfig, with_view: bool) -> anyhow::Result<ExitC
             client,
             peers.audience,
             peers.client,
-            Arc::clone(&shared.metrics),
+            shared.metrics.peers.token_reviews.clone(),
         );
         let server = crate::peers::serve::PeerServer {
             windows: Arc::clone(&shared.windows),
-            metrics: Arc::clone(&shared.metrics),
+            metrics: shared.metrics.peers.clone(),
+            http_metrics: shared.metrics.http.clone(),
             node,
             reviewer: Some(Arc::new(reviewer)),
             limits: http_limits,
@@ -883,7 +884,7 @@ async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let metrics = Arc::new(ControllerProcessMetrics::new());
     let judgements: crate::analysis::Judgements = Arc::default();
     let heartbeat = crate::telemetry::Heartbeat::default();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -892,13 +893,7 @@ async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode
     let endpoints = crate::telemetry::Endpoints {
         metrics: {
             let (metrics, judgements) = (Arc::clone(&metrics), Arc::clone(&judgements));
-            Arc::new(move || {
-                let judged: Vec<_> = crate::telemetry::lock(&judgements)
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                metrics.render(&[], &[], &judged)
-            })
+            Arc::new(move || metrics.render(&judgements))
         },
         ready: Arc::clone(&ready),
         heartbeat: heartbeat.clone(),
@@ -906,7 +901,7 @@ async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode
     let server = crate::telemetry::HttpServer {
         name: "telemetry",
         limits: settings.http_limits,
-        metrics: Arc::clone(&metrics),
+        metrics: metrics.http.clone(),
     };
     let telemetry = tokio::spawn(crate::telemetry::serve(
         listener,
@@ -922,18 +917,80 @@ async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode
         settings.stale_after_ms,
         agents,
         settings.agents,
-        Arc::clone(&metrics),
+        metrics.cluster.clone(),
     )
     .with_placement(placement);
     let router = crate::router::appmesh::AppMesh::new(client.clone()).with_cache(shutdown.clone());
-    let controller =
-        crate::controller::Controller::new(client, router, cluster, settings.controller, metrics)
-            .publish_judgements(judgements)
-            .with_heartbeat(heartbeat)
-            .with_ready(ready);
+    let controller = crate::controller::Controller::new(
+        client,
+        router,
+        cluster,
+        settings.controller,
+        metrics.controller.clone(),
+    )
+    .publish_judgements(judgements)
+    .with_heartbeat(heartbeat)
+    .with_ready(ready);
     controller.run(shutdown).await?;
     let _ = tokio::time::timeout(settings.grace_period, telemetry).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The controller's metrics: each of its stages' sets, in one registry.
+pub struct ControllerProcessMetrics {
+    pub registry: crate::telemetry::MetricRegistry,
+    pub http: crate::telemetry::HttpMetrics,
+    pub controller: crate::controller::metrics::ControllerMetrics,
+    pub cluster: crate::peers::cluster::ClusterMetrics,
+    pub judge: crate::analysis::JudgeMetrics,
+}
+
+impl ControllerProcessMetrics {
+    pub fn new() -> Self {
+        let mut registry = crate::telemetry::MetricRegistry::new();
+        let controller = crate::controller::metrics::ControllerMetrics::register(&mut registry);
+        let judge = crate::analysis::JudgeMetrics::register(&mut registry);
+        let cluster = crate::peers::cluster::ClusterMetrics::register(&mut registry);
+        let http = crate::telemetry::HttpMetrics::register(&mut registry);
+        ControllerProcessMetrics {
+            registry,
+            http,
+            controller,
+            cluster,
+            judge,
+        }
+    }
+
+    /// The `/metrics` text, with the verdicts of `judgements`.
+    pub fn render(&self, judgements: &crate::analysis::Judgements) -> String {
+        self.judge.refresh(judgements);
+        self.registry.encode()
+    }
+}
+
+impl Default for ControllerProcessMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Every metric either role exports, with the roles, as the reference table.
+pub fn metrics_table() -> String {
+    let agent = crate::agent::AgentMetrics::new();
+    let controller = ControllerProcessMetrics::new();
+    let mut docs: Vec<(crate::telemetry::MetricDoc, Vec<&'static str>)> = Vec::new();
+    for (role, registry) in [
+        ("agent", &agent.registry),
+        ("controller", &controller.registry),
+    ] {
+        for d in registry.docs() {
+            match docs.iter_mut().find(|(known, _)| known.name == d.name) {
+                Some((_, roles)) => roles.push(role),
+                None => docs.push((d.clone(), vec![role])),
+            }
+        }
+    }
+    crate::telemetry::reference_table(&docs)
 }
 
 fn parse_file(file: &str) -> anyhow::Result<ExitCode> {
@@ -990,4 +1047,38 @@ pub fn sample_json(sample: &Sample<'_>) -> serde_json::Value {
         "value": value,
         "timestamp_ms": sample.timestamp_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registered_metric_is_documented_and_encoded() {
+        let agent = crate::agent::AgentMetrics::new();
+        let controller = ControllerProcessMetrics::new();
+        for registry in [&agent.registry, &controller.registry] {
+            let text = registry.encode();
+            for d in registry.docs() {
+                let family = d.name.strip_suffix("_total").unwrap_or(&d.name);
+                assert!(
+                    text.contains(&format!("# TYPE {family} {}", d.kind)),
+                    "{} missing from:\n{text}",
+                    d.name
+                );
+                assert!(d.name.starts_with("meshcanary_"));
+            }
+            let types = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+            assert_eq!(
+                types,
+                registry.docs().len(),
+                "a metric registered without docs"
+            );
+        }
+        let table = metrics_table();
+        assert!(
+            table.contains("| `meshcanary_peer_polls_total` | counter | `result` | controller |")
+        );
+        assert!(table.contains("| `meshcanary_judge_verdict` | gauge | `namespace`, `workload`, `verdict` | agent, controller |"));
+    }
 }

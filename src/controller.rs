@@ -17,6 +17,7 @@
 //! duration).
 
 pub mod events;
+pub mod metrics;
 pub mod objects;
 
 use std::collections::HashMap;
@@ -37,9 +38,9 @@ use crate::annotations::{self, RolloutPolicy};
 use crate::judge::Judgement;
 use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, Status};
 use crate::router::{Foreign, Router};
-use crate::telemetry::{DecisionLabels, JudgeLabels, Metrics, OperationLabels, PhaseLabels};
 use crate::window::{Summary, WindowSource};
 use crate::workload::WorkloadId;
+use metrics::{ControllerMetrics, DecisionLabels, JudgeLabels, OperationLabels, PhaseLabels};
 use objects::{template_hash, Plan};
 
 pub use crate::router::FIELD_MANAGER;
@@ -138,7 +139,7 @@ pub struct Controller<R, W> {
     router: R,
     windows: W,
     config: ControllerConfig,
-    metrics: Arc<Metrics>,
+    metrics: ControllerMetrics,
     events: events::Events,
     /// The analysis: judge state per workload, reset when an analysis starts, and the
     /// published verdicts. A new leader starts without evidence, which can only delay a
@@ -169,7 +170,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         router: R,
         windows: W,
         config: ControllerConfig,
-        metrics: Arc<Metrics>,
+        metrics: ControllerMetrics,
     ) -> Self {
         let events = events::Events::new(client.clone(), config.identity.clone());
         Controller {
@@ -305,9 +306,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             let leader = leader.clone();
             let started = Instant::now();
             self.tick(&store, &leader).await;
-            self.metrics
-                .controller_tick
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.tick.observe(started.elapsed().as_secs_f64());
         }
         cache.abort();
         // Dropping the receiver makes the manager release the Lease: a graceful handover.
@@ -422,10 +421,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     }
 
     fn count_error(&self, error: &ReconcileError) {
-        self.metrics
-            .controller_errors
-            .get_or_create(&error.labels())
-            .inc();
+        self.metrics.errors.get_or_create(&error.labels()).inc();
     }
 
     /// A workload meshcanary no longer runs (opted out, or its annotations do not parse)
@@ -985,7 +981,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .await
         {
             self.metrics
-                .controller_errors
+                .errors
                 .get_or_create(&OperationLabels {
                     operation: "publishing an event",
                     reason: "api",

@@ -235,6 +235,19 @@ pub struct Evidence {
 }
 
 impl Evidence {
+    /// Each sequential test's name, e-value and boundary (infinite for a test that does not
+    /// run); `not_worse` (the early-promotion test) shares the error SLO's boundary.
+    pub fn tests(&self) -> [(&'static str, f64, f64); 5] {
+        let [errors, latency, error_slo, latency_slo] = self.boundaries;
+        [
+            (Test::Errors.as_str(), self.e_errors, errors),
+            (Test::Latency.as_str(), self.e_latency, latency),
+            (Test::ErrorSlo.as_str(), self.e_error_slo, error_slo),
+            (Test::LatencySlo.as_str(), self.e_latency_slo, latency_slo),
+            ("not_worse", self.e_not_worse, error_slo),
+        ]
+    }
+
     fn rate(errors: u64, requests: u64) -> f64 {
         if requests == 0 {
             0.0

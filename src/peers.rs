@@ -24,7 +24,11 @@ pub mod serve;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::telemetry::lock;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::telemetry::{lock, MetricRegistry};
 use crate::window::{
     Role, Slot, Totals, Window, WindowConfig, WindowKey, WindowPair, WindowSource, Windows,
 };
@@ -370,6 +374,27 @@ pub fn merge_all<'a>(
         out.merge(w);
     }
     out
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// The peer port's metrics (the agent's side).
+#[derive(Clone, Debug, Default)]
+pub struct PeerServerMetrics {
+    pub requests: Family<ResultLabels, Counter>,
+    pub token_reviews: Family<ResultLabels, Counter>,
+}
+
+impl PeerServerMetrics {
+    pub fn register(r: &mut MetricRegistry) -> Self {
+        let m = PeerServerMetrics::default();
+        r.register("meshcanary_peer_requests", "Window requests this agent answered on the peer port, by result: ok, or why it refused (no_token, token_rejected, wrong_user, review_failed, bad_request, not_found).", &["result"], &m.requests);
+        r.register("meshcanary_peer_token_reviews", "TokenReviews the peer port asked the API server for (tokens not in its cache), by result: ok, token_rejected, wrong_user, review_failed.", &["result"], &m.token_reviews);
+        m
+    }
 }
 
 #[cfg(test)]

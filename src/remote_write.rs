@@ -32,7 +32,12 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::shutdown::stopping;
-use crate::telemetry::{lock, Metrics, OutcomeLabels, ReasonLabels, StatusClassLabels};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::telemetry::{GaugeF, LatencyQuantiles, MetricRegistry, QuantileLabels};
 use encode::ShardChunk;
 use queue::{Cursor, Queue};
 use relabel::DropRules;
@@ -129,13 +134,123 @@ impl From<&ShardChunk> for Sealed {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusClassLabels {
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: String,
+}
+
+/// The remote-write stage's metrics.
+#[derive(Clone, Debug)]
+pub struct RemoteWriteMetrics {
+    pub samples: Family<OutcomeLabels, Counter>,
+    retries: Family<ReasonLabels, Counter>,
+    batches: Family<StatusClassLabels, Counter>,
+    queue_bytes: Family<ShardLabels, Gauge>,
+    queue_samples: Family<ShardLabels, Gauge>,
+    send_seconds: LatencyQuantiles<QuantileLabels>,
+    newest_sent: GaugeF,
+}
+
+impl RemoteWriteMetrics {
+    pub fn register(r: &mut MetricRegistry) -> Self {
+        let send_seconds = Family::<QuantileLabels, GaugeF>::default();
+        let m = RemoteWriteMetrics {
+            samples: Family::default(),
+            retries: Family::default(),
+            batches: Family::default(),
+            queue_bytes: Family::default(),
+            queue_samples: Family::default(),
+            send_seconds: LatencyQuantiles::new(&send_seconds, |quantile| QuantileLabels {
+                quantile,
+            }),
+            newest_sent: GaugeF::default(),
+        };
+        r.register(
+            "meshcanary_remote_write_samples",
+            "Remote-write samples by outcome: queued (on disk), sent, dropped_http_4xx (rejected by the receiver), dropped_auth (credential refused for all of --remote-write-auth-retry), dropped_disk_cap, dropped_corrupt, dropped_queue_error.",
+            &["outcome"],
+            &m.samples,
+        );
+        r.register(
+            "meshcanary_remote_write_retries",
+            "Remote-write batch attempts that will be retried, by reason (429, 5xx, auth for 401/403, connect, timeout, body_read, credentials).",
+            &["reason"],
+            &m.retries,
+        );
+        r.register(
+            "meshcanary_remote_write_batches",
+            "Remote-write POSTs by answer (2xx, 4xx, 429, 5xx, error for no answer).",
+            &["status_class"],
+            &m.batches,
+        );
+        r.register(
+            "meshcanary_remote_write_queue_bytes",
+            "Bytes of the remote-write queue on disk, by shard.",
+            &["shard"],
+            &m.queue_bytes,
+        );
+        r.register(
+            "meshcanary_remote_write_queue_samples",
+            "Samples waiting in the remote-write queue, by shard.",
+            &["shard"],
+            &m.queue_samples,
+        );
+        r.register(
+            "meshcanary_remote_write_send_seconds",
+            "Remote-write POST duration quantiles over the last one to two minutes (hdrhistogram).",
+            &["quantile"],
+            &send_seconds,
+        );
+        r.register(
+            "meshcanary_remote_write_newest_sample_sent_timestamp_seconds",
+            "Timestamp of the newest sample the endpoint accepted; now minus this is the remote-write lag.",
+            &[],
+            &m.newest_sent,
+        );
+        m
+    }
+
+    /// Publish one shard's queue backlog.
+    fn set_queue_backlog(&self, shard: usize, bytes: u64, samples: u64) {
+        let l = ShardLabels {
+            shard: shard.to_string(),
+        };
+        self.queue_bytes
+            .get_or_create(&l)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.queue_samples
+            .get_or_create(&l)
+            .set(i64::try_from(samples).unwrap_or(i64::MAX));
+    }
+
+    /// Set the POST duration quantiles (before an encode).
+    pub fn refresh(&self) {
+        self.send_seconds.refresh();
+    }
+}
+
 /// Start the batcher and one sender per shard. Returns the channel full-tier scrapes feed.
 ///
 /// ### Errors
 /// The queue directory cannot be created.
 pub async fn start(
     config: RemoteWriteConfig,
-    metrics: Arc<Metrics>,
+    metrics: RemoteWriteMetrics,
     shutdown: watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> std::io::Result<SeriesSender> {
@@ -150,7 +265,7 @@ pub async fn start(
         rx,
         queues.clone(),
         config.clone(),
-        Arc::clone(&metrics),
+        metrics.clone(),
         shutdown.clone(),
     ));
     let sigv4 = match &config.sigv4 {
@@ -170,7 +285,7 @@ pub async fn start(
             queue,
             sender,
             config.clone(),
-            Arc::clone(&metrics),
+            metrics.clone(),
             shutdown.clone(),
         ));
     }
@@ -181,7 +296,7 @@ async fn batcher(
     mut rx: mpsc::Receiver<Vec<Sealed>>,
     queues: Vec<Arc<Queue>>,
     config: RemoteWriteConfig,
-    metrics: Arc<Metrics>,
+    metrics: RemoteWriteMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut buffers: Vec<Sealed> = vec![Sealed::default(); queues.len()];
@@ -243,7 +358,7 @@ async fn on_disk<T: Send + 'static>(
 
 /// Append a shard's buffer (compressed parts of a `WriteRequest` encoding) to the shard's
 /// queue as one snappy block.
-async fn flush(queue: &Arc<Queue>, buffer: &mut Sealed, metrics: &Metrics) {
+async fn flush(queue: &Arc<Queue>, buffer: &mut Sealed, metrics: &RemoteWriteMetrics) {
     if buffer.samples == 0 {
         return;
     }
@@ -252,7 +367,7 @@ async fn flush(queue: &Arc<Queue>, buffer: &mut Sealed, metrics: &Metrics) {
     let body = proto::assemble(chunk.raw_len, &chunk.elements);
     let count = |outcome: &'static str, n: u64| {
         metrics
-            .rw_samples
+            .samples
             .get_or_create(&OutcomeLabels { outcome })
             .inc_by(n)
     };
@@ -277,7 +392,7 @@ async fn shard_sender(
     queue: Arc<Queue>,
     sender: Sender,
     config: RemoteWriteConfig,
-    metrics: Arc<Metrics>,
+    metrics: RemoteWriteMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut cursor: Cursor = queue.ack_cursor();
@@ -288,7 +403,7 @@ async fn shard_sender(
     let (mut backlog_at, mut backlog_behind): (Option<Instant>, bool) = (None, false);
     let count = |outcome: &'static str, n: u64| {
         metrics
-            .rw_samples
+            .samples
             .get_or_create(&OutcomeLabels { outcome })
             .inc_by(n)
     };
@@ -335,7 +450,7 @@ async fn shard_sender(
         loop {
             let started = Instant::now();
             let outcome = sender.post(body.clone()).await;
-            lock(&metrics.rw_send_latency).record(started.elapsed());
+            metrics.send_seconds.record(started.elapsed());
             let class = match &outcome {
                 Outcome::Delivered => "2xx",
                 Outcome::Retry { reason: "429", .. } => "429",
@@ -345,7 +460,7 @@ async fn shard_sender(
                 Outcome::Drop { .. } => "4xx",
             };
             metrics
-                .rw_batches
+                .batches
                 .get_or_create(&StatusClassLabels {
                     status_class: class,
                 })
@@ -353,7 +468,7 @@ async fn shard_sender(
             match outcome {
                 Outcome::Delivered => {
                     count("sent", u64::from(record.samples));
-                    metrics.rw_newest_sent.set(record.newest_ms as f64 / 1000.0);
+                    metrics.newest_sent.set(record.newest_ms as f64 / 1000.0);
                     backoff.reset();
                     break;
                 }
@@ -378,7 +493,7 @@ async fn shard_sender(
                         }
                     }
                     metrics
-                        .rw_retries
+                        .retries
                         .get_or_create(&ReasonLabels { reason })
                         .inc();
                     let delay = backoff.next_delay().max(after.unwrap_or_default());

@@ -13,6 +13,11 @@ use http::{StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::telemetry::{GaugeF, LatencyQuantiles, MetricRegistry};
 
 /// Which of the two scrape schedules a request belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,6 +32,96 @@ impl Tier {
             Tier::Fast => "fast",
             Tier::Full => "full",
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub tier: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierQuantileLabels {
+    pub tier: &'static str,
+    pub quantile: &'static str,
+}
+
+/// The scrape stage's metrics.
+#[derive(Clone, Debug)]
+pub struct ScrapeMetrics {
+    pub scrapes: Family<TierLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub parse_errors: Family<ErrorLabels, Counter>,
+    pub bytes: Family<TierLabels, Counter>,
+    pub full_samples: Counter,
+    fast_duration: LatencyQuantiles<TierQuantileLabels>,
+    full_duration: LatencyQuantiles<TierQuantileLabels>,
+}
+
+impl ScrapeMetrics {
+    pub fn register(r: &mut MetricRegistry) -> Self {
+        let duration = Family::<TierQuantileLabels, GaugeF>::default();
+        let m = ScrapeMetrics {
+            scrapes: Family::default(),
+            errors: Family::default(),
+            parse_errors: Family::default(),
+            bytes: Family::default(),
+            full_samples: Counter::default(),
+            fast_duration: LatencyQuantiles::new(&duration, |quantile| TierQuantileLabels {
+                tier: "fast",
+                quantile,
+            }),
+            full_duration: LatencyQuantiles::new(&duration, |quantile| TierQuantileLabels {
+                tier: "full",
+                quantile,
+            }),
+        };
+        r.register(
+            "meshcanary_scrapes",
+            "Scrapes attempted, by tier (fast feeds decisions, full feeds remote write).",
+            &["tier"],
+            &m.scrapes,
+        );
+        r.register("meshcanary_scrape_errors", "Scrapes that produced no body, by tier and reason (connect, timeout, http_status, body_too_large, body_read, invalid_url).", &["tier", "reason"], &m.errors);
+        r.register("meshcanary_parse_errors", "Lines of Envoy output rejected by the parser, by tier and reason; the rest of the scrape is kept.", &["tier", "reason"], &m.parse_errors);
+        r.register(
+            "meshcanary_scraped_bytes",
+            "Bytes of Envoy output read, by tier.",
+            &["tier"],
+            &m.bytes,
+        );
+        r.register(
+            "meshcanary_full_scrape_samples",
+            "Samples parsed from full-tier scrapes (the input of remote write).",
+            &[],
+            &m.full_samples,
+        );
+        r.register(
+            "meshcanary_scrape_duration_seconds",
+            "Scrape duration quantiles over the last one to two minutes (hdrhistogram), by tier.",
+            &["tier", "quantile"],
+            &duration,
+        );
+        m
+    }
+
+    pub fn record_duration(&self, tier: Tier, d: Duration) {
+        match tier {
+            Tier::Fast => self.fast_duration.record(d),
+            Tier::Full => self.full_duration.record(d),
+        }
+    }
+
+    /// Set the duration quantiles (before an encode).
+    pub fn refresh(&self) {
+        self.fast_duration.refresh();
+        self.full_duration.refresh();
     }
 }
 

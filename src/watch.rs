@@ -12,6 +12,7 @@ use crate::agent::{Shared, TargetStatus};
 use crate::clock::unix_ms;
 use crate::judge::{sci, Judgement};
 use crate::window::{Summary, WindowKey};
+use crate::workload::WorkloadId;
 
 fn pct(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{:.2}%", v * 100.0))
@@ -25,7 +26,7 @@ fn ms(v: Option<f64>) -> String {
 pub fn render(
     windows: &[(WindowKey, Summary)],
     targets: &[TargetStatus],
-    judgements: &[((String, String), Judgement)],
+    judgements: &[(WorkloadId, Judgement)],
     window_s: u64,
 ) -> String {
     let mut out = String::new();
@@ -53,8 +54,8 @@ pub fn render(
                 .map_or_else(|| "-".to_owned(), |a| format!("{:.1}s", a as f64 / 1000.0)),
         );
     }
-    for ((namespace, workload), j) in judgements {
-        let target = format!("{workload}.{namespace}");
+    for (id, j) in judgements {
+        let target = id.to_string();
         let message = crate::judge::Message {
             target: &target,
             judgement: j,

@@ -13,6 +13,7 @@
 //! of this is tested without clocks.
 
 pub mod inbound;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::fmt;

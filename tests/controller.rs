@@ -17,11 +17,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Service};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use meshcanary::cli::ControllerProcessMetrics;
 use meshcanary::controller::{Controller, ControllerConfig, LeaseConfig};
 use meshcanary::rollout::{Phase, Status};
 use meshcanary::router::appmesh::{self, AppMesh};
 use meshcanary::router::Router as _;
-use meshcanary::telemetry::Metrics;
 use meshcanary::window::{Summary, Totals, WindowPair, WindowSource};
 use support::kube::{ControlPlane, Kubelet};
 use tokio::sync::watch;
@@ -73,7 +73,7 @@ fn window(success: f64) -> WindowPair {
 struct Agent {
     task: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ControllerProcessMetrics>,
     heartbeat: meshcanary::telemetry::Heartbeat,
 }
 
@@ -92,14 +92,14 @@ impl Agent {
             liveness_bound: Duration::from_secs(2),
             resync: Duration::from_secs(2),
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(ControllerProcessMetrics::new());
         let heartbeat = meshcanary::telemetry::Heartbeat::default();
         let controller = Controller::new(
             client.clone(),
             AppMesh::new(client),
             windows,
             config,
-            Arc::clone(&metrics),
+            metrics.controller.clone(),
         )
         .with_heartbeat(heartbeat.clone());
         let (stop, rx) = watch::channel(false);
@@ -115,7 +115,7 @@ impl Agent {
     }
 
     fn is_leader(&self) -> bool {
-        support::counter(&self.metrics.render(&[], &[], &[]), "meshcanary_leader ") == 1.0
+        support::counter(&self.metrics.registry.encode(), "meshcanary_leader ") == 1.0
     }
 
     async fn stop(self) {
@@ -839,7 +839,7 @@ async fn promotion(cp: &ControlPlane) {
         format!("Promotion completed! Scaling down podinfo.{ns}"),
     ]);
     assert_eq!(s.events_ending(expected.last().unwrap()).await, expected);
-    let m = agent.metrics.render(&[], &[], &[]);
+    let m = agent.metrics.registry.encode();
     assert_eq!(support::counter(&m, "meshcanary_decisions_total{namespace=\"promote\",workload=\"podinfo\",kind=\"promote\"}"), 1.0);
     let writes = support::counter(&m, "meshcanary_weight_applied_seconds_count");
     assert!(writes >= 7.0, "{m}");
@@ -986,7 +986,7 @@ async fn two_agents(cp: &ControlPlane) {
     // Only the leader wrote: the follower made no decisions.
     let (leader, follower) = if a.is_leader() { (a, b) } else { (b, a) };
     let decisions = |ag: &Agent| {
-        support::counter(&ag.metrics.render(&[], &[], &[]), "meshcanary_decisions_total{namespace=\"leader\",workload=\"podinfo\",kind=\"advance\"}")
+        support::counter(&ag.metrics.registry.encode(), "meshcanary_decisions_total{namespace=\"leader\",workload=\"podinfo\",kind=\"advance\"}")
     };
     assert!(decisions(&leader) >= 2.0);
     assert_eq!(decisions(&follower), 0.0);
@@ -1039,7 +1039,7 @@ async fn invalid(cp: &ControlPlane) {
         .is_none());
     assert!(s.status().await.is_none());
     assert_eq!(s.replicas("podinfo").await, Some(2), "untouched");
-    let m = agent.metrics.render(&[], &[], &[]);
+    let m = agent.metrics.registry.encode();
     assert_eq!(
         support::counter(
             &m,
@@ -1119,7 +1119,7 @@ async fn apiserver_down_at_start(cp: &mut ControlPlane) {
     let healthz = format!("http://{}/healthz", listener.local_addr().unwrap());
     let metrics = Arc::clone(&agent.metrics);
     let endpoints = meshcanary::telemetry::Endpoints {
-        metrics: Arc::new(move || metrics.render(&[], &[], &[])),
+        metrics: Arc::new(move || metrics.registry.encode()),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         heartbeat: agent.heartbeat.clone(),
     };
@@ -1130,7 +1130,7 @@ async fn apiserver_down_at_start(cp: &mut ControlPlane) {
         meshcanary::telemetry::HttpServer {
             name: "telemetry",
             limits: meshcanary::telemetry::HttpLimits::default(),
-            metrics: Arc::clone(&agent.metrics),
+            metrics: agent.metrics.http.clone(),
         },
         rx,
     ));
@@ -1418,7 +1418,7 @@ async fn peer_auth(cp: &ControlPlane) {
         cp.agent_client().await,
         "meshcanary-peers".into(),
         "system:serviceaccount:meshcanary:meshcanary-controller".into(),
-        Arc::clone(&shared.metrics),
+        shared.metrics.peers.token_reviews.clone(),
     ));
     let limits = meshcanary::telemetry::HttpLimits {
         max_connections: 32,
@@ -1426,7 +1426,8 @@ async fn peer_auth(cp: &ControlPlane) {
     };
     let server = PeerServer {
         windows: Arc::clone(&shared.windows),
-        metrics: Arc::clone(&shared.metrics),
+        metrics: shared.metrics.peers.clone(),
+        http_metrics: shared.metrics.http.clone(),
         node: "node-a".into(),
         reviewer: Some(Arc::clone(&reviewer)),
         limits,
@@ -1551,7 +1552,7 @@ async fn hostile_clients(
     let server = meshcanary::telemetry::HttpServer {
         name: "telemetry",
         limits,
-        metrics: Arc::clone(&shared.metrics),
+        metrics: shared.metrics.http.clone(),
     };
     tokio::spawn(meshcanary::telemetry::serve(
         listener, endpoints, server, shutdown,

@@ -20,7 +20,7 @@ fn block<'a>(text: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn readme_metrics_table_matches_the_registered_metrics() {
-    let want = meshcanary::telemetry::Metrics::new().reference_table();
+    let want = meshcanary::cli::metrics_table();
     assert_eq!(
         block(&read("docs/reference.md"), "metrics"),
         want,
@@ -60,7 +60,7 @@ fn readme_annotations_table_matches_the_parser() {
 #[test]
 fn failure_modes_name_real_metrics_and_tests() {
     let page = read("docs/failure-modes.md");
-    let registered = meshcanary::telemetry::Metrics::new().reference_table();
+    let registered = meshcanary::cli::metrics_table();
     let mut named = 0;
     for (i, _) in page.match_indices("meshcanary_") {
         let name: String = page[i..]

@@ -127,8 +127,9 @@ async fn an_envoy_restart_is_no_negative_rate_and_no_error_spike() {
     eventually(Duration::from_secs(10), "the restart to be noticed", || {
         shared
             .metrics
+            .window
             .counter_resets
-            .get_or_create(&meshcanary::telemetry::WorkloadLabels {
+            .get_or_create(&meshcanary::window::metrics::WorkloadLabels {
                 namespace: "test".into(),
                 workload: "podinfo".into(),
                 role: "primary",
@@ -222,7 +223,7 @@ async fn the_judge_passes_a_healthy_canary_and_calls_for_rolling_back_a_failing_
     ready(&agent).await;
     let verdict = |agent: &RunningAgent| {
         meshcanary::telemetry::lock(&agent.shared.judgements)
-            .get(&("test".to_owned(), "podinfo".to_owned()))
+            .get(&meshcanary::workload::WorkloadId::new("test", "podinfo"))
             .map(|j| j.verdict.clone())
     };
 

@@ -15,14 +15,18 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, Hasher as _};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use kube::Client;
 
-use crate::telemetry::{lock, Metrics, ResultLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use super::ResultLabels;
+use crate::telemetry::lock;
 
 const ACCEPTED_FOR: Duration = Duration::from_secs(120);
 const REJECTED_FOR: Duration = Duration::from_secs(10);
@@ -68,7 +72,8 @@ pub struct Reviewer {
     key: std::collections::hash_map::RandomState,
     cache: Mutex<HashMap<u64, Cached>>,
     reviews: tokio::sync::Semaphore,
-    metrics: Arc<Metrics>,
+    /// `meshcanary_peer_token_reviews`.
+    counted: Family<ResultLabels, Counter>,
 }
 
 impl Reviewer {
@@ -76,7 +81,7 @@ impl Reviewer {
         client: Client,
         audience: String,
         allowed_user: String,
-        metrics: Arc<Metrics>,
+        counted: Family<ResultLabels, Counter>,
     ) -> Self {
         Reviewer {
             client,
@@ -85,7 +90,7 @@ impl Reviewer {
             key: std::collections::hash_map::RandomState::new(),
             cache: Mutex::new(HashMap::new()),
             reviews: tokio::sync::Semaphore::new(MAX_REVIEWS),
-            metrics,
+            counted,
         }
     }
 
@@ -121,10 +126,7 @@ impl Reviewer {
             Ok(()) => "ok",
             Err(e) => e.reason(),
         };
-        self.metrics
-            .peer_token_reviews
-            .get_or_create(&ResultLabels { result })
-            .inc();
+        self.counted.get_or_create(&ResultLabels { result }).inc();
         let ttl = match &verdict {
             Ok(()) => ACCEPTED_FOR,
             // Not cached: the next request asks again.

@@ -28,7 +28,13 @@ use tokio::sync::watch;
 use super::{Merged, Replica, WindowsReply};
 use crate::clock::unix_ms;
 use crate::placement::{NodeIndex, Placement};
-use crate::telemetry::{lock, Metrics, ResultLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use super::ResultLabels;
+use crate::telemetry::{lock, GaugeF, MetricRegistry};
 use crate::window::{Stale, WindowConfig, WindowPair, WindowSource};
 use crate::workload::WorkloadId;
 
@@ -177,10 +183,53 @@ impl PollError {
     }
 }
 
+/// The controller's metrics of its agents.
+#[derive(Clone, Debug)]
+pub struct ClusterMetrics {
+    known: Gauge,
+    up: Gauge,
+    polls: Family<ResultLabels, Counter>,
+    poll_seconds: Histogram,
+    merged_age: GaugeF,
+}
+
+impl ClusterMetrics {
+    pub fn register(r: &mut MetricRegistry) -> Self {
+        let m = ClusterMetrics {
+            known: Gauge::default(),
+            up: Gauge::default(),
+            polls: Family::default(),
+            poll_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 12)),
+            merged_age: GaugeF::default(),
+        };
+        r.register(
+            "meshcanary_peers_known",
+            "Agents the controller knows (Running pods of the DaemonSet).",
+            &[],
+            &m.known,
+        );
+        r.register(
+            "meshcanary_peers_up",
+            "Agents whose last poll succeeded (those on nodes of workloads under analysis are polled every tick, the others about every tenth).",
+            &[],
+            &m.up,
+        );
+        r.register("meshcanary_peer_polls", "The controller's window polls of agents, by result: ok, invalid (answered, but some windows failed their checks or were of workloads with no pod on the agent's node, and were skipped), connect, timeout, unauthorized, status, decode, no_token.", &["result"], &m.polls);
+        r.register(
+            "meshcanary_peer_poll_seconds",
+            "Time of one successful window poll of a peer.",
+            &[],
+            &m.poll_seconds,
+        );
+        r.register("meshcanary_merged_window_age_seconds", "Age of the oldest answer among the agents polled every tick (those on nodes of workloads under analysis); above the staleness limit, decisions on the affected workloads halt.", &[], &m.merged_age);
+        m
+    }
+}
+
 /// Every node's windows, as the controller sees them.
 pub struct Cluster {
     merged: Merged,
-    metrics: Arc<Metrics>,
+    metrics: ClusterMetrics,
     stale_after_ms: u64,
     peers: watch::Receiver<Vec<Peer>>,
     http: HttpClient<HttpConnector, Empty<Bytes>>,
@@ -203,7 +252,7 @@ impl Cluster {
         stale_after_ms: u64,
         peers: watch::Receiver<Vec<Peer>>,
         config: PeerConfig,
-        metrics: Arc<Metrics>,
+        metrics: ClusterMetrics,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -329,7 +378,7 @@ impl Cluster {
         for (peer, answer) in answers {
             let result = match answer {
                 Ok((mut reply, took)) => {
-                    metrics.peer_poll_seconds.observe(took.as_secs_f64());
+                    metrics.poll_seconds.observe(took.as_secs_f64());
                     let before = reply.windows.len();
                     if let Some(index) = &index {
                         // An agent speaks only for the pods of its own node.
@@ -362,10 +411,7 @@ impl Cluster {
                     error.result()
                 }
             };
-            metrics
-                .peer_polls
-                .get_or_create(&ResultLabels { result })
-                .inc();
+            metrics.polls.get_or_create(&ResultLabels { result }).inc();
         }
         failing.retain(|name, _| replicas.contains_key(name));
         let stale = self.stale_after_ms;
@@ -383,8 +429,8 @@ impl Cluster {
             .filter(|name| !failing.contains_key(*name))
             .filter(|name| replicas[*name].answered_ms.is_some())
             .count();
-        metrics.peers_known.set(replicas.len() as i64);
-        metrics.peers_up.set(polled as i64);
+        metrics.known.set(replicas.len() as i64);
+        metrics.up.set(polled as i64);
         let oldest = all
             .iter()
             .filter(|p| hot.contains(p.node.as_str()))
@@ -394,7 +440,7 @@ impl Cluster {
                     .map_or(f64::INFINITY, |t| now.saturating_sub(t) as f64 / 1000.0)
             })
             .fold(0.0, f64::max);
-        metrics.merged_window_age.set(oldest);
+        metrics.merged_age.set(oldest);
         drop(failing);
         drop(replicas);
         *lock(&self.coverage) = (index, answering);

@@ -12,9 +12,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::auth::Reviewer;
+use super::{PeerServerMetrics, ResultLabels};
 use crate::clock::unix_ms;
-use crate::telemetry::Metrics;
-use crate::telemetry::{lock, ResultLabels};
+use crate::telemetry::{lock, HttpMetrics};
 use crate::window::Windows;
 
 /// What the peer port answers from.
@@ -22,7 +22,8 @@ use crate::window::Windows;
 pub struct PeerServer {
     /// This node's windows.
     pub windows: Arc<std::sync::Mutex<Windows>>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: PeerServerMetrics,
+    pub http_metrics: HttpMetrics,
     pub node: String,
     /// `None` answers anyone (only for agents outside Kubernetes and tests).
     pub reviewer: Option<Arc<Reviewer>>,
@@ -35,7 +36,7 @@ impl PeerServer {
         let server = crate::telemetry::HttpServer {
             name: "peers",
             limits: self.limits,
-            metrics: Arc::clone(&self.metrics),
+            metrics: self.http_metrics.clone(),
         };
         crate::telemetry::serve_http(listener, server, shutdown, move |req| {
             let server = self.clone();
@@ -47,7 +48,7 @@ impl PeerServer {
     async fn answer<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
         let (result, response) = self.route(req).await;
         self.metrics
-            .peer_requests
+            .requests
             .get_or_create(&ResultLabels { result })
             .inc();
         response
