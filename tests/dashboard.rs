@@ -1,5 +1,6 @@
 //! The Grafana dashboard cannot rot: every metric any of its queries names is exported by a
-//! running agent (read from its live `/metrics`), and it has the variables it promises.
+//! running agent (read from its live `/metrics`) or by the controller (its registry, encoded
+//! as its `/metrics` does), and it has the variables it promises.
 
 mod support;
 
@@ -30,7 +31,7 @@ fn exprs(dashboard: &serde_json::Value) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn every_metric_the_dashboard_queries_is_exported_by_a_running_agent() {
+async fn every_metric_the_dashboard_queries_is_exported_by_an_agent_or_the_controller() {
     let path = support::repo().join("manifests/grafana/meshcanary.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
@@ -42,8 +43,12 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_running_agent() {
     )
     .await;
     let live = agent.metrics().await;
+    let controller = meshcanary::cli::ControllerProcessMetrics::new()
+        .registry
+        .encode();
     let families: BTreeSet<&str> = live
         .lines()
+        .chain(controller.lines())
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split(' ').next())
         .collect();
@@ -62,7 +67,7 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_running_agent() {
                 });
             assert!(
                 exported,
-                "{metric} (in `{expr}`) is not exported by the agent"
+                "{metric} (in `{expr}`) is exported by neither the agent nor the controller"
             );
             named.insert(metric.to_owned());
         }
