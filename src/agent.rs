@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::analysis::JudgeMetrics;
+use crate::config::{require, ConfigError};
 use crate::discover::Target;
 use crate::judge::Policy;
 use crate::parse::Parser;
@@ -99,40 +100,50 @@ impl AgentConfig {
     ///
     /// ### Errors
     /// A message naming the conflicting flags.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.fast_interval.is_zero() {
-            return Err("--fast-interval must be greater than 0".into());
-        }
-        if self.fast_timeout >= self.fast_interval {
-            return Err(format!(
-                "--scrape-timeout ({:?}) must be shorter than --fast-interval ({:?})",
-                self.fast_timeout, self.fast_interval
-            ));
-        }
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(!self.fast_interval.is_zero(), "--fast-interval", || {
+            "must be greater than 0".into()
+        })?;
+        require(
+            self.fast_timeout < self.fast_interval,
+            "--scrape-timeout",
+            || {
+                format!(
+                    "{:?} must be shorter than --fast-interval ({:?})",
+                    self.fast_timeout, self.fast_interval
+                )
+            },
+        )?;
         if let Some(full) = self.full_interval {
-            if self.full_timeout >= full {
-                return Err(format!(
-                    "--full-timeout ({:?}) must be shorter than --full-interval ({full:?})",
+            require(self.full_timeout < full, "--full-timeout", || {
+                format!(
+                    "{:?} must be shorter than --full-interval ({full:?})",
                     self.full_timeout
-                ));
-            }
+                )
+            })?;
         }
-        if !(self.policy.alpha > 0.0 && self.policy.alpha < 1.0) {
-            return Err(format!(
-                "--alpha must be between 0 and 1, got {}",
-                self.policy.alpha
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.policy.success_rate_min) {
-            return Err("--success-rate-min must be a percentage from 0 to 100".into());
-        }
-        if self.window.slots == 0 {
-            return Err("--window must be at least one second".into());
-        }
+        let alpha = self.policy.alpha;
+        require(alpha > 0.0 && alpha < 1.0, "--alpha", || {
+            format!("must be between 0 and 1, got {alpha}")
+        })?;
+        require(
+            (0.0..=1.0).contains(&self.policy.success_rate_min),
+            "--success-rate-min",
+            || "must be a percentage from 0 to 100".into(),
+        )?;
+        require(self.window.slots > 0, "--window", || {
+            "must be at least one second".into()
+        })?;
         let mut ids: Vec<&str> = self.targets.iter().map(|t| t.id.as_str()).collect();
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
-            return Err(format!("target {} is given twice", w[0]));
+            return Err(ConfigError::invalid(
+                "--target",
+                format!("{} is given twice", w[0]),
+            ));
+        }
+        if let Some(rw) = &self.remote_write {
+            rw.validate()?;
         }
         Ok(())
     }
@@ -996,17 +1007,25 @@ mod tests {
 
     #[test]
     fn conflicting_settings_are_reported() {
-        assert_eq!(config().validate(), Ok(()));
+        assert!(config().validate().is_ok());
         let mut c = config();
         c.fast_timeout = Duration::from_secs(1);
-        assert!(c.validate().unwrap_err().contains("--scrape-timeout"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--scrape-timeout"));
         let mut c = config();
         c.full_timeout = Duration::from_secs(20);
-        assert!(c.validate().unwrap_err().contains("--full-timeout"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--full-timeout"));
         let mut c = config();
         let t = crate::discover::parse_static_target("a/canary=http://x:1").unwrap();
         c.targets = vec![t.clone(), t];
-        assert!(c.validate().unwrap_err().contains("twice"));
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
     }
 
     #[test]

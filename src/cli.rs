@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+
+use crate::config::{require, ConfigError};
 use clap::{Args, Parser, Subcommand};
 use regex::Regex;
 
@@ -385,30 +387,39 @@ impl ControllerArgs {
     /// Validate the flags into [`ControllerSettings`].
     ///
     /// ### Errors
-    /// A message naming the flag and what it expects.
-    pub fn into_settings(self) -> anyhow::Result<ControllerSettings> {
-        if self.lease_duration < Duration::from_secs(2) {
-            anyhow::bail!("--lease-duration must be at least 2s");
-        }
-        if self.decision_interval.is_zero() {
-            anyhow::bail!("--decision-interval must be greater than 0");
-        }
-        if self.peer_timeout.is_zero() || self.peer_timeout >= self.decision_interval {
-            anyhow::bail!(
-                "--peer-timeout ({:?}) must be greater than 0 and shorter than --decision-interval ({:?})",
-                self.peer_timeout,
-                self.decision_interval
-            );
-        }
-        if self.window.as_secs() == 0 {
-            anyhow::bail!("--window must be at least one second");
-        }
-        if self.fast_interval.is_zero() {
-            anyhow::bail!("--fast-interval must be greater than 0");
-        }
-        if self.resync_interval < self.decision_interval {
-            anyhow::bail!("--resync-interval must be at least --decision-interval");
-        }
+    /// The flag and what it expects.
+    pub fn into_settings(self) -> Result<ControllerSettings, ConfigError> {
+        require(
+            self.lease_duration >= Duration::from_secs(2),
+            "--lease-duration",
+            || "must be at least 2s".into(),
+        )?;
+        require(
+            !self.decision_interval.is_zero(),
+            "--decision-interval",
+            || "must be greater than 0".into(),
+        )?;
+        require(
+            !self.peer_timeout.is_zero() && self.peer_timeout < self.decision_interval,
+            "--peer-timeout",
+            || {
+                format!(
+                    "{:?} must be greater than 0 and shorter than --decision-interval ({:?})",
+                    self.peer_timeout, self.decision_interval
+                )
+            },
+        )?;
+        require(self.window.as_secs() > 0, "--window", || {
+            "must be at least one second".into()
+        })?;
+        require(!self.fast_interval.is_zero(), "--fast-interval", || {
+            "must be greater than 0".into()
+        })?;
+        require(
+            self.resync_interval >= self.decision_interval,
+            "--resync-interval",
+            || "must be at least --decision-interval".into(),
+        )?;
         Ok(ControllerSettings {
             listen: self.listen,
             http_limits: crate::telemetry::HttpLimits {
@@ -454,18 +465,21 @@ impl AgentArgs {
     /// Validate the flags into an [`AgentConfig`].
     ///
     /// ### Errors
-    /// A message naming the flag and what it expects.
-    pub fn into_config(self, default_listen: Option<SocketAddr>) -> anyhow::Result<AgentConfig> {
+    /// The flag and what it expects.
+    pub fn into_config(
+        self,
+        default_listen: Option<SocketAddr>,
+    ) -> Result<AgentConfig, ConfigError> {
         let targets = self
             .targets
             .iter()
             .filter(|t| !t.is_empty())
-            .map(|t| parse_static_target(t).map_err(|e| anyhow::anyhow!("--target: {e}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let cluster_regex = Regex::new(&self.cluster_regex).with_context(|| {
-            format!(
-                "--cluster-regex {:?} is not a valid regex",
-                self.cluster_regex
+            .map(|t| parse_static_target(t).map_err(|e| ConfigError::invalid("--target", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cluster_regex = Regex::new(&self.cluster_regex).map_err(|e| {
+            ConfigError::invalid(
+                "--cluster-regex",
+                format!("{:?} is not a valid regex: {e}", self.cluster_regex),
             )
         })?;
         let slots = self.window.as_secs() as usize;
@@ -507,7 +521,10 @@ impl AgentArgs {
             None => None,
             Some(node_name) => {
                 if !config.targets.is_empty() {
-                    anyhow::bail!("give --target (static targets) or --node-name (Kubernetes discovery), not both");
+                    return Err(ConfigError::Conflict {
+                        first: "--target (static targets)",
+                        second: "--node-name (Kubernetes discovery)",
+                    });
                 }
                 Some(crate::agent::KubeSettings {
                     identity: self.identity.unwrap_or_else(|| node_name.clone()),
@@ -528,7 +545,7 @@ impl AgentArgs {
             }
         };
         let config = AgentConfig { kube, ..config };
-        config.validate().map_err(anyhow::Error::msg)?;
+        config.validate()?;
         Ok(config)
     }
 }
@@ -610,18 +627,21 @@ fn flags_table_of(command: &str) -> String {
 impl AgentArgs {
     fn remote_write_config(
         &self,
-    ) -> anyhow::Result<Option<crate::remote_write::RemoteWriteConfig>> {
+    ) -> Result<Option<crate::remote_write::RemoteWriteConfig>, ConfigError> {
         use crate::remote_write::{relabel, send::Endpoint, RemoteWriteConfig};
         let Some(url) = &self.remote_write_url else {
             return Ok(None);
         };
         let url: http::Uri = url.parse().map_err(|e| {
             let shown = crate::remote_write::send::redact(url);
-            anyhow::anyhow!("--remote-write-url {shown:?}: {e}")
+            ConfigError::invalid("--remote-write-url", format!("{shown:?}: {e}"))
         })?;
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
             let shown = crate::remote_write::send::redact(&url.to_string());
-            anyhow::bail!("--remote-write-url {shown}: expected http:// or https:// with a host");
+            return Err(ConfigError::invalid(
+                "--remote-write-url",
+                format!("{shown}: expected http:// or https:// with a host"),
+            ));
         }
         let host = url.host().unwrap_or_default();
         let sigv4 = if self.remote_write_sigv4 || host.starts_with("aps-workspaces.") {
@@ -629,7 +649,10 @@ impl AgentArgs {
                 .remote_write_sigv4_region
                 .clone()
                 .or_else(|| crate::remote_write::sigv4::region_from_host(host))
-                .ok_or_else(|| anyhow::anyhow!("--remote-write-sigv4: give --remote-write-sigv4-region (the host {host:?} names none)"))?;
+                .ok_or_else(|| ConfigError::Needs {
+                    flag: "--remote-write-sigv4",
+                    needs: format!("--remote-write-sigv4-region (the host {host:?} names none)"),
+                })?;
             Some((region, "aps".to_owned()))
         } else {
             None
@@ -641,7 +664,10 @@ impl AgentArgs {
             &self.remote_write_basic_auth_password_file,
         ) {
             (Some(_), Some(_), _) => {
-                anyhow::bail!("give either a bearer token or basic auth, not both")
+                return Err(ConfigError::Conflict {
+                    first: "--remote-write-bearer-token-file",
+                    second: "--remote-write-basic-auth-user",
+                })
             }
             (Some(path), None, _) => Some((
                 "--remote-write-bearer-token-file",
@@ -654,17 +680,20 @@ impl AgentArgs {
                     password_file: path.clone(),
                 },
             )),
-            (None, Some(_), None) => anyhow::bail!(
-                "--remote-write-basic-auth-user needs --remote-write-basic-auth-password-file"
-            ),
+            (None, Some(_), None) => {
+                return Err(ConfigError::Needs {
+                    flag: "--remote-write-basic-auth-user",
+                    needs: "--remote-write-basic-auth-password-file".into(),
+                })
+            }
             (None, None, _) => None,
         };
         // Read once now so a wrong path fails at startup; the sender reads it again for
         // every POST, so a rotated credential is picked up.
         if let Some((flag, credential)) = &credential {
-            credential
-                .header()
-                .with_context(|| format!("{flag}: the remote-write credential"))?;
+            credential.header().map_err(|e| {
+                ConfigError::invalid(flag, format!("the remote-write credential: {e}"))
+            })?;
         }
         let credential = credential.map(|(_, c)| c);
         let external_labels = self
@@ -673,14 +702,17 @@ impl AgentArgs {
             .filter(|l| !l.is_empty())
             .map(|l| {
                 let (k, v) = l.split_once('=').ok_or_else(|| {
-                    anyhow::anyhow!("--external-label {l:?}: expected name=value")
+                    ConfigError::invalid("--external-label", format!("{l:?}: expected name=value"))
                 })?;
                 if !crate::parse::valid_label_name(k.as_bytes()) {
-                    anyhow::bail!("--external-label {l:?}: {k:?} is not a valid label name");
+                    return Err(ConfigError::invalid(
+                        "--external-label",
+                        format!("{l:?}: {k:?} is not a valid label name"),
+                    ));
                 }
                 Ok((k.to_owned(), v.to_owned()))
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let mut names = own(relabel::DEFAULT_DROP_NAMES);
         names.extend(self.drop_metrics.iter().filter(|d| !d.is_empty()).cloned());
@@ -690,7 +722,7 @@ impl AgentArgs {
             &[relabel::DEFAULT_DROP_VALUES.to_owned()],
             &own(relabel::DEFAULT_DROP_IF_PRESENT),
         )
-        .map_err(|e| anyhow::anyhow!("--drop-metric: {e}"))?;
+        .map_err(|e| ConfigError::invalid("--drop-metric", e))?;
         let config = RemoteWriteConfig {
             endpoint: Endpoint {
                 url,
@@ -711,7 +743,7 @@ impl AgentArgs {
             drop,
             sigv4,
         };
-        config.validate().map_err(anyhow::Error::msg)?;
+        config.validate()?;
         Ok(Some(config))
     }
 }
@@ -1052,6 +1084,64 @@ pub fn sample_json(sample: &Sample<'_>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn agent(args: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let cli = Cli::try_parse_from([&["meshcanary", "agent"], args].concat()).unwrap();
+        let Command::Agent(a) = cli.command else {
+            unreachable!()
+        };
+        a.into_config(None)
+    }
+
+    fn controller(args: &[&str]) -> Result<ControllerSettings, ConfigError> {
+        let cli = Cli::try_parse_from([&["meshcanary", "controller"], args].concat()).unwrap();
+        let Command::Controller(c) = cli.command else {
+            unreachable!()
+        };
+        c.into_settings()
+    }
+
+    #[test]
+    fn a_bad_flag_is_a_typed_error_naming_it() {
+        let t = "--target=ns/app/primary=http://127.0.0.1:9901";
+        assert!(agent(&[t]).is_ok());
+        let flag = |r: Result<AgentConfig, ConfigError>| r.unwrap_err().flag();
+        assert_eq!(flag(agent(&[t, "--scrape-timeout=2s"])), "--scrape-timeout");
+        assert_eq!(flag(agent(&[t, t])), "--target");
+        assert_eq!(flag(agent(&[t, "--cluster-regex=("])), "--cluster-regex");
+        assert_eq!(
+            flag(agent(&[t, "--node-name=n1"])),
+            "--target (static targets)"
+        );
+        let rw = "--remote-write-url=http://127.0.0.1:1/api/v1/write";
+        assert!(agent(&[t, rw]).is_ok());
+        assert_eq!(
+            flag(agent(&[t, rw, "--remote-write-shards=0"])),
+            "--remote-write-shards"
+        );
+        assert_eq!(
+            flag(agent(&[t, rw, "--remote-write-basic-auth-user=u"])),
+            "--remote-write-basic-auth-user"
+        );
+        let missing =
+            agent(&[t, rw, "--remote-write-bearer-token-file=/nonexistent/token"]).unwrap_err();
+        assert_eq!(missing.flag(), "--remote-write-bearer-token-file");
+        assert!(
+            missing.to_string().contains("/nonexistent/token"),
+            "{missing}"
+        );
+        assert!(controller(&[]).is_ok());
+        let cflag = |r: Result<ControllerSettings, ConfigError>| r.unwrap_err().flag();
+        assert_eq!(cflag(controller(&["--peer-timeout=2s"])), "--peer-timeout");
+        assert_eq!(
+            cflag(controller(&["--lease-duration=1s"])),
+            "--lease-duration"
+        );
+        assert_eq!(
+            cflag(controller(&["--resync-interval=500ms"])),
+            "--resync-interval"
+        );
+    }
 
     #[test]
     fn every_registered_metric_is_documented_and_encoded() {

@@ -1,8 +1,73 @@
 //! Small pure parsers for the values people write in flags and annotations: durations
 //! (`"30s"`, `"500ms"`, `"1m30s"`) and byte sizes (`"32MiB"`). Each returns a message that
 //! says what was expected, so callers can name the flag or key around it.
+//!
+//! [`ConfigError`] is the one error every settings check returns (the agent's, the
+//! controller's, remote write's): it names the flag and what is wrong, so `meshcanary`
+//! exits with one line that says what to fix.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// A configuration that cannot run: which flag, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value out of range, or malformed.
+    #[error("{flag}: {problem}")]
+    Invalid { flag: &'static str, problem: String },
+    /// Two flags that exclude each other.
+    #[error("give {first} or {second}, not both")]
+    Conflict {
+        first: &'static str,
+        second: &'static str,
+    },
+    /// A flag that needs another.
+    #[error("{flag} needs {needs}")]
+    Needs { flag: &'static str, needs: String },
+    /// A file a flag names that cannot be read.
+    #[error("{flag}: reading {}: {source}", path.display())]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    /// `flag`'s value is wrong: `problem` says how.
+    pub fn invalid(flag: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            flag,
+            problem: problem.into(),
+        }
+    }
+
+    /// The flag the error is about (the first, for a conflict).
+    pub fn flag(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid { flag, .. }
+            | ConfigError::Needs { flag, .. }
+            | ConfigError::File { flag, .. } => flag,
+            ConfigError::Conflict { first, .. } => first,
+        }
+    }
+}
+
+/// `Err(ConfigError::Invalid)` for `flag` unless `ok`.
+///
+/// ### Errors
+/// `problem` about `flag`, when `ok` is false.
+pub fn require(
+    ok: bool,
+    flag: &'static str,
+    problem: impl FnOnce() -> String,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(flag, problem()))
+    }
+}
 
 /// Parse a duration written as one or more `<number><unit>` parts, units `ms`, `s`, `m`, `h`
 /// (`"1s"`, `"250ms"`, `"1m30s"`, `"1.5s"`). A bare `0` is zero.

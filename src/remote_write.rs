@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use crate::config::{require, ConfigError};
 use crate::shutdown::stopping;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -73,20 +74,22 @@ pub struct RemoteWriteConfig {
 impl RemoteWriteConfig {
     /// ### Errors
     /// A message naming the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         Backoff::new(self.min_backoff, self.max_backoff)
-            .map_err(|e| format!("--remote-write-min/max-backoff: {e}"))?;
-        if self.batch_samples == 0 || self.shards == 0 {
-            return Err(
-                "--remote-write-batch-samples and --remote-write-shards must be at least 1".into(),
-            );
-        }
-        if self.max_disk_bytes < 2 * queue::SEGMENT_BYTES {
-            return Err(format!(
-                "--remote-write-max-disk must be at least {} bytes",
-                2 * queue::SEGMENT_BYTES
-            ));
-        }
+            .map_err(|e| ConfigError::invalid("--remote-write-min-backoff", e.to_string()))?;
+        require(
+            self.batch_samples > 0,
+            "--remote-write-batch-samples",
+            || "must be at least 1".into(),
+        )?;
+        require(self.shards > 0, "--remote-write-shards", || {
+            "must be at least 1".into()
+        })?;
+        require(
+            self.max_disk_bytes >= 2 * queue::SEGMENT_BYTES,
+            "--remote-write-max-disk",
+            || format!("must be at least {} bytes", 2 * queue::SEGMENT_BYTES),
+        )?;
         Ok(())
     }
 }
