@@ -606,7 +606,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 self.adopt(&plan, &foreign).await?;
                 foreign = self.foreign(&plan, store).await?;
                 // The primary in the cache may still show no owner: the next check sees it.
-                foreign.retain(|f| !(f.orphan && f.what.starts_with("Deployment ")));
+                foreign.retain(|f| !(f.orphan && f.kind == "Deployment"));
             }
             if foreign.is_empty() {
                 if self.conflicts.remove(&id).is_some() {
@@ -620,7 +620,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 let next = self.config.resync.mul_f64(0.75 + fastrand::f64() / 2.0);
                 self.synced.insert(id.clone(), Instant::now() + next);
             } else {
-                let names: Vec<&str> = foreign.iter().map(|f| f.what.as_str()).collect();
+                let names: Vec<String> = foreign.iter().map(ToString::to_string).collect();
                 let problem = format!(
                     "{} already exist and are not owned by Deployment {namespace}/{name}",
                     names.join(", ")
@@ -877,8 +877,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let uid = plan.owner_uid();
         let mut foreign = Vec::new();
         if let Some(p) = store.get(&ObjectRef::new(&plan.primary_name()).within(ns)) {
-            let what = format!("Deployment {ns}/{}", plan.primary_name());
-            foreign.extend(Foreign::of(what, &p.metadata, uid));
+            foreign.extend(Foreign::of(
+                "Deployment",
+                ns,
+                &plan.primary_name(),
+                &p.metadata,
+                uid,
+            ));
         }
         let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
         for (name, _) in plan.services() {
@@ -887,11 +892,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 .await
                 .map_err(api_error("reading", format!("Service {ns}/{name}")))?;
             if let Some(s) = found {
-                foreign.extend(Foreign::of(
-                    format!("Service {ns}/{name}"),
-                    &s.metadata,
-                    uid,
-                ));
+                foreign.extend(Foreign::of("Service", ns, &name, &s.metadata, uid));
             }
         }
         foreign.extend(self.router.foreign_routes(&plan.routes()).await?);
@@ -906,7 +907,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
         let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
         for f in foreign.iter().filter(|f| f.orphan) {
-            if f.what == format!("Deployment {ns}/{}", plan.primary_name()) {
+            if f.kind == "Deployment" && f.name == plan.primary_name() {
                 deployments
                     .patch(
                         &plan.primary_name(),
@@ -914,16 +915,16 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                         &Patch::Merge(&patch),
                     )
                     .await
-                    .map_err(api_error("adopting", f.what.clone()))?;
-            } else if let Some(name) = f.what.strip_prefix(&format!("Service {ns}/")) {
+                    .map_err(api_error("adopting", f.to_string()))?;
+            } else if f.kind == "Service" {
                 services
-                    .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .patch(&f.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
-                    .map_err(api_error("adopting", f.what.clone()))?;
+                    .map_err(api_error("adopting", f.to_string()))?;
             }
         }
         self.router.adopt_routes(&plan.routes()).await?;
-        tracing::info!(objects = ?foreign.iter().map(|f| &f.what).collect::<Vec<_>>(), "Adopted objects without an owner (meshcanary.io/adopt)");
+        tracing::info!(objects = ?foreign.iter().map(ToString::to_string).collect::<Vec<_>>(), "Adopted objects without an owner (meshcanary.io/adopt)");
         Ok(())
     }
 

@@ -64,15 +64,22 @@ pub fn owned_by(metadata: &ObjectMeta, uid: &str) -> bool {
 /// An existing object that `NAME` does not own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Foreign {
-    /// `Kind namespace/name`.
-    pub what: String,
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
     /// No controller owns it (an orphan): it may be adopted when the user asks.
     pub orphan: bool,
 }
 
 impl Foreign {
-    /// The object with `metadata`, if `NAME` (`uid`) does not own it.
-    pub fn of(what: String, metadata: &ObjectMeta, uid: &str) -> Option<Foreign> {
+    /// The object `kind namespace/name` with `metadata`, if `NAME` (`uid`) does not own it.
+    pub fn of(
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+        metadata: &ObjectMeta,
+        uid: &str,
+    ) -> Option<Foreign> {
         if owned_by(metadata, uid) {
             return None;
         }
@@ -82,9 +89,18 @@ impl Foreign {
             .flatten()
             .any(|o| o.controller == Some(true));
         Some(Foreign {
-            what,
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
             orphan: !controlled,
         })
+    }
+}
+
+/// `Kind namespace/name`, as Events and logs name it.
+impl std::fmt::Display for Foreign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
     }
 }
 

@@ -382,23 +382,16 @@ impl Router for AppMesh {
             if !foreign.orphan {
                 continue;
             }
-            let Some((kind, name)) = foreign
-                .what
-                .split_once(' ')
-                .and_then(|(kind, rest)| Some((kind, rest.split_once('/')?.1)))
-            else {
-                continue;
-            };
-            self.api_of(ns, kind)
+            self.api_of(ns, foreign.kind)
                 .patch(
-                    name,
+                    &foreign.name,
                     &PatchParams::default(),
                     &Patch::Merge(&super::adoption(routes)),
                 )
                 .await
                 .map_err(|source| RouterError::Api {
                     op: "adopting",
-                    what: foreign.what.clone(),
+                    what: foreign.to_string(),
                     source,
                 })?;
         }
@@ -419,8 +412,13 @@ impl Router for AppMesh {
                     source,
                 })?;
             if let Some(o) = found {
-                let what = format!("{kind} {ns}/{name}");
-                foreign.extend(Foreign::of(what, &o.metadata, routes.owner_uid()));
+                foreign.extend(Foreign::of(
+                    kind,
+                    ns,
+                    &name,
+                    &o.metadata,
+                    routes.owner_uid(),
+                ));
             }
         }
         Ok(foreign)
