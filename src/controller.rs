@@ -147,17 +147,17 @@ pub struct Controller<R, W> {
     analysis: Analysis,
     /// The last invalid-configuration message per workload, so the Warning Event is sent
     /// once per distinct problem rather than once per tick.
-    invalid: HashMap<(String, String), String>,
+    invalid: HashMap<WorkloadId, String>,
     /// The last reconcile error per workload, to log each distinct one once.
-    failing: HashMap<(String, String), String>,
+    failing: HashMap<WorkloadId, String>,
     /// Per workload: when its objects are next checked for owners and drift, and the
     /// ownership conflict last reported.
-    synced: HashMap<(String, String), Instant>,
-    conflicts: HashMap<(String, String), String>,
+    synced: HashMap<WorkloadId, Instant>,
+    conflicts: HashMap<WorkloadId, String>,
     /// Per workload, the nodes without an answering agent last logged.
-    unobserved: HashMap<(String, String), Vec<String>>,
+    unobserved: HashMap<WorkloadId, Vec<String>>,
     /// Workloads whose gauges are exported, to drop them when the workload goes.
-    exported: Vec<(String, String)>,
+    exported: Vec<WorkloadId>,
     /// Beaten every loop iteration, for `/healthz`.
     heartbeat: crate::telemetry::Heartbeat,
     /// Set once the Deployment cache has synced, for `/readyz`.
@@ -361,7 +361,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 }
                 continue;
             }
-            let id = (dep.namespace().unwrap_or_default(), dep.name_any());
+            let id = WorkloadId::new(dep.namespace().unwrap_or_default(), dep.name_any());
             seen.push(id.clone());
             match self.reconcile(dep, store, leader).await {
                 Ok(()) => {
@@ -374,29 +374,25 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     let conflict = matches!(&error, ReconcileError::Api { source: kube::Error::Api(s), .. } if s.is_conflict());
                     if conflict {
                         // The cache was a moment behind the API; the next tick decides again.
-                        tracing::debug!(namespace = %id.0, workload = %id.1, %error, "Stale read; deciding again at the next tick");
+                        tracing::debug!(namespace = %id.namespace, workload = %id.name, %error, "Stale read; deciding again at the next tick");
                     } else if self.failing.get(&id) != Some(&message) {
-                        tracing::warn!(namespace = %id.0, workload = %id.1, %error, "Reconcile failed; retrying at every tick");
+                        tracing::warn!(namespace = %id.namespace, workload = %id.name, %error, "Reconcile failed; retrying at every tick");
                         self.failing.insert(id.clone(), message);
                     } else {
-                        tracing::debug!(namespace = %id.0, workload = %id.1, %error, "Reconcile failed again");
+                        tracing::debug!(namespace = %id.namespace, workload = %id.name, %error, "Reconcile failed again");
                     }
                 }
             }
         }
-        self.analysis
-            .retain(|id| seen.contains(&(id.namespace.clone(), id.name.clone())));
+        self.analysis.retain(|id| seen.contains(id));
         self.invalid.retain(|k, _| seen.contains(k));
         self.failing.retain(|k, _| seen.contains(k));
         self.unobserved.retain(|k, _| seen.contains(k));
         self.synced.retain(|k, _| seen.contains(k));
         self.conflicts.retain(|k, _| seen.contains(k));
-        for (namespace, workload) in std::mem::take(&mut self.exported) {
-            if !seen.contains(&(namespace.clone(), workload.clone())) {
-                self.forget(JudgeLabels {
-                    namespace,
-                    workload,
-                });
+        for id in std::mem::take(&mut self.exported) {
+            if !seen.contains(&id) {
+                self.forget(JudgeLabels::from(&id));
             }
         }
         self.exported = seen;
@@ -407,7 +403,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     async fn warn_once(
         &mut self,
         dep: &Deployment,
-        id: &(String, String),
+        id: &WorkloadId,
         reason: &'static str,
         problem: String,
         message: String,
@@ -539,7 +535,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let decided = Instant::now();
         let namespace = dep.namespace().unwrap_or_default();
         let name = dep.name_any();
-        let id = (namespace.clone(), name.clone());
+        let id = WorkloadId::new(&*namespace, &*name);
         let labels = JudgeLabels {
             namespace: namespace.clone(),
             workload: name.clone(),
@@ -703,8 +699,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 }
                 Action::SetWeight(w) => self.set_weight(&namespace, &name, w, decided).await?,
                 Action::ResetJudge => {
-                    self.analysis
-                        .reset(&WorkloadId::new(&*id.0, &*id.1), &policy.judge);
+                    self.analysis.reset(&id, &policy.judge);
                 }
                 Action::Decision(d) => {
                     self.metrics
@@ -736,26 +731,21 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     /// canary window it analysed.
     fn judge(
         &mut self,
-        id: &(String, String),
+        id: &WorkloadId,
         policy: &RolloutPolicy,
         now_ms: u64,
         step_started_ms: u64,
     ) -> (Judgement, Option<Summary>) {
-        let unobserved = self.windows.uncovered(&id.0, &id.1);
+        let unobserved = self.windows.uncovered(&id.namespace, &id.name);
         if unobserved.is_empty() {
             self.unobserved.remove(id);
         } else if self.unobserved.get(id) != Some(&unobserved) {
-            tracing::warn!(namespace = %id.0, workload = %id.1, nodes = ?unobserved, "No meshcanary agent answers on nodes that run the workload's pods; its analysis halts until one does (is the DaemonSet's pod there and Running?)");
+            tracing::warn!(namespace = %id.namespace, workload = %id.name, nodes = ?unobserved, "No meshcanary agent answers on nodes that run the workload's pods; its analysis halts until one does (is the DaemonSet's pod there and Running?)");
             self.unobserved.insert(id.clone(), unobserved);
         }
-        let workload = WorkloadId::new(&*id.0, &*id.1);
-        let (judgement, pair) = self.analysis.judge(
-            &self.windows,
-            &workload,
-            &policy.judge,
-            now_ms,
-            step_started_ms,
-        );
+        let (judgement, pair) =
+            self.analysis
+                .judge(&self.windows, id, &policy.judge, now_ms, step_started_ms);
         (judgement, pair.map(|p| p.canary))
     }
 

@@ -26,6 +26,7 @@ use super::Target;
 use crate::annotations;
 use crate::placement::deployment_of;
 use crate::window::{Role, WindowKey};
+use crate::workload::WorkloadId;
 
 /// What discovery needs to know.
 #[derive(Clone, Debug)]
@@ -54,7 +55,7 @@ pub enum Skip {
 pub fn target_of(
     pod: &Pod,
     mesh_namespaces: &BTreeSet<String>,
-    opted_in: &BTreeSet<(String, String)>,
+    opted_in: &BTreeSet<WorkloadId>,
     envoy_container: &str,
 ) -> Result<Target, Skip> {
     let ns = pod.namespace().unwrap_or_default();
@@ -77,11 +78,11 @@ pub fn target_of(
         return Err(Skip::NoEnvoy);
     }
     let deployment = deployment_of(pod).ok_or(Skip::NoDeployment)?;
-    let (workload, role) = if opted_in.contains(&(ns.clone(), deployment.clone())) {
+    let (workload, role) = if opted_in.contains(&WorkloadId::new(&*ns, &*deployment)) {
         (deployment, Role::Canary)
     } else {
         match deployment.strip_suffix("-primary") {
-            Some(base) if opted_in.contains(&(ns.clone(), base.to_owned())) => {
+            Some(base) if opted_in.contains(&WorkloadId::new(&*ns, base)) => {
                 (base.to_owned(), Role::Primary)
             }
             _ => return Err(Skip::NotOptedIn),
@@ -109,7 +110,7 @@ pub fn target_of(
 pub fn targets(
     pods: &[impl std::borrow::Borrow<Pod>],
     mesh_namespaces: &BTreeSet<String>,
-    opted_in: &BTreeSet<(String, String)>,
+    opted_in: &BTreeSet<WorkloadId>,
     envoy_container: &str,
 ) -> Vec<Target> {
     let mut out: Vec<Target> = pods
@@ -121,14 +122,12 @@ pub fn targets(
 }
 
 /// The opted-in Deployments (namespace, name) among `deployments`' metadata. Pure.
-pub fn opted_in<'a>(
-    deployments: impl IntoIterator<Item = &'a ObjectMeta>,
-) -> BTreeSet<(String, String)> {
+pub fn opted_in<'a>(deployments: impl IntoIterator<Item = &'a ObjectMeta>) -> BTreeSet<WorkloadId> {
     deployments
         .into_iter()
         .filter(|m| m.annotations.as_ref().is_some_and(annotations::enabled))
         .map(|m| {
-            (
+            WorkloadId::new(
                 m.namespace.clone().unwrap_or_default(),
                 m.name.clone().unwrap_or_default(),
             )
@@ -303,7 +302,7 @@ mod tests {
     #[test]
     fn each_reason_to_skip_is_named() {
         let mesh: BTreeSet<String> = ["test".to_owned()].into();
-        let opted: BTreeSet<(String, String)> = [("test".to_owned(), "podinfo".to_owned())].into();
+        let opted: BTreeSet<WorkloadId> = [WorkloadId::new("test", "podinfo")].into();
         let check = |p: Pod| target_of(&p, &mesh, &opted, "envoy").err();
         assert_eq!(
             check(pod("x", "podinfo-1", "1", json!({}))),
