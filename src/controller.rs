@@ -52,6 +52,11 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 /// How often a workload held back by objects someone else owns is checked again.
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
 
+/// Workloads whose owners and drift are re-checked in one decision tick, at most: the
+/// others that are due wait for the next tick, so a burst of re-checks (workloads created
+/// together) never makes a tick late for the rollouts it decides.
+pub const RECHECKS_PER_TICK: usize = 4;
+
 /// How the controller runs.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -158,6 +163,8 @@ pub struct Controller<R, W> {
     unobserved: HashMap<WorkloadId, Vec<String>>,
     /// Workloads whose gauges are exported, to drop them when the workload goes.
     exported: Vec<WorkloadId>,
+    /// Periodic re-checks still allowed in this tick ([`RECHECKS_PER_TICK`]).
+    rechecks_left: usize,
     /// Beaten every loop iteration, for `/healthz`.
     heartbeat: crate::telemetry::Heartbeat,
     /// Set once the Deployment cache has synced, for `/readyz`.
@@ -183,6 +190,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             analysis: Analysis::default(),
             invalid: HashMap::new(),
             exported: Vec::new(),
+            rechecks_left: RECHECKS_PER_TICK,
             unobserved: HashMap::new(),
             synced: HashMap::new(),
             conflicts: HashMap::new(),
@@ -347,6 +355,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .map(|d| WorkloadId::new(d.namespace().unwrap_or_default(), d.name_any()))
             .collect();
         self.windows.refresh(analysis).await;
+        self.rechecks_left = RECHECKS_PER_TICK;
         let mut seen = Vec::new();
         for dep in &all {
             if !annotations::enabled(dep.annotations()) {
@@ -592,7 +601,12 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .as_ref()
             .is_none_or(|s| s.phase == Phase::Initializing);
         let conflicted = self.conflicts.contains_key(&id);
-        let due = self.synced.get(&id).is_none_or(|at| Instant::now() >= *at);
+        let mut due = self.synced.get(&id).is_none_or(|at| Instant::now() >= *at);
+        if due && !bootstrapping {
+            // A running rollout's re-check is housekeeping: within the tick's budget.
+            due = self.rechecks_left > 0;
+            self.rechecks_left = self.rechecks_left.saturating_sub(1);
+        }
         if bootstrapping && conflicted && !due {
             return Ok(());
         }
@@ -849,15 +863,23 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     /// Re-apply the Services and the router's objects: whatever drifted is put back, and
     /// fields other managers own are kept (server-side apply).
     async fn resync(&self, plan: &Plan) -> Result<(), ReconcileError> {
-        for (name, svc) in plan.services() {
-            self.apply::<Service>(&plan.namespace, &name, &svc).await?;
-        }
-        self.router.ensure_routes(&plan.routes()).await?;
+        // The objects are independent: one round trip, not one per object.
+        let services = plan.services();
+        let applies = services
+            .iter()
+            .map(|(name, svc)| self.apply::<Service>(&plan.namespace, name, svc));
+        let routes = plan.routes();
+        let (services, routes) = futures_util::join!(
+            futures_util::future::try_join_all(applies),
+            self.router.ensure_routes(&routes)
+        );
+        services?;
+        routes?;
         Ok(())
     }
 
     /// The objects `NAME` needs that exist and are not `NAME`'s (its owner reference):
-    /// `NAME-primary`, the Services and the router's objects.
+    /// `NAME-primary`, the Services and the router's objects. Read concurrently.
     async fn foreign(
         &self,
         plan: &Plan,
@@ -875,17 +897,27 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 uid,
             ));
         }
-        let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
-        for (name, _) in plan.services() {
-            let found = services
-                .get_opt(&name)
-                .await
-                .map_err(api_error("reading", format!("Service {ns}/{name}")))?;
+        let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
+        let names: Vec<String> = plan.services().into_iter().map(|(name, _)| name).collect();
+        let reads = names.iter().map(|name| {
+            let api = &api;
+            async move {
+                api.get_opt(name)
+                    .await
+                    .map_err(api_error("reading", format!("Service {ns}/{name}")))
+            }
+        });
+        let routes = plan.routes();
+        let (services, routes) = futures_util::join!(
+            futures_util::future::try_join_all(reads),
+            self.router.foreign_routes(&routes)
+        );
+        for (name, found) in names.iter().zip(services?) {
             if let Some(s) = found {
-                foreign.extend(Foreign::of("Service", ns, &name, &s.metadata, uid));
+                foreign.extend(Foreign::of("Service", ns, name, &s.metadata, uid));
             }
         }
-        foreign.extend(self.router.foreign_routes(&plan.routes()).await?);
+        foreign.extend(routes?);
         Ok(foreign)
     }
 

@@ -347,9 +347,13 @@ impl Router for AppMesh {
     }
     async fn ensure_routes(&self, routes: &Routes) -> Result<(), RouterError> {
         let ns = &routes.namespace;
-        for (name, node) in virtual_nodes(routes) {
-            self.apply(routes, "VirtualNode", &name, &node).await?;
-        }
+        let nodes = virtual_nodes(routes);
+        futures_util::future::try_join_all(
+            nodes
+                .iter()
+                .map(|(name, node)| self.apply(routes, "VirtualNode", name, node)),
+        )
+        .await?;
         // Created only if absent: an existing router's weights are the rollout's.
         let router: DynamicObject =
             serde_json::from_value(virtual_router(routes)).map_err(|e| RouterError::Malformed {
@@ -400,28 +404,25 @@ impl Router for AppMesh {
 
     async fn foreign_routes(&self, routes: &Routes) -> Result<Vec<Foreign>, RouterError> {
         let ns = &routes.namespace;
-        let mut foreign = Vec::new();
-        for (kind, name) in Self::objects(routes) {
-            let found = self
-                .api_of(ns, kind)
-                .get_opt(&name)
+        let objects = Self::objects(routes);
+        let reads = objects.iter().map(|(kind, name)| async move {
+            self.api_of(ns, kind)
+                .get_opt(name)
                 .await
                 .map_err(|source| RouterError::Api {
                     op: "reading",
                     what: format!("{kind} {ns}/{name}"),
                     source,
-                })?;
-            if let Some(o) = found {
-                foreign.extend(Foreign::of(
-                    kind,
-                    ns,
-                    &name,
-                    &o.metadata,
-                    routes.owner_uid(),
-                ));
-            }
-        }
-        Ok(foreign)
+                })
+        });
+        let found = futures_util::future::try_join_all(reads).await?;
+        Ok(objects
+            .iter()
+            .zip(found)
+            .filter_map(|((kind, name), o)| {
+                Foreign::of(kind, ns, name, &o?.metadata, routes.owner_uid())
+            })
+            .collect())
     }
 }
 
