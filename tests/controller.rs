@@ -4,9 +4,10 @@
 //! invalid annotations, an apiserver restart, and garbage collection.
 //!
 //! One control plane serves every scenario (each in its own namespace), run one after the
-//! other: starting a control plane costs more than most scenarios. A scenario that fails is
-//! reported and the others still run (the test fails at the end, naming every failed one);
-//! `MESHCANARY_SCENARIO=<name>` (the function name, e.g. `rollback`) runs only that one.
+//! other: starting a control plane costs more than most scenarios. Each scenario is its own
+//! test (`harness = false`, libtest-mimic), named by its function: a failing one fails only
+//! itself, and `cargo test --test controller -- rollback` runs only that one (the control
+//! plane starts only when a selected scenario needs it).
 
 mod support;
 
@@ -311,150 +312,196 @@ const ADVANCES: [&str; 6] = [
     "Advance podinfo.{ns} canary weight 50",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollouts_against_a_real_apiserver() {
+/// The control plane every scenario runs on, with the stand-in kubelet and `manifests/`
+/// applied; started by the first scenario that runs.
+struct World {
+    cp: ControlPlane,
+    _kubelet: Kubelet,
+}
+
+impl World {
+    async fn start() -> World {
+        let cp = ControlPlane::start().await;
+        // Every pod runs on node-a, except the primaries of namespace `disc`, on node-b.
+        let kubelet = Kubelet::start(
+            cp.client().await,
+            Arc::new(|pod| {
+                let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+                let primary = pod
+                    .metadata
+                    .name
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("-primary-");
+                let node = if ns == "disc" && primary {
+                    "node-b"
+                } else {
+                    "node-a"
+                };
+                (node.into(), "127.0.0.1".into())
+            }),
+        );
+        // The manifests pass the apiserver's validation, then install the agent's RBAC,
+        // which every scenario runs under.
+        let manifests = support::repo().join("manifests");
+        // A server-side dry run cannot create the namespace its other objects go in.
+        cp.kubectl(&[
+            "apply",
+            "-f",
+            manifests.join("namespace.yaml").to_str().unwrap(),
+        ]);
+        // The manifests' PodDisruptionBudget is `policy/v1` (every supported cluster; the
+        // beta was removed in 1.25), which this 1.20 apiserver does not serve yet: it gets
+        // the same object as `policy/v1beta1` (same fields), everything else as written.
+        let built = cp.kubectl(&["kustomize", manifests.to_str().unwrap()]);
+        assert!(
+            built.contains("apiVersion: policy/v1\nkind: PodDisruptionBudget"),
+            "{built}"
+        );
+        let built = built.replace(
+            "apiVersion: policy/v1\nkind: PodDisruptionBudget",
+            "apiVersion: policy/v1beta1\nkind: PodDisruptionBudget",
+        );
+        let tmp = support::TempDir::new("manifests");
+        let all = tmp.path.join("all.yaml");
+        std::fs::write(&all, built).unwrap();
+        let all = all.to_str().unwrap();
+        let out = cp.kubectl(&["apply", "--dry-run=server", "-f", all]);
+        for created in [
+            "daemonset.apps/meshcanary created (server dry run)",
+            "deployment.apps/meshcanary-controller created (server dry run)",
+            "poddisruptionbudget.policy/meshcanary-controller created (server dry run)",
+            "networkpolicy.networking.k8s.io/meshcanary-agent-peers created (server dry run)",
+        ] {
+            assert!(out.contains(created), "{out}");
+        }
+        cp.kubectl(&["apply", "-f", all]);
+        World {
+            cp,
+            _kubelet: kubelet,
+        }
+    }
+}
+
+/// The world, once started; `Err` once its start failed (the other scenarios then fail at
+/// once instead of starting it again).
+type Shared = Arc<Mutex<Option<Result<World, ()>>>>;
+
+/// One test per scenario (`cargo test --test controller -- rollback` runs one), in this
+/// order, one at a time on one control plane: scenarios stop and restart its apiserver,
+/// and each has its own namespace. A failing scenario fails only its own test.
+fn main() -> std::process::ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "meshcanary=info".into()))
-        .with_test_writer()
+        .with_writer(std::io::stderr)
         .try_init();
-    let mut cp = ControlPlane::start().await;
-    // Every pod runs on node-a, except the primaries of namespace `disc`, on node-b.
-    let kubelet = Kubelet::start(
-        cp.client().await,
-        Arc::new(|pod| {
-            let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-            let primary = pod
-                .metadata
-                .name
-                .as_deref()
-                .unwrap_or_default()
-                .contains("-primary-");
-            let node = if ns == "disc" && primary {
-                "node-b"
-            } else {
-                "node-a"
-            };
-            (node.into(), "127.0.0.1".into())
-        }),
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime"),
     );
-    let started = Instant::now();
-    let mut results = Vec::new();
-    // The manifests pass the apiserver's validation, then install the agent's RBAC, which
-    // every scenario below runs under.
-    let manifests = support::repo().join("manifests");
-    // A server-side dry run cannot create the namespace its other objects go in.
-    cp.kubectl(&[
-        "apply",
-        "-f",
-        manifests.join("namespace.yaml").to_str().unwrap(),
-    ]);
-    // The manifests' PodDisruptionBudget is `policy/v1` (every supported cluster; the
-    // beta was removed in 1.25), which this 1.20 apiserver does not serve yet: it gets
-    // the same object as `policy/v1beta1` (same fields), everything else as written.
-    let built = cp.kubectl(&["kustomize", manifests.to_str().unwrap()]);
-    assert!(
-        built.contains("apiVersion: policy/v1\nkind: PodDisruptionBudget"),
-        "{built}"
-    );
-    let built = built.replace(
-        "apiVersion: policy/v1\nkind: PodDisruptionBudget",
-        "apiVersion: policy/v1beta1\nkind: PodDisruptionBudget",
-    );
-    let tmp = support::TempDir::new("manifests");
-    let all = tmp.path.join("all.yaml");
-    std::fs::write(&all, built).unwrap();
-    let all = all.to_str().unwrap();
-    let out = cp.kubectl(&["apply", "--dry-run=server", "-f", all]);
-    for created in [
-        "daemonset.apps/meshcanary created (server dry run)",
-        "deployment.apps/meshcanary-controller created (server dry run)",
-        "poddisruptionbudget.policy/meshcanary-controller created (server dry run)",
-        "networkpolicy.networking.k8s.io/meshcanary-agent-peers created (server dry run)",
-    ] {
-        assert!(out.contains(created), "{out}");
-    }
-    cp.kubectl(&["apply", "-f", all]);
-    let only = std::env::var("MESHCANARY_SCENARIO").ok();
-    let mut failed: Vec<&str> = Vec::new();
+    let world: Shared = Arc::default();
+    let mut trials = Vec::new();
     macro_rules! scenario {
-        ($name:literal, $id:ident($($arg:tt)*)) => {{
-            let id = stringify!($id);
-            if only.as_deref().is_none_or(|o| o == id) {
-                let t = Instant::now();
-                // A panic fails this scenario only; the next one runs on the same control
-                // plane (each has its own namespace).
-                let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
-                    async { scenario_call!($id($($arg)*)) },
-                ))
-                .await;
-                let verdict = if outcome.is_ok() {
-                    "ok"
-                } else {
-                    failed.push(id);
-                    "FAILED"
-                };
-                results.push(format!(
-                    "{:<58} {verdict} in {:>5.1} s ({id})",
-                    $name,
-                    t.elapsed().as_secs_f64()
-                ));
-                eprintln!("{}", results.last().unwrap());
-            }
+        ($what:literal, $id:ident, |$w:ident| $body:expr) => {{
+            let (rt, world) = (Arc::clone(&rt), Arc::clone(&world));
+            trials.push(libtest_mimic::Trial::test(stringify!($id), move || {
+                let mut guard = world
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                rt.block_on(async {
+                    if guard.is_none() {
+                        // Marked failed first: a panic in the start leaves it so.
+                        *guard = Some(Err(()));
+                        *guard = Some(Ok(World::start().await));
+                    }
+                    let Some(Ok($w)) = guard.as_mut() else {
+                        panic!("the control plane did not start (see the first scenario)");
+                    };
+                    let t = Instant::now();
+                    $body;
+                    eprintln!("{:<72} {:>5.1} s", $what, t.elapsed().as_secs_f64());
+                });
+                Ok(())
+            }));
         }};
     }
     scenario!(
         "RBAC: the agent cannot write workloads, Services or routes; the controller can",
-        rbac(&cp)
+        rbac,
+        |w| rbac(&w.cp)
     );
     scenario!(
         "bootstrap creates exactly the objects, owned by NAME",
-        bootstrap(&cp)
+        bootstrap,
+        |w| bootstrap(&w.cp).await
     );
     scenario!(
         "objects NAME needs owned by someone else: a Warning, nothing changed",
-        ownership_conflict(&cp)
+        ownership_conflict,
+        |w| ownership_conflict(&w.cp).await
     );
     scenario!(
         "a promotion walks 2..50, promotes, scales the canary to 0",
-        promotion(&cp)
+        promotion,
+        |w| promotion(&w.cp).await
     );
     scenario!(
         "failing windows roll back after threshold failed checks",
-        rollback(&cp)
+        rollback,
+        |w| rollback(&w.cp).await
     );
-    scenario!("a new revision mid-analysis restarts it", new_revision(&cp));
+    scenario!(
+        "a new revision mid-analysis restarts it",
+        new_revision,
+        |w| new_revision(&w.cp).await
+    );
     scenario!(
         "a killed agent restarted resumes: no step repeated or skipped",
-        resume(&cp)
+        resume,
+        |w| resume(&w.cp).await
     );
     scenario!(
         "two agents: only the leader writes; the other takes over",
-        two_agents(&cp)
+        two_agents,
+        |w| two_agents(&w.cp).await
     );
-    scenario!("losing the Lease stops writes at once", lease_lost(&cp));
+    scenario!("losing the Lease stops writes at once", lease_lost, |w| {
+        lease_lost(&w.cp).await
+    });
     scenario!(
         "invalid annotations: a Warning event, nothing created",
-        invalid(&cp)
+        invalid,
+        |w| invalid(&w.cp).await
     );
     scenario!(
         "bad annotation, opt-out, bad status mid-analysis: primary first",
-        let_go(&cp)
+        let_go,
+        |w| let_go(&w.cp).await
     );
     scenario!(
         "an apiserver restart mid-rollout is survived",
-        apiserver_restart(&mut cp)
+        apiserver_restart,
+        |w| apiserver_restart(&mut w.cp).await
     );
     scenario!(
         "discovery: each node's agent scrapes its own opted-in sidecars",
-        discovery(&cp)
+        discovery,
+        |w| discovery(&w.cp).await
     );
     scenario!(
         "peers: only the controller's token, for its audience, gets windows",
-        peer_auth(&cp)
+        peer_auth,
+        |w| peer_auth(&w.cp).await
     );
     scenario!(
         "deleting NAME removes what meshcanary created",
-        garbage_collection(&cp)
+        garbage_collection,
+        |w| garbage_collection(&w.cp).await
     );
     // Last: run before `apiserver_restart`, its 20 s outage left that scenario's canary
     // Deployment unready after the restart, twice in two runs. The cause is not found yet
@@ -462,35 +509,18 @@ async fn rollouts_against_a_real_apiserver() {
     // recover); until it is, nothing runs after this scenario.
     scenario!(
         "apiserver down 20 s at start: the controller waits, leads, promotes",
-        apiserver_down_at_start(&mut cp)
+        apiserver_down_at_start,
+        |w| apiserver_down_at_start(&mut w.cp).await
     );
-    drop(kubelet);
-    eprintln!(
-        "all scenarios in {:.1} s:\n{}",
-        started.elapsed().as_secs_f64(),
-        results.join("\n")
-    );
-    assert!(
-        failed.is_empty(),
-        "failed scenarios: {failed:?}\n{}",
-        results.join("\n")
-    );
-    assert!(
-        !results.is_empty(),
-        "MESHCANARY_SCENARIO={only:?} names no scenario"
-    );
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Stop the control plane (its processes) before the exit, which runs no destructor.
+    let started = world
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    rt.block_on(async move { drop(started) });
+    conclusion.exit_code()
 }
-
-/// Call a scenario: `rbac` is synchronous, every other one is awaited.
-macro_rules! scenario_call {
-    (rbac($($arg:tt)*)) => {
-        rbac($($arg)*)
-    };
-    ($id:ident($($arg:tt)*)) => {
-        $id($($arg)*).await
-    };
-}
-use scenario_call;
 
 /// What each ServiceAccount of `manifests/` may do, as the apiserver's authorizer answers
 /// `kubectl auth can-i --as=system:serviceaccount:meshcanary:...`.

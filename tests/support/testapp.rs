@@ -138,6 +138,9 @@ pub async fn serve(listener: TcpListener, fault: Arc<Fault>) {
 
 #[cfg(test)]
 mod tests {
+    // Unused in a test binary without the libtest harness (tests/controller.rs), where
+    // `#[test]` functions are not compiled.
+    #[allow(unused_imports)]
     use super::*;
 
     #[test]
