@@ -293,7 +293,7 @@ impl TwoArm {
     /// Fold one interval: `canary` and `primary` events (errors, or slow requests) and the
     /// canary's share `rho` of the requests they were drawn from.
     fn update(&mut self, canary: u64, primary: u64, rho: f64) {
-        if canary + primary == 0 || !(rho > 0.0 && rho < 1.0) {
+        if canary.saturating_add(primary) == 0 || !(rho > 0.0 && rho < 1.0) {
             return; // no events, or one arm had no traffic: nothing to learn
         }
         for (l, r) in self.log_lr.iter_mut().zip(RELATIVE_RISKS) {
@@ -460,24 +460,26 @@ impl JudgeState {
         let (cp, pp) = (&self.canary_prev, &self.primary_prev);
         let (c_req, c_err) = (d(c.requests, cp.requests), d(c.errors, cp.errors));
         let (p_req, p_err) = (d(p.requests, pp.requests), d(p.errors, pp.errors));
-        if c_req + p_req > 0 {
-            let rho = c_req as f64 / (c_req + p_req) as f64;
+        // Counts come from other processes: sums saturate, and the share is taken in f64.
+        if c_req.saturating_add(p_req) > 0 {
+            let rho = c_req as f64 / (c_req as f64 + p_req as f64);
             self.errors.update(c_err, p_err, rho);
         }
         self.error_slo.update(c_err, c_req);
         self.not_worse.update(c_err, c_req);
-        self.canary_total.requests += c_req;
-        self.canary_total.errors += c_err;
-        self.primary_total.requests += p_req;
-        self.primary_total.errors += p_err;
+        let add = |total: &mut u64, n: u64| *total = total.saturating_add(n);
+        add(&mut self.canary_total.requests, c_req);
+        add(&mut self.canary_total.errors, c_err);
+        add(&mut self.primary_total.requests, p_req);
+        add(&mut self.primary_total.errors, p_err);
 
         // Latency: only when both histograms have the same layout as at the start.
         let same = c.buckets.len() == cp.buckets.len() && p.buckets.len() == pp.buckets.len();
         if same && c.buckets.len() == obs.edges_ms.len() + 1 {
             let c_n = d(c.latency_count(), cp.latency_count());
             let p_n = d(p.latency_count(), pp.latency_count());
-            if c_n + p_n > 0 {
-                let rho = c_n as f64 / (c_n + p_n) as f64;
+            if c_n.saturating_add(p_n) > 0 {
+                let rho = c_n as f64 / (c_n as f64 + p_n as f64);
                 for (test, k) in self
                     .latency
                     .iter_mut()
@@ -523,7 +525,10 @@ impl JudgeState {
         } else {
             self.latency.iter().map(TwoArm::e_value).sum::<f64>() / self.latency.len() as f64
         };
-        let total = self.canary_total.requests + self.primary_total.requests;
+        let total = self
+            .canary_total
+            .requests
+            .saturating_add(self.primary_total.requests);
         Evidence {
             e_errors: self.errors.e_value(),
             e_latency,
@@ -538,7 +543,8 @@ impl JudgeState {
             canary_share: if total == 0 {
                 0.0
             } else {
-                self.canary_total.requests as f64 / total as f64
+                let c = self.canary_total.requests as f64;
+                c / (c + self.primary_total.requests as f64)
             },
             slo_edge_ms: self.slo_edge_ms,
         }
