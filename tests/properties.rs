@@ -86,7 +86,10 @@ fn reply() -> impl Strategy<Value = WindowsReply> {
 }
 
 /// A reply through the leader's whole read path: the replica, the merge with another
-/// node, the pair and the judge. Nothing may panic, and the merged totals never go down.
+/// node, the pair and the judge. Nothing may panic, and a role's merged totals never go
+/// down while the peer keeps answering with a valid window of it (a window the peer no
+/// longer has is dropped, so one that comes back starts from zero: the judge re-bases on
+/// it and loses that one interval).
 fn through_the_leader(replies: Vec<WindowsReply>) {
     let config = WindowConfig::default();
     let merged = Merged::new(config, 3_000);
@@ -94,12 +97,20 @@ fn through_the_leader(replies: Vec<WindowsReply>) {
     let mut last = (0u64, 0u64);
     for (i, reply) in replies.into_iter().enumerate() {
         let now = NOW + i as u64 * 1000;
-        {
+        let has = |role: &str| reply.windows.iter().any(|w| w.role == role);
+        let (canary, primary) = (has("canary"), has("primary"));
+        let invalid = {
             let mut peers = merged.peers.lock().unwrap();
             peers
                 .entry("b".into())
                 .or_insert_with(|| Replica::new(config))
-                .apply(reply, now);
+                .apply(reply, now)
+        };
+        if !canary || !invalid.is_empty() {
+            last.0 = 0;
+        }
+        if !primary || !invalid.is_empty() {
+            last.1 = 0;
         }
         if let Some(pair) = merged.pair("test", "podinfo", now) {
             let j = judge.judge(
