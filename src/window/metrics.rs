@@ -9,7 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::{Summary, WindowKey};
-use crate::telemetry::{set_some, GaugeF, LatencyQuantiles, MetricRegistry, QuantileLabels};
+use crate::telemetry::{
+    set_some, GaugeF, LatencyQuantiles, MetricRegistry, QuantileLabels, QUANTILES,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkloadLabels {
@@ -110,7 +112,8 @@ impl WindowMetrics {
             set_some(&self.rps, &l, s.rps);
             set_some(&self.success, &l, s.success_rate);
             set_some(&self.age, &l, s.age_ms.map(|ms| ms as f64 / 1000.0));
-            for (q, v) in [("0.5", s.p50_ms), ("0.9", s.p90_ms), ("0.99", s.p99_ms)] {
+            let values = [s.p50_ms, s.p90_ms, s.p99_ms];
+            for ((_, q), v) in QUANTILES.into_iter().zip(values) {
                 let ql = WorkloadQuantileLabels {
                     namespace: l.namespace.clone(),
                     workload: l.workload.clone(),
