@@ -566,3 +566,83 @@ async fn a_full_disk_loses_nothing_already_queued_counts_what_it_could_not_write
         count("dropped_queue_error")
     );
 }
+
+/// An agent SIGKILLed while its endpoint is down (no drain, no final sync) loses no sample
+/// it had counted as queued: what it wrote is in the page cache, which outlives the process
+/// (the queue syncs to disk only once a second), and a second agent on the same queue
+/// delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_agent_loses_no_queued_sample() {
+    let app = App::start().await;
+    let sidecar = Sidecar::start(app.port, "podinfo-primary", "1s").await;
+    let receiver_port = support::free_port();
+    let url = format!("http://127.0.0.1:{receiver_port}/api/v1/write");
+    let queue = TempDir::new("queue");
+    let target = format!("test/podinfo/primary={}", sidecar.admin_url());
+    // Killed on drop too, so a failed assertion leaves no agent behind.
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let agent = |listen: u16| {
+        Agent(
+            std::process::Command::new(env!("CARGO_BIN_EXE_meshcanary"))
+                .args(["agent", "--target", &target])
+                .args(["--full-interval", "1s", "--full-timeout", "800ms"])
+                .args(["--listen", &format!("127.0.0.1:{listen}")])
+                .args(["--remote-write-url", &url, "--remote-write-queue-dir"])
+                .arg(&queue.path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("starting meshcanary agent"),
+        )
+    };
+    let queued_line = r#"meshcanary_remote_write_samples_total{outcome="queued"}"#;
+    let listen = support::free_port();
+    let metrics_url = format!("http://127.0.0.1:{listen}/metrics");
+    let first = agent(listen);
+    support::eventually_async(
+        Duration::from_secs(30),
+        "a few full scrapes queued",
+        || async {
+            support::get(&metrics_url)
+                .await
+                .is_ok_and(|(_, body)| counter(&body, queued_line) >= 1000.0)
+        },
+    )
+    .await;
+    let (_, metrics) = support::get(&metrics_url).await.expect("agent metrics");
+    let queued = counter(&metrics, queued_line);
+    drop(first); // SIGKILL, reaped
+
+    let killed_at_ms = meshcanary::clock::unix_ms() as i64;
+
+    let receiver = Receiver::start(receiver_port, vec![]).await;
+    let log = receiver.log.clone();
+    let second = agent(support::free_port());
+    let before_kill = || -> usize {
+        log.lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.request.timeseries)
+            .flat_map(|t| &t.samples)
+            .filter(|s| s.timestamp < killed_at_ms)
+            .count()
+    };
+    let delivered = tokio::time::timeout(Duration::from_secs(60), async {
+        while (before_kill() as f64) < queued {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    drop(second);
+    assert!(
+        delivered.is_ok(),
+        "{} of the {queued} samples queued before the SIGKILL arrived",
+        before_kill()
+    );
+}

@@ -4,14 +4,18 @@
 //! ready-to-send remote-write body) and an `ack` file with
 //! the position of the first record not yet delivered.
 //!
-//! A batch is on disk (written and `fsync`ed) before it is sent, so an endpoint outage or an
-//! agent restart loses nothing: after a restart the sender resumes at `ack`, and the writer
-//! starts a new segment. Past the disk cap the oldest segment is deleted and its undelivered
+//! A batch is written to its segment before it is sent, so an endpoint outage or an agent
+//! restart (a crash, an OOM kill) loses nothing: the kernel holds what was written, after a
+//! restart the sender resumes at `ack`, and the writer starts a new segment. A segment is
+//! `fdatasync`ed when it closes and the open one by [`Queue::sync`], which the batcher calls
+//! once a second and at shutdown, as Prometheus' write-ahead log syncs at segment ends rather
+//! than per write: only a node crash or power loss can lose the last second of batches, and
+//! the checksums below find the torn record it leaves. Past the disk cap the oldest segment is deleted and its undelivered
 //! samples are counted as dropped. A record whose checksum fails (a torn write at a crash)
 //! ends its segment: the reader moves on to the next one and counts what it skipped.
 //!
 //! A failed append (a full disk, an I/O error) leaves nothing behind: the segment is cut
-//! back to its last whole record, so records already `fsync`ed stay readable, and the next
+//! back to its last whole record, so the records before it stay readable, and the next
 //! append starts a new segment, so that once the sender has delivered the old one, deleting
 //! it frees the space appends need. The caller counts the batch that was not written.
 
@@ -53,6 +57,8 @@ struct Writer {
     segment: u64,
     file: File,
     len: u64,
+    /// Written since the last `fdatasync`.
+    dirty: bool,
 }
 
 /// One shard's queue.
@@ -201,7 +207,8 @@ impl Queue {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Append one record and `fsync` it; returns what the disk cap made it drop.
+    /// Append one record (synced to disk later, see [`Queue::sync`]); returns what the disk
+    /// cap made it drop.
     ///
     /// ### Errors
     /// Disk errors; the caller counts the batch as dropped.
@@ -211,6 +218,9 @@ impl Queue {
         let mut guard = self.lock();
         let rotate = guard.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES);
         if rotate {
+            if let Some(closing) = guard.as_ref().filter(|w| w.dirty) {
+                closing.file.sync_data()?;
+            }
             let next = segments(&self.dir)?.last().map_or(1, |s| s + 1);
             let file = OpenOptions::new()
                 .create_new(true)
@@ -220,6 +230,7 @@ impl Queue {
                 segment: next,
                 file,
                 len: 0,
+                dirty: false,
             });
         }
         let w = guard.as_mut().expect("opened above");
@@ -229,17 +240,22 @@ impl Queue {
         record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         record.extend_from_slice(&newest_ms.to_le_bytes());
         record.extend_from_slice(payload);
-        if let Err(error) = w.file.write_all(&record).and_then(|()| w.file.sync_data()) {
+        if let Err(error) = w.file.write_all(&record) {
             // Nothing of this record may stay: a partial one would hide the records
             // written after it. Cutting a file back frees space, so this works on a full
             // disk; should it fail too, the reader skips the torn tail of a closed segment.
             let _ = w.file.set_len(w.len);
             if w.len > 0 {
-                *guard = None; // a new segment next: this one can be deleted once sent
+                // A new segment next: this one can be deleted once sent.
+                if w.dirty {
+                    let _ = w.file.sync_data();
+                }
+                *guard = None;
             }
             return Err(error);
         }
         w.len += record.len() as u64;
+        w.dirty = true;
         self.disk_bytes
             .fetch_add(record.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let current = w.segment;
@@ -247,6 +263,19 @@ impl Queue {
         let dropped = self.enforce_cap(current)?;
         self.appended.notify_waiters();
         Ok(dropped)
+    }
+
+    /// `fdatasync` the segment being written, if anything was appended since its last sync.
+    ///
+    /// ### Errors
+    /// Disk errors; the records stay in the page cache and the next sync tries again.
+    pub fn sync(&self) -> io::Result<()> {
+        let mut guard = self.lock();
+        if let Some(w) = guard.as_mut().filter(|w| w.dirty) {
+            w.file.sync_data()?;
+            w.dirty = false;
+        }
+        Ok(())
     }
 
     /// Delete the oldest segments (never the one being written) while over the cap.
