@@ -622,24 +622,17 @@ impl TargetTask {
             .get_or_create(&TierLabels { tier: "fast" })
             .inc_by(body.len() as u64);
         let limit = self.config.sample_limit;
-        // A filtered fast body is a few KB, read here; a sidecar that ignores the filter is
-        // parsed on the blocking pool, off the workers that keep every target's 1 s cadence.
-        let read = if body_len <= INLINE_PARSE_BYTES {
-            fast_snapshot(
-                &body,
-                limit,
-                &self.config.cluster_regex,
-                &m.scrape,
-                &self.target.id,
-            )
-        } else {
-            let (metrics, regex, id) = (
-                self.shared.metrics.scrape.clone(),
-                self.config.cluster_regex.clone(),
-                self.target.id.clone(),
-            );
-            off_workers(move || fast_snapshot(&body, limit, &regex, &metrics, &id)).await
-        };
+        // A filtered fast body is a few KB, read here; a sidecar that ignores the filter may
+        // be parsed on the blocking pool (see `sized_work`).
+        let (metrics, regex, id) = (
+            self.shared.metrics.scrape.clone(),
+            self.config.cluster_regex.clone(),
+            self.target.id.clone(),
+        );
+        let read = sized_work(body_len, move || {
+            fast_snapshot(&body, limit, &regex, &metrics, &id)
+        })
+        .await;
         let snapshot = match read {
             Ok(snapshot) => snapshot,
             Err(samples) => {
@@ -717,9 +710,9 @@ impl TargetTask {
         }
     }
 
-    /// Check, parse and encode a full-tier body (up to --max-body-bytes of work: on the
-    /// blocking pool, so a big sidecar never delays another target's fast tier), then hand
-    /// its series to remote write.
+    /// Check, parse and encode a full-tier body (a big one on the blocking pool, so a big
+    /// sidecar never delays another target's fast tier; see `sized_work`), then hand its
+    /// series to remote write.
     async fn read_full(&mut self, body: bytes::Bytes) -> Result<(), ScrapeError> {
         let limit = self.config.sample_limit;
         let metrics = self.shared.metrics.scrape.clone();
@@ -744,7 +737,7 @@ impl TargetTask {
             .zip(self.config.remote_write.as_ref())
         else {
             // No remote write configured: parse to count, so the tier is still observable.
-            let samples = off_workers(move || {
+            let samples = sized_work(body.len(), move || {
                 if let Some(n) = over_sample_limit(&body, limit) {
                     return Err(n);
                 }
@@ -765,7 +758,7 @@ impl TargetTask {
         let labels = self.target_labels(rw_config);
         let (drop_rules, shards) = (rw_config.drop.clone(), rw_config.shards);
         let mut series = std::mem::take(&mut self.series);
-        let (series, encoded) = off_workers(move || {
+        let (series, encoded) = sized_work(body.len(), move || {
             if let Some(n) = over_sample_limit(&body, limit) {
                 return (series, Err(n));
             }
@@ -866,11 +859,20 @@ impl TargetTask {
 /// `body_too_large` before it costs memory every second.
 pub const FAST_BODY_LIMIT: usize = 4 << 20;
 
-/// Bodies up to this size are parsed where they arrive; larger ones on the blocking pool.
-const INLINE_PARSE_BYTES: usize = 64 * 1024;
+/// Bodies up to this size are parsed and encoded on the worker they arrive on; larger ones
+/// on the blocking pool. Encoding runs at about 5 µs per KB (`benches/remote_write.rs`,
+/// cached), so a worker is held at most about a millisecond, far inside the fast tier's
+/// ±2 % (20 ms) jitter, while each trip to the blocking pool costs two thread wake-ups, and
+/// wake-ups were about a quarter of the agent's CPU in `scripts/bench-peers.sh` (see "The
+/// remote-write hot path" in `docs/architecture.md`).
+const INLINE_WORK_BYTES: usize = 256 * 1024;
 
-/// Run CPU-heavy work on tokio's blocking pool and wait for it.
-async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+/// Run CPU work on a body of `len` bytes: here when it is small, else on tokio's blocking
+/// pool, off the workers that keep every target's 1 s cadence.
+async fn sized_work<T: Send + 'static>(len: usize, work: impl FnOnce() -> T + Send + 'static) -> T {
+    if len <= INLINE_WORK_BYTES {
+        return work();
+    }
     match tokio::task::spawn_blocking(work).await {
         Ok(out) => out,
         Err(join) => std::panic::resume_unwind(join.into_panic()),
