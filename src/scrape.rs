@@ -158,7 +158,12 @@ pub enum ScrapeError {
 /// body is within the limit, else the count it stopped at.
 pub fn over_sample_limit(body: &[u8], limit: usize) -> Option<usize> {
     let mut samples = 0usize;
-    for line in body.split(|&b| b == b'\n') {
+    let mut start = 0;
+    // memchr finds the line ends a vector at a time; a byte-at-a-time split was a third
+    // of the full tier's encoding time.
+    for end in memchr::memchr_iter(b'\n', body).chain([body.len()]) {
+        let line = &body[start..end];
+        start = end + 1;
         match line.iter().position(|b| !b.is_ascii_whitespace()) {
             Some(i) if line[i] != b'#' => {
                 samples += 1;

@@ -420,9 +420,16 @@ impl<'a> Encoder<'a> {
             // Fast path: a line whose text up to its last space was seen before, as a
             // valid sample without a timestamp followed by one space and its value, is the
             // same series with a new value, if what follows is a value.
-            let last_space = memchr::memrchr(b' ', line);
+            // A comment (a fifth of Envoy's lines) has no value: straight to the parser.
+            let last_space = match line.first() {
+                Some(b'#') => None,
+                _ => memchr::memrchr(b' ', line),
+            };
             let fast_value = last_space.and_then(|sp| value_of(&line[sp + 1..]));
-            let prefix_key = last_space.map(|sp| hash_prefix(&line[..sp]));
+            // Keyed by its prefix only when it has a value (see the slow path).
+            let prefix_key = last_space
+                .filter(|_| fast_value.is_some())
+                .map(|sp| hash_prefix(&line[..sp]));
             if let (Some(value), Some(key)) = (fast_value, prefix_key) {
                 if let Some(e) = cache.entries.get_mut(&key) {
                     e.seen = generation;
