@@ -21,7 +21,8 @@ fn main() -> ExitCode {
 /// batches (measured with `scripts/bench-peers.sh`, 30 targets x 160 KB every second):
 /// - one arena: glibc gives each contending thread its own (up to 8 per core), and memory
 ///   freed in one is not reused by another; the runtime's worker and the blocking pool hand
-///   bodies and batches to each other, so one is enough: about 3.5 MB less peak RSS, no measurable CPU;
+///   bodies and batches to each other, so one is enough: about 3.5 MB less peak RSS, no
+///   measurable CPU;
 /// - fixed mmap (4 MiB) and trim (8 MiB) thresholds: by default every 160 KB body or batch
 ///   buffer freed at the top of the heap is returned to the kernel and faulted back in at
 ///   the next scrape; kept, system CPU falls from about 0.026 to 0.015 cores, for under

@@ -319,29 +319,27 @@ async fn batcher(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sync_tick = tokio::time::interval(SYNC_EVERY);
     sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Per shard: appended to since the last sync.
-    let mut unsynced = vec![false; queues.len()];
     let mut sync_failing = false;
     loop {
         tokio::select! {
             received = rx.recv() => {
                 let Some(chunks) = received else { break };
                 add(&mut buffers, chunks);
-                for ((queue, buffer), unsynced) in queues.iter().zip(&mut buffers).zip(&mut unsynced) {
+                for (queue, buffer) in queues.iter().zip(&mut buffers) {
                     if buffer.samples as usize >= config.batch_samples
                         || buffer.elements.len() >= MAX_BATCH_BYTES
                     {
-                        *unsynced |= flush(queue, buffer, &metrics).await;
+                        flush(queue, buffer, &metrics).await;
                     }
                 }
             }
             _ = tick.tick() => {
-                for ((queue, buffer), unsynced) in queues.iter().zip(&mut buffers).zip(&mut unsynced) {
-                    *unsynced |= flush(queue, buffer, &metrics).await;
+                for (queue, buffer) in queues.iter().zip(&mut buffers) {
+                    flush(queue, buffer, &metrics).await;
                 }
             }
             _ = sync_tick.tick() => {
-                sync_failing = sync(&queues, &mut unsynced, sync_failing).await;
+                sync_failing = sync(&queues, sync_failing).await;
             }
             () = stopping(&mut shutdown) => break,
         }
@@ -350,10 +348,10 @@ async fn batcher(
     while let Ok(chunks) = rx.try_recv() {
         add(&mut buffers, chunks);
     }
-    for ((queue, buffer), unsynced) in queues.iter().zip(&mut buffers).zip(&mut unsynced) {
-        *unsynced |= flush(queue, buffer, &metrics).await;
+    for (queue, buffer) in queues.iter().zip(&mut buffers) {
+        flush(queue, buffer, &metrics).await;
     }
-    sync(&queues, &mut unsynced, sync_failing).await;
+    sync(&queues, sync_failing).await;
 }
 
 /// How often the batcher `fdatasync`s the segments it appended to: the most a node crash
@@ -363,20 +361,14 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// `fdatasync` the shards appended to since their last sync; returns whether one failed
 /// (logged when failing starts, not every second).
-async fn sync(queues: &[Arc<Queue>], unsynced: &mut [bool], was_failing: bool) -> bool {
+async fn sync(queues: &[Arc<Queue>], was_failing: bool) -> bool {
     let mut failing = false;
-    for (queue, unsynced) in queues.iter().zip(unsynced) {
-        if !*unsynced {
-            continue;
-        }
-        match on_disk(queue, Queue::sync).await {
-            Ok(()) => *unsynced = false,
-            Err(error) => {
-                if !was_failing && !failing {
-                    tracing::error!(%error, "Syncing the remote-write queue to disk failed; batches stay in the page cache and are still sent, but a node crash could lose them (check the queue volume)");
-                }
-                failing = true;
+    for queue in queues.iter().filter(|q| q.needs_sync()) {
+        if let Err(error) = on_disk(queue, Queue::sync).await {
+            if !was_failing && !failing {
+                tracing::error!(%error, "Syncing the remote-write queue to disk failed; batches stay in the page cache and are still sent, but a node crash could lose them (check the queue volume)");
             }
+            failing = true;
         }
     }
     failing
@@ -396,10 +388,9 @@ async fn on_disk<T: Send + 'static>(
 
 /// Append a shard's buffer (compressed parts of a `WriteRequest` encoding) to the shard's
 /// queue as one snappy block.
-/// Returns whether it appended.
-async fn flush(queue: &Arc<Queue>, buffer: &mut Sealed, metrics: &RemoteWriteMetrics) -> bool {
+async fn flush(queue: &Arc<Queue>, buffer: &mut Sealed, metrics: &RemoteWriteMetrics) {
     if buffer.samples == 0 {
-        return false;
+        return;
     }
     let chunk = std::mem::take(buffer);
     let samples = chunk.samples;
@@ -418,12 +409,10 @@ async fn flush(queue: &Arc<Queue>, buffer: &mut Sealed, metrics: &RemoteWriteMet
                 count("dropped_disk_cap", dropped.samples);
                 tracing::warn!(samples = dropped.samples, "Remote-write queue over its disk cap: dropped the oldest segment (raise --remote-write-max-disk)");
             }
-            true
         }
         Err(error) => {
             count("dropped_queue_error", u64::from(samples));
             tracing::error!(%error, samples, "Writing a remote-write batch to the queue failed (disk full?); this batch is dropped, the queue keeps what it had and sending goes on");
-            false
         }
     }
 }

@@ -10,8 +10,8 @@
 //! `fdatasync`ed when it closes and the open one by [`Queue::sync`], which the batcher calls
 //! once a second and at shutdown, as Prometheus' write-ahead log syncs at segment ends rather
 //! than per write: only a node crash or power loss can lose the last second of batches, and
-//! the checksums below find the torn record it leaves. Past the disk cap the oldest segment is deleted and its undelivered
-//! samples are counted as dropped. A record whose checksum fails (a torn write at a crash)
+//! the checksums below find the torn record it leaves. Past the disk cap the oldest segment
+//! is deleted and its undelivered samples are counted as dropped. A record whose checksum fails (a torn write at a crash)
 //! ends its segment: the reader moves on to the next one and counts what it skipped.
 //!
 //! A failed append (a full disk, an I/O error) leaves nothing behind: the segment is cut
@@ -22,6 +22,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -57,8 +58,6 @@ struct Writer {
     segment: u64,
     file: File,
     len: u64,
-    /// Written since the last `fdatasync`.
-    dirty: bool,
 }
 
 /// One shard's queue.
@@ -71,6 +70,9 @@ pub struct Queue {
     /// Bytes in segment files, kept as they are written and deleted, so that an append
     /// under the cap costs no directory listing.
     disk_bytes: std::sync::atomic::AtomicU64,
+    /// The segment being written has records not yet `fdatasync`ed (changed under the
+    /// writer's lock; read without it, so the batcher can ask without waiting on a write).
+    unsynced: std::sync::atomic::AtomicBool,
     /// Woken on every append.
     pub appended: Notify,
     /// A corrupt record the reader found in the segment being written: reported once, and
@@ -190,6 +192,7 @@ impl Queue {
             writer: Mutex::new(None),
             acked: Mutex::new((acked, ack_file)),
             disk_bytes: disk_bytes.into(),
+            unsynced: false.into(),
             appended: Notify::new(),
             corrupt_at: Mutex::new(None),
         })
@@ -218,8 +221,9 @@ impl Queue {
         let mut guard = self.lock();
         let rotate = guard.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES);
         if rotate {
-            if let Some(closing) = guard.as_ref().filter(|w| w.dirty) {
+            if let Some(closing) = guard.as_ref().filter(|_| self.needs_sync()) {
                 closing.file.sync_data()?;
+                self.unsynced.store(false, Relaxed);
             }
             let next = segments(&self.dir)?.last().map_or(1, |s| s + 1);
             let file = OpenOptions::new()
@@ -230,7 +234,6 @@ impl Queue {
                 segment: next,
                 file,
                 len: 0,
-                dirty: false,
             });
         }
         let w = guard.as_mut().expect("opened above");
@@ -247,15 +250,15 @@ impl Queue {
             let _ = w.file.set_len(w.len);
             if w.len > 0 {
                 // A new segment next: this one can be deleted once sent.
-                if w.dirty {
-                    let _ = w.file.sync_data();
+                if self.needs_sync() && w.file.sync_data().is_ok() {
+                    self.unsynced.store(false, Relaxed);
                 }
                 *guard = None;
             }
             return Err(error);
         }
         w.len += record.len() as u64;
-        w.dirty = true;
+        self.unsynced.store(true, Relaxed);
         self.disk_bytes
             .fetch_add(record.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let current = w.segment;
@@ -270,12 +273,17 @@ impl Queue {
     /// ### Errors
     /// Disk errors; the records stay in the page cache and the next sync tries again.
     pub fn sync(&self) -> io::Result<()> {
-        let mut guard = self.lock();
-        if let Some(w) = guard.as_mut().filter(|w| w.dirty) {
+        let guard = self.lock();
+        if let Some(w) = guard.as_ref().filter(|_| self.needs_sync()) {
             w.file.sync_data()?;
-            w.dirty = false;
+            self.unsynced.store(false, Relaxed);
         }
         Ok(())
+    }
+
+    /// Whether anything was appended since the last sync (no lock, no disk).
+    pub fn needs_sync(&self) -> bool {
+        self.unsynced.load(Relaxed)
     }
 
     /// Delete the oldest segments (never the one being written) while over the cap.
@@ -519,6 +527,21 @@ mod tests {
             q.ack(c).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn an_append_waits_for_the_next_sync_and_a_sync_clears_it() {
+        let dir = tmp();
+        let q = Queue::open(&dir, 1 << 30).unwrap();
+        assert!(!q.needs_sync(), "nothing written yet");
+        q.append(b"one", 1, 0).unwrap();
+        assert!(q.needs_sync());
+        // Readable before it is synced: the sender does not wait for the disk.
+        assert_eq!(drain(&q), vec![b"one".to_vec()]);
+        q.sync().unwrap();
+        assert!(!q.needs_sync());
+        q.sync().unwrap(); // nothing to do
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
