@@ -622,17 +622,27 @@ impl TargetTask {
             .get_or_create(&TierLabels { tier: "fast" })
             .inc_by(body.len() as u64);
         let limit = self.config.sample_limit;
-        // A filtered fast body is a few KB, read here; a sidecar that ignores the filter may
-        // be parsed on the blocking pool (see `sized_work`).
-        let (metrics, regex, id) = (
-            self.shared.metrics.scrape.clone(),
-            self.config.cluster_regex.clone(),
-            self.target.id.clone(),
-        );
-        let read = sized_work(body_len, move || {
-            fast_snapshot(&body, limit, &regex, &metrics, &id)
-        })
-        .await;
+        // A filtered fast body is a few KB, read here without copying what it needs; a
+        // sidecar that ignores the filter is parsed on the blocking pool (see `sized_work`).
+        let read = if body_len <= INLINE_WORK_BYTES {
+            fast_snapshot(
+                &body,
+                limit,
+                &self.config.cluster_regex,
+                &m.scrape,
+                &self.target.id,
+            )
+        } else {
+            let (metrics, regex, id) = (
+                self.shared.metrics.scrape.clone(),
+                self.config.cluster_regex.clone(),
+                self.target.id.clone(),
+            );
+            sized_work(body_len, move || {
+                fast_snapshot(&body, limit, &regex, &metrics, &id)
+            })
+            .await
+        };
         let snapshot = match read {
             Ok(snapshot) => snapshot,
             Err(samples) => {
