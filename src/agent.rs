@@ -573,9 +573,13 @@ impl TargetTask {
     ) {
         let start = Instant::now();
         let mut next_fast = start + self.config.fast_interval.mul_f64(fastrand::f64());
+        let shared_every = shared_scrape_every(&self.config);
+        // Fast ticks until the next full scrape, when one request serves both tiers.
+        let mut ticks_to_full = shared_every.map(|every| fastrand::u32(0..every));
         let mut next_full = self
             .config
             .full_interval
+            .filter(|_| shared_every.is_none())
             .map(|full| start + full.mul_f64(fastrand::f64()));
         loop {
             let full_due = next_full.unwrap_or(next_fast + Duration::from_secs(86_400));
@@ -588,7 +592,17 @@ impl TargetTask {
                     return;
                 }
                 () = tokio::time::sleep_until(next_fast) => {
-                    self.fast().await;
+                    match (&mut ticks_to_full, shared_every) {
+                        (Some(0), Some(every)) => {
+                            ticks_to_full = Some(every - 1);
+                            self.both().await;
+                        }
+                        (Some(n), _) => {
+                            *n -= 1;
+                            self.fast().await;
+                        }
+                        _ => self.fast().await,
+                    }
                     next_fast = advance(next_fast, jittered(self.config.fast_interval, 0.02));
                 }
                 () = tokio::time::sleep_until(full_due), if next_full.is_some() => {
@@ -616,11 +630,43 @@ impl TargetTask {
             Ok(body) => body,
             Err(e) => return self.mark_down(Tier::Fast, &e),
         };
-        let body_len = body.len();
         m.scrape
             .bytes
             .get_or_create(&TierLabels { tier: "fast" })
             .inc_by(body.len() as u64);
+        self.read_fast(body, started).await;
+    }
+
+    /// One request for both tiers (see [`shared_scrape_every`]): the full body, of which
+    /// the fast tier reads the inbound cluster's lines. If it fails, the fast tier still
+    /// makes its own (filtered, small) request this tick.
+    async fn both(&mut self) {
+        let started = std::time::Instant::now();
+        let Some(body) = self.full_from(started).await else {
+            return self.fast().await;
+        };
+        let m = Arc::clone(&self.shared.metrics);
+        m.scrape
+            .scrapes
+            .get_or_create(&TierLabels { tier: "fast" })
+            .inc();
+        m.scrape.record_duration(Tier::Fast, started.elapsed());
+        let lines = if body.len() <= INLINE_WORK_BYTES {
+            inbound_lines(&body)
+        } else {
+            let body = body.clone();
+            sized_work(body.len(), move || inbound_lines(&body)).await
+        };
+        self.read_fast(lines.into(), started).await;
+        if let Err(e) = self.read_full(body).await {
+            self.full_failed(&e).await;
+        }
+    }
+
+    /// Read a fast-tier body (`started`: when its scrape began) into the windows.
+    async fn read_fast(&mut self, body: bytes::Bytes, started: std::time::Instant) {
+        let m = &self.shared.metrics;
+        let body_len = body.len();
         let limit = self.config.sample_limit;
         // A filtered fast body is a few KB, read here without copying what it needs; a
         // sidecar that ignores the filter is parsed on the blocking pool (see `sized_work`).
@@ -686,6 +732,15 @@ impl TargetTask {
 
     async fn full(&mut self) {
         let started = std::time::Instant::now();
+        if let Some(body) = self.full_from(started).await {
+            if let Err(e) = self.read_full(body).await {
+                self.full_failed(&e).await;
+            }
+        }
+    }
+
+    /// A full-tier body, or `None` after counting and handling the failed request.
+    async fn full_from(&mut self, started: std::time::Instant) -> Option<bytes::Bytes> {
         let m = Arc::clone(&self.shared.metrics);
         m.scrape
             .scrapes
@@ -696,28 +751,34 @@ impl TargetTask {
             .fetch(&self.urls.full, self.config.full_timeout)
             .await;
         m.scrape.record_duration(Tier::Full, started.elapsed());
-        let outcome = match result {
+        match result {
             Ok(body) => {
                 m.scrape
                     .bytes
                     .get_or_create(&TierLabels { tier: "full" })
                     .inc_by(body.len() as u64);
-                self.read_full(body).await
+                Some(body)
             }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = outcome {
-            m.scrape
-                .errors
-                .get_or_create(&ErrorLabels {
-                    tier: "full",
-                    reason: e.reason(),
-                })
-                .inc();
-            tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
-            // As Prometheus does for a failed scrape: every series of the target ends.
-            self.end_series().await;
+            Err(e) => {
+                self.full_failed(&e).await;
+                None
+            }
         }
+    }
+
+    async fn full_failed(&mut self, e: &ScrapeError) {
+        self.shared
+            .metrics
+            .scrape
+            .errors
+            .get_or_create(&ErrorLabels {
+                tier: "full",
+                reason: e.reason(),
+            })
+            .inc();
+        tracing::warn!(target_id = %self.target.id, error = %e, "Full-tier scrape failed");
+        // As Prometheus does for a failed scrape: every series of the target ends.
+        self.end_series().await;
     }
 
     /// Check, parse and encode a full-tier body (a big one on the blocking pool, so a big
@@ -862,6 +923,47 @@ impl TargetTask {
             status.last_error = Some(error.to_string());
         }
     }
+}
+
+/// When one request can serve both tiers: every this many fast ticks, the full scrape
+/// is made at the fast tick and the fast tier reads its answer, instead of each tier
+/// asking the sidecar on its own. That holds when the full interval is at least the fast
+/// one (it is then rounded to a whole number of fast intervals, the same at the 1 s / 15 s
+/// defaults) and the full tier's timeout fits the fast tier's, so the decision input is
+/// never waited for longer than on its own. Halves the requests (and the agent's
+/// wake-ups) when both tiers run every second.
+fn shared_scrape_every(config: &AgentConfig) -> Option<u32> {
+    let full = config.full_interval?;
+    if full < config.fast_interval || config.full_timeout > config.fast_timeout {
+        return None;
+    }
+    let every = (full.as_secs_f64() / config.fast_interval.as_secs_f64()).round();
+    Some(every.clamp(1.0, f64::from(u32::MAX)) as u32)
+}
+
+/// The lines of a full-tier body that the fast tier reads ([`InboundSnapshot::extract`]
+/// reads requests by code and latency buckets, which carry the cluster label; which
+/// clusters count it decides as for a filtered body), so it parses a few KB instead of
+/// the whole body. In body order, each ending in a newline.
+fn inbound_lines(body: &[u8]) -> Vec<u8> {
+    use crate::window::inbound::{LATENCY_BUCKET, REQUESTS_METRIC};
+    let mut starts: Vec<usize> = Vec::new();
+    for name in [REQUESTS_METRIC, LATENCY_BUCKET] {
+        let prefix = [name.as_bytes(), b"{"].concat();
+        if body.starts_with(&prefix) {
+            starts.push(0);
+        }
+        let needle = [b"\n".as_slice(), &prefix].concat();
+        starts.extend(memchr::memmem::find_iter(body, &needle).map(|at| at + 1));
+    }
+    starts.sort_unstable();
+    let mut out = Vec::new();
+    for start in starts {
+        let end = memchr::memchr(b'\n', &body[start..]).map_or(body.len(), |n| start + n);
+        out.extend_from_slice(&body[start..end]);
+        out.push(b'\n');
+    }
+    out
 }
 
 /// The fast tier's body cap: its filtered answer is a few KB (under 10 KB with 50
@@ -1038,6 +1140,53 @@ mod tests {
         let t = crate::discover::parse_static_target("a/canary=http://x:1").unwrap();
         c.targets = vec![t.clone(), t];
         assert!(c.validate().unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn one_request_serves_both_tiers_only_when_it_delays_neither() {
+        let mut c = config();
+        assert_eq!(
+            shared_scrape_every(&c),
+            None,
+            "full timeout 10 s > fast 800 ms"
+        );
+        c.full_timeout = Duration::from_millis(800);
+        assert_eq!(shared_scrape_every(&c), Some(15));
+        c.full_interval = Some(Duration::from_millis(1400));
+        assert_eq!(shared_scrape_every(&c), Some(1));
+        c.full_interval = Some(Duration::from_millis(250));
+        assert_eq!(shared_scrape_every(&c), None, "full more often than fast");
+        c.full_interval = None;
+        assert_eq!(shared_scrape_every(&c), None);
+    }
+
+    #[test]
+    fn the_fast_tier_reads_the_same_counters_from_a_full_body() {
+        for capture in ["envoy-1.40-1-clusters.prom", "envoy-1.40-10-clusters.prom"] {
+            let path = format!("{}/tests/fixtures/{capture}", env!("CARGO_MANIFEST_DIR"));
+            let full = std::fs::read(path).unwrap();
+            let metrics = ScrapeMetrics::register(&mut MetricRegistry::default());
+            let regex = config().cluster_regex;
+            let read = |body: &[u8]| fast_snapshot(body, 1 << 20, &regex, &metrics, "t").unwrap();
+            let lines = inbound_lines(&full);
+            assert!(
+                lines.len() * 10 < full.len(),
+                "{capture}: {} bytes",
+                lines.len()
+            );
+            let snapshot = read(&lines);
+            assert!(
+                snapshot.matched && !snapshot.cumulative.is_empty(),
+                "{capture}"
+            );
+            assert_eq!(snapshot, read(&full), "{capture}");
+        }
+        // First and last lines, without a final newline.
+        let body = b"envoy_cluster_upstream_rq{envoy_cluster_name=\"a\"} 1\nx 2\nenvoy_cluster_upstream_rq_time_bucket{le=\"1\"} 3";
+        assert_eq!(
+            inbound_lines(body),
+            b"envoy_cluster_upstream_rq{envoy_cluster_name=\"a\"} 1\nenvoy_cluster_upstream_rq_time_bucket{le=\"1\"} 3\n"
+        );
     }
 
     #[test]

@@ -119,7 +119,9 @@ pub struct AgentArgs {
     /// Fast-tier interval (decisions).
     #[arg(long, env = "MESHCANARY_FAST_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub fast_interval: Duration,
-    /// Full-tier interval (remote write); `0` disables the full tier.
+    /// Full-tier interval (remote write); `0` disables the full tier. When it is at least
+    /// the fast interval and --full-timeout is at most --scrape-timeout, it is rounded to
+    /// whole fast intervals and one request to the sidecar serves both tiers.
     #[arg(long, env = "MESHCANARY_FULL_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub full_interval: Duration,
     /// Timeout of one fast-tier scrape; must be shorter than the fast interval.

@@ -84,7 +84,7 @@ impl ScrapeMetrics {
         };
         r.register(
             "meshcanary_scrapes",
-            "Scrapes attempted, by tier (fast feeds decisions, full feeds remote write).",
+            "Scrapes attempted, by tier (fast feeds decisions, full feeds remote write); a full scrape that also feeds the fast tier counts in both.",
             &["tier"],
             &m.scrapes,
         );
@@ -92,7 +92,7 @@ impl ScrapeMetrics {
         r.register("meshcanary_parse_errors", "Lines of Envoy output rejected by the parser, by tier and reason; the rest of the scrape is kept.", &["tier", "reason"], &m.parse_errors);
         r.register(
             "meshcanary_scraped_bytes",
-            "Bytes of Envoy output read, by tier.",
+            "Bytes of Envoy output read, by the tier of the request (a full body that also feeds the fast tier counts as full).",
             &["tier"],
             &m.bytes,
         );

@@ -36,11 +36,36 @@ async fn ready(agent: &RunningAgent) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_rate_equals_the_injected_ratio_exactly() {
+    exact_success_rate(|_| {}).await;
+}
+
+/// The same when the full tier runs at every fast tick: one request serves both tiers,
+/// and the fast tier reads the inbound lines of the full body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_rate_is_exact_when_one_request_serves_both_tiers() {
+    let metrics = exact_success_rate(|c| {
+        c.full_interval = Some(c.fast_interval);
+        c.full_timeout = c.fast_timeout;
+    })
+    .await;
+    // No filtered request was made: every fast reading came from a full body.
+    assert!(support::counter(&metrics, r#"meshcanary_scrapes_total{tier="fast"}"#) >= 2.0);
+    assert!(support::counter(&metrics, r#"meshcanary_scraped_bytes_total{tier="full"}"#) > 0.0);
+    assert!(
+        !metrics.contains(r#"meshcanary_scraped_bytes_total{tier="fast"}"#),
+        "{metrics}"
+    );
+}
+
+/// Drive 54 successes and 46 failures through a real Envoy; the window must hold exactly
+/// those. Returns the agent's metrics.
+async fn exact_success_rate(adjust: impl FnOnce(&mut meshcanary::agent::AgentConfig)) -> String {
     let app = App::start().await;
     let sidecar = Sidecar::start(app.port, "podinfo-canary", "1s").await;
-    let agent = RunningAgent::start(
+    let agent = RunningAgent::start_with(
         &[format!("test/podinfo/canary={}", sidecar.admin_url())],
         32 << 20,
+        adjust,
     )
     .await;
     ready(&agent).await;
@@ -64,6 +89,7 @@ async fn success_rate_equals_the_injected_ratio_exactly() {
     let metrics = agent.metrics().await;
     assert!(metrics.contains(r#"meshcanary_window_success_ratio{namespace="test",workload="podinfo",role="canary"} 0.54"#), "{metrics}");
     agent.shutdown().await;
+    metrics
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

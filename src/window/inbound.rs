@@ -21,7 +21,7 @@ use regex::Regex;
 pub const REQUESTS_METRIC: &str = "envoy_cluster_upstream_rq";
 /// The inbound latency histogram, in milliseconds.
 pub const LATENCY_METRIC: &str = "envoy_cluster_upstream_rq_time";
-const LATENCY_BUCKET: &str = "envoy_cluster_upstream_rq_time_bucket";
+pub const LATENCY_BUCKET: &str = "envoy_cluster_upstream_rq_time_bucket";
 const CLUSTER_LABEL: &str = "envoy_cluster_name";
 const CODE_LABEL: &str = "envoy_response_code";
 
