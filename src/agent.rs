@@ -639,18 +639,22 @@ impl TargetTask {
 
     /// One request for both tiers (see [`shared_scrape_every`]): the full body, of which
     /// the fast tier reads the inbound cluster's lines. If it fails, the fast tier still
-    /// makes its own (filtered, small) request this tick.
+    /// makes its own (filtered, small) request this tick, unless no connection could be made.
     async fn both(&mut self) {
         let started = std::time::Instant::now();
-        let Some(body) = self.full_from(started).await else {
-            return self.fast().await;
+        let body = match self.fetch_full(started).await {
+            Ok(body) => body,
+            Err(e) => {
+                self.full_failed(&e).await;
+                if !matches!(e, ScrapeError::Connect { .. }) {
+                    // Too large, too slow, or refused: a filtered answer may still come.
+                    return self.fast().await;
+                }
+                self.count_fast_scrape(started);
+                return self.mark_down(Tier::Fast, &e);
+            }
         };
-        let m = Arc::clone(&self.shared.metrics);
-        m.scrape
-            .scrapes
-            .get_or_create(&TierLabels { tier: "fast" })
-            .inc();
-        m.scrape.record_duration(Tier::Fast, started.elapsed());
+        self.count_fast_scrape(started);
         let lines = if body.len() <= INLINE_WORK_BYTES {
             inbound_lines(&body)
         } else {
@@ -730,17 +734,29 @@ impl TargetTask {
         self.mark_up();
     }
 
+    /// A fast reading that a full scrape (begun at `started`) served.
+    fn count_fast_scrape(&self, started: std::time::Instant) {
+        let m = &self.shared.metrics.scrape;
+        m.scrapes.get_or_create(&TierLabels { tier: "fast" }).inc();
+        m.record_duration(Tier::Fast, started.elapsed());
+    }
+
     async fn full(&mut self) {
         let started = std::time::Instant::now();
-        if let Some(body) = self.full_from(started).await {
-            if let Err(e) = self.read_full(body).await {
-                self.full_failed(&e).await;
-            }
+        let outcome = match self.fetch_full(started).await {
+            Ok(body) => self.read_full(body).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = outcome {
+            self.full_failed(&e).await;
         }
     }
 
-    /// A full-tier body, or `None` after counting and handling the failed request.
-    async fn full_from(&mut self, started: std::time::Instant) -> Option<bytes::Bytes> {
+    /// A full-tier body (counted), or why there is none.
+    async fn fetch_full(
+        &mut self,
+        started: std::time::Instant,
+    ) -> Result<bytes::Bytes, ScrapeError> {
         let m = Arc::clone(&self.shared.metrics);
         m.scrape
             .scrapes
@@ -751,19 +767,13 @@ impl TargetTask {
             .fetch(&self.urls.full, self.config.full_timeout)
             .await;
         m.scrape.record_duration(Tier::Full, started.elapsed());
-        match result {
-            Ok(body) => {
-                m.scrape
-                    .bytes
-                    .get_or_create(&TierLabels { tier: "full" })
-                    .inc_by(body.len() as u64);
-                Some(body)
-            }
-            Err(e) => {
-                self.full_failed(&e).await;
-                None
-            }
+        if let Ok(body) = &result {
+            m.scrape
+                .bytes
+                .get_or_create(&TierLabels { tier: "full" })
+                .inc_by(body.len() as u64);
         }
+        result
     }
 
     async fn full_failed(&mut self, e: &ScrapeError) {
