@@ -57,6 +57,30 @@ async fn success_rate_is_exact_when_one_request_serves_both_tiers() {
     );
 }
 
+/// When that shared request fails (here: the full body is over the cap), the fast tier
+/// makes its own filtered request in the same tick and the window is exact all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_tier_asks_on_its_own_when_the_shared_request_fails() {
+    let metrics = exact_success_rate(|c| {
+        c.full_interval = Some(c.fast_interval);
+        c.full_timeout = c.fast_timeout;
+        c.max_body_bytes = 16 << 10;
+    })
+    .await;
+    assert!(
+        support::counter(
+            &metrics,
+            r#"meshcanary_scrape_errors_total{tier="full",reason="body_too_large"}"#
+        ) >= 2.0,
+        "{metrics}"
+    );
+    assert!(support::counter(&metrics, r#"meshcanary_scraped_bytes_total{tier="fast"}"#) > 0.0);
+    assert!(
+        !metrics.contains(r#"meshcanary_scrape_errors_total{tier="fast""#),
+        "{metrics}"
+    );
+}
+
 /// Drive 54 successes and 46 failures through a real Envoy; the window must hold exactly
 /// those. Returns the agent's metrics.
 async fn exact_success_rate(adjust: impl FnOnce(&mut meshcanary::agent::AgentConfig)) -> String {
