@@ -562,8 +562,9 @@ pub fn limits_table() -> String {
             n => format!("{n} bytes"),
         }
     }
-    let rows: [(&str, String, &str); 11] = [
+    let rows: [(&str, String, &str); 12] = [
         ("fast-tier body", bytes(crate::agent::FAST_BODY_LIMIT), "`body_too_large`: its filtered answer is a few KB, so a bigger one is a sidecar ignoring `filter=`"),
+        ("read buffer of a scrape connection", bytes(crate::scrape::READ_BUF_BYTES), "a bigger body is read in more reads (the buffer would otherwise stay that large while the connection idles)"),
         ("histogram buckets read per pod", crate::window::inbound::MAX_EDGES.to_string(), "the pod's latency is not read (requests and errors still are)"),
         ("staleness", format!("3 fast scrapes, at least {} s", crate::agent::stale_after(Duration::from_millis(1)) / 1000), "a silent canary fails a check; a silent primary or agent halts"),
         ("peer answer", bytes(crate::peers::cluster::MAX_REPLY_BYTES), "the poll fails (`decode`) and that node's workloads halt"),

@@ -270,7 +270,7 @@ fn percent_encode(s: &str) -> String {
 /// thirty sidecars of 160 KB bodies the agent's peak RSS was 30-34 MiB, 25 MiB with this
 /// cap (`scripts/bench-peers.sh` setup). The body is copied out of the buffer anyway, and
 /// the extra reads did not show in the agent's CPU.
-const READ_BUF_BYTES: usize = 64 * 1024;
+pub const READ_BUF_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct Scraper {
