@@ -6,7 +6,8 @@
 # does not always land on the same collector. Reports each one's CPU (cores, from
 # /proc/<pid>/stat over MEASURE_S after WARMUP_S) and peak RSS per round, then the median of
 # the per-round ratios on its last line. meshcanary also runs its 1 s fast tier (its
-# decision input) on top. Loopback only.
+# decision input); with the full tier at 1 s and an 800 ms timeout, one request per sidecar
+# serves both (docs/architecture.md, "Scrape tiers and time"). Loopback only.
 # meshcanary is built with the `dist` profile, as the image is (the first build takes a few
 # minutes longer than a release build).
 set -euo pipefail

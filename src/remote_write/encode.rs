@@ -169,8 +169,9 @@ pub fn encode_series<N: AsRef<str>, V: AsRef<str>>(
 ///
 /// Memory: per kept series its own encoded labels (the target labels, the same on every
 /// series, are encoded once per scrape and spliced in at offsets kept with the series), so
-/// about as large as the kept part of one scrape body, plus 56 bytes per series. A hash
-/// collision between two raw series (2^-64 per pair) would write one's labels for the other.
+/// about as large as the kept part of one scrape body, plus about 60 bytes per series (the
+/// entry and its index slot). A hash collision between two raw series (2^-64 per pair)
+/// would write one's labels for the other.
 #[derive(Debug, Default)]
 pub struct SeriesCache {
     /// In the order of the scrape that last put them in order.
