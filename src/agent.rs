@@ -616,21 +616,18 @@ impl TargetTask {
 
     async fn fast(&mut self) {
         let started = std::time::Instant::now();
-        let m = &self.shared.metrics;
-        m.scrape
-            .scrapes
-            .get_or_create(&TierLabels { tier: "fast" })
-            .inc();
         let result = self
             .scraper
             .fetch_up_to(&self.urls.fast, self.config.fast_timeout, FAST_BODY_LIMIT)
             .await;
-        m.scrape.record_duration(Tier::Fast, started.elapsed());
+        self.count_fast_scrape(started);
         let body = match result {
             Ok(body) => body,
             Err(e) => return self.mark_down(Tier::Fast, &e),
         };
-        m.scrape
+        self.shared
+            .metrics
+            .scrape
             .bytes
             .get_or_create(&TierLabels { tier: "fast" })
             .inc_by(body.len() as u64);
@@ -734,7 +731,7 @@ impl TargetTask {
         self.mark_up();
     }
 
-    /// A fast reading that a full scrape (begun at `started`) served.
+    /// A fast-tier scrape begun at `started`, its own or served by a full one.
     fn count_fast_scrape(&self, started: std::time::Instant) {
         let m = &self.shared.metrics.scrape;
         m.scrapes.get_or_create(&TierLabels { tier: "fast" }).inc();
