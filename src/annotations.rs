@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::config::parse_duration;
 use crate::judge::{Mode, Policy};
+use crate::router::{GatewayRef, HttpRouteRef, RouterKind, Target};
 
 /// Prefix of every key.
 pub const PREFIX: &str = "meshcanary.io/";
@@ -24,6 +25,12 @@ pub const STATUS: &str = "meshcanary.io/status";
 pub const REVISION: &str = "meshcanary.io/revision";
 /// How long a canary may go without progress.
 pub const PROGRESS_DEADLINE: &str = "meshcanary.io/progress-deadline";
+/// Which router carries the workload's weights.
+pub const ROUTER: &str = "meshcanary.io/router";
+/// The user's HTTPRoute that carries the weights (Gateway API).
+pub const ROUTE: &str = "meshcanary.io/route";
+/// The Gateway meshcanary's own HTTPRoute attaches to (Gateway API).
+pub const GATEWAY: &str = "meshcanary.io/gateway";
 /// Pod annotation: the Envoy admin port, when it is not the default.
 pub const ENVOY_ADMIN_PORT: &str = "meshcanary.io/envoy-admin-port";
 /// Envoy's admin port in App Mesh's sidecar.
@@ -56,6 +63,9 @@ pub const KEYS: &[Key] = &[
     Key { name: "meshcanary.io/alpha", on: "Deployment", default: "0.01", expected: "a number between 0 and 1", meaning: "False-rollback budget of the sequential tests over a whole rollout." },
     Key { name: "meshcanary.io/advance-early", on: "Deployment", default: "false", expected: "true or false", meaning: "Advance before the interval ends when the sequential evidence shows the canary within the SLO." },
     Key { name: "meshcanary.io/adopt", on: "Deployment", default: "false", expected: "true or false", meaning: "Take over NAME-primary, the Services and the routing objects if they exist without a controlling owner (left by Flagger after `kubectl delete canary --cascade=orphan`): meshcanary makes NAME their owner. Objects another controller owns are never taken over." },
+    Key { name: ROUTER, on: "Deployment", default: "", expected: "app-mesh or gateway-api", meaning: "Which router carries the canary's weights: an App Mesh VirtualRouter, or a Gateway API HTTPRoute's backendRefs. Default: the controller's --router (app-mesh unless set)." },
+    Key { name: ROUTE, on: "Deployment", default: "", expected: "the name of an HTTPRoute in the Deployment's namespace", meaning: "Gateway API: use this existing HTTPRoute. meshcanary changes only the weights of its backendRefs to the Services NAME-primary and NAME-canary, in every rule that has both, and leaves every other rule, match, filter and backend as written. Without it meshcanary creates the HTTPRoute NAME." },
+    Key { name: GATEWAY, on: "Deployment", default: "", expected: "[namespace/]name of a Gateway", meaning: "Gateway API, without meshcanary.io/route: attach the HTTPRoute NAME meshcanary creates to this Gateway (north-south traffic). Without it the route attaches to the Service NAME (GAMMA, east-west mesh traffic)." },
     Key { name: ENVOY_ADMIN_PORT, on: "Pod", default: "9901", expected: "a port number from 1 to 65535", meaning: "The Envoy sidecar's admin port the agent scrapes." },
     Key { name: STATUS, on: "Deployment", default: "", expected: "written by meshcanary", meaning: "The rollout's state (phase, weight, failed checks, revisions); do not edit." },
     Key { name: REVISION, on: "Deployment (primary)", default: "", expected: "written by meshcanary", meaning: "The template hash the primary was copied from." },
@@ -75,6 +85,87 @@ pub struct RolloutPolicy {
     /// Take over existing objects that have no controlling owner.
     pub adopt: bool,
     pub judge: Policy,
+    pub routing: Routing,
+}
+
+/// The routing keys as written: the router (`None`: the controller's default) and, for the
+/// Gateway API, the user's route or the Gateway meshcanary's own route attaches to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub router: Option<RouterKind>,
+    pub route: Option<String>,
+    pub gateway: Option<GatewayRef>,
+}
+
+impl Routing {
+    /// The router and route with the controller's `default` router filled in.
+    ///
+    /// ### Errors
+    /// A Gateway API key on a workload whose router is App Mesh.
+    pub fn resolve(
+        &self,
+        default: RouterKind,
+    ) -> Result<(RouterKind, HttpRouteRef), AnnotationError> {
+        let router = self.router.unwrap_or(default);
+        if router == RouterKind::AppMesh {
+            let given = [
+                (ROUTE, self.route.clone()),
+                (GATEWAY, self.gateway.as_ref().map(|g| g.name.clone())),
+            ];
+            if let Some((key, Some(value))) = given.into_iter().find(|(_, v)| v.is_some()) {
+                let whose = if self.router.is_some() {
+                    ""
+                } else {
+                    " (the controller's --router)"
+                };
+                return Err(AnnotationError {
+                    key: key.into(),
+                    value,
+                    expected: format!("no Gateway API key while {ROUTER} is app-mesh{whose}; set {ROUTER}: gateway-api"),
+                });
+            }
+        }
+        let route = match &self.route {
+            Some(r) => HttpRouteRef::Existing(r.clone()),
+            None => HttpRouteRef::Own {
+                gateway: self.gateway.clone(),
+            },
+        };
+        Ok((router, route))
+    }
+}
+
+/// Where a Deployment's weights live, read leniently (a key that does not parse is taken
+/// as absent): what letting go of a workload whose annotations are invalid needs.
+pub fn target_of(
+    annotations: &BTreeMap<String, String>,
+    namespace: &str,
+    name: &str,
+    default: RouterKind,
+) -> Target {
+    let router = annotations
+        .get(ROUTER)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default);
+    let route = match annotations
+        .get(ROUTE)
+        .map(|v| v.trim())
+        .filter(|v| valid_name(v))
+    {
+        Some(r) => HttpRouteRef::Existing(r.to_owned()),
+        None => HttpRouteRef::Own { gateway: None },
+    };
+    Target::new(router, namespace, name, &route)
+}
+
+/// A Kubernetes object name (DNS subdomain).
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// A value that does not parse, or a key that does not exist.
@@ -220,6 +311,25 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
     let advance_early = one("meshcanary.io/advance-early", v, parse_bool)?;
     let (v, _) = get("meshcanary.io/adopt");
     let adopt = one("meshcanary.io/adopt", v, parse_bool)?;
+    let optional = |key: &str| annotations.get(key).map(|v| v.as_str());
+    let routing = Routing {
+        router: optional(ROUTER)
+            .map(|v| one(ROUTER, v, |s| s.parse().ok()))
+            .transpose()?,
+        route: optional(ROUTE)
+            .map(|v| one(ROUTE, v, |s| valid_name(s).then(|| s.to_owned())))
+            .transpose()?,
+        gateway: optional(GATEWAY)
+            .map(|v| one(GATEWAY, v, |s| s.parse().ok()))
+            .transpose()?,
+    };
+    if let (Some(_), Some(v)) = (&routing.route, optional(GATEWAY)) {
+        return Err(AnnotationError {
+            key: GATEWAY.into(),
+            value: v.into(),
+            expected: format!("no {GATEWAY} with {ROUTE}: the route's own parentRefs attach it"),
+        });
+    }
     Ok(RolloutPolicy {
         port,
         step_weights,
@@ -236,6 +346,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
             alpha,
             advance_early,
         },
+        routing,
     })
 }
 
@@ -381,6 +492,9 @@ mod tests {
             ("meshcanary.io/port", "http", "port number"),
             ("meshcanary.io/enabled", "yes", "true or false"),
             ("meshcanary.io/stepweights", "2,5", "known key"),
+            (ROUTER, "istio", "app-mesh or gateway-api"),
+            (ROUTE, "My_Route", "name of an HTTPRoute"),
+            (GATEWAY, "a/b/c", "[namespace/]name"),
         ];
         for (key, value, expected) in cases {
             let mut a = ann(&[(ENABLED, "true")]);
@@ -397,6 +511,71 @@ mod tests {
                 .to_string()
                 .starts_with(&format!("annotation {key} has value")));
         }
+    }
+
+    #[test]
+    fn routing_keys_resolve_against_the_controllers_default() {
+        let routing = |pairs: &[(&str, &str)]| {
+            let mut a = ann(&[(ENABLED, "true")]);
+            a.extend(ann(pairs));
+            parse(&a).map(|p| p.routing)
+        };
+        let none = routing(&[]).unwrap();
+        assert_eq!(
+            none.resolve(RouterKind::AppMesh),
+            Ok((RouterKind::AppMesh, HttpRouteRef::Own { gateway: None }))
+        );
+        assert_eq!(
+            none.resolve(RouterKind::GatewayApi).unwrap().0,
+            RouterKind::GatewayApi
+        );
+        let users = routing(&[(ROUTER, "gateway-api"), (ROUTE, "podinfo-web")]).unwrap();
+        assert_eq!(
+            users.resolve(RouterKind::AppMesh),
+            Ok((
+                RouterKind::GatewayApi,
+                HttpRouteRef::Existing("podinfo-web".into())
+            ))
+        );
+        let north = routing(&[(GATEWAY, "gateways/public")]).unwrap();
+        let (router, route) = north.resolve(RouterKind::GatewayApi).unwrap();
+        assert_eq!(router, RouterKind::GatewayApi);
+        assert_eq!(
+            route,
+            HttpRouteRef::Own {
+                gateway: Some(GatewayRef {
+                    namespace: Some("gateways".into()),
+                    name: "public".into()
+                })
+            }
+        );
+        // A Gateway API key on an App Mesh workload is a mistake, named.
+        let e = north.resolve(RouterKind::AppMesh).unwrap_err();
+        assert_eq!(e.key, GATEWAY);
+        assert!(e.expected.contains("--router"), "{e}");
+        let e = routing(&[(ROUTE, "r"), (GATEWAY, "g")]).unwrap_err();
+        assert_eq!(e.key, GATEWAY);
+        // Letting go reads leniently: a bad router is the default.
+        let t = target_of(
+            &ann(&[(ROUTER, "nope"), (ROUTE, "web")]),
+            "ns",
+            "podinfo",
+            RouterKind::GatewayApi,
+        );
+        assert_eq!(
+            (t.router, t.route.as_str()),
+            (RouterKind::GatewayApi, "web")
+        );
+        let t = target_of(
+            &ann(&[(ROUTE, "web")]),
+            "ns",
+            "podinfo",
+            RouterKind::AppMesh,
+        );
+        assert_eq!(
+            t.route, "podinfo",
+            "App Mesh weights live in VirtualRouter NAME"
+        );
     }
 
     #[test]

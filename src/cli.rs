@@ -364,6 +364,10 @@ pub struct ControllerArgs {
     /// Name of the Envoy sidecar container in pods.
     #[arg(long, env = "MESHCANARY_ENVOY_CONTAINER", default_value = "envoy")]
     pub envoy_container: String,
+    /// The router of a workload without meshcanary.io/router: app-mesh (VirtualRouter) or
+    /// gateway-api (HTTPRoute).
+    #[arg(long, env = "MESHCANARY_ROUTER", default_value = "app-mesh")]
+    pub router: crate::router::RouterKind,
     /// How often each workload's objects (`NAME-primary`, Services, routing objects) are
     /// checked for owners and re-applied if they drifted.
     #[arg(long, env = "MESHCANARY_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
@@ -436,6 +440,7 @@ impl ControllerArgs {
                     duration: self.lease_duration,
                 }),
                 envoy_container: self.envoy_container,
+                router: self.router,
                 identity: self.identity,
                 liveness_bound: crate::controller::ControllerConfig::liveness_bound_for(
                     self.decision_interval,
@@ -963,7 +968,18 @@ async fn run_controller(settings: ControllerSettings) -> anyhow::Result<ExitCode
         metrics.cluster.clone(),
     )
     .with_placement(placement);
-    let router = crate::router::appmesh::AppMesh::new(client.clone()).with_cache(shutdown.clone());
+    // The VirtualRouter watch cache only where App Mesh is the default: a cluster that has
+    // moved to the Gateway API may no longer serve App Mesh's CRDs at all.
+    let app_mesh = crate::router::appmesh::AppMesh::new(client.clone());
+    let app_mesh = if settings.controller.router == crate::router::RouterKind::AppMesh {
+        app_mesh.with_cache(shutdown.clone())
+    } else {
+        app_mesh
+    };
+    let router = crate::router::Routers {
+        app_mesh,
+        gateway_api: crate::router::gatewayapi::GatewayApi::new(client.clone()),
+    };
     let controller = crate::controller::Controller::new(
         client,
         router,

@@ -66,6 +66,8 @@ pub struct ControllerConfig {
     pub lease: Option<LeaseConfig>,
     /// Name of the Envoy sidecar container.
     pub envoy_container: String,
+    /// The router of a workload without `meshcanary.io/router`.
+    pub router: crate::router::RouterKind,
     /// This agent's identity (pod or node name): Lease holder and Event reporter instance.
     pub identity: String,
     /// `/healthz` fails once the loop has not run for this long (the kubelet then restarts
@@ -159,6 +161,9 @@ pub struct Controller<R, W> {
     /// ownership conflict last reported.
     synced: HashMap<WorkloadId, Instant>,
     conflicts: HashMap<WorkloadId, String>,
+    /// Per workload, the refusal of its route last reported (a route its parents do not
+    /// accept halts the rollout; one Warning per distinct refusal).
+    refused: HashMap<WorkloadId, String>,
     /// Per workload, the nodes without an answering agent last logged.
     unobserved: HashMap<WorkloadId, Vec<String>>,
     /// Workloads whose gauges are exported, to drop them when the workload goes.
@@ -194,6 +199,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             unobserved: HashMap::new(),
             synced: HashMap::new(),
             conflicts: HashMap::new(),
+            refused: HashMap::new(),
             failing: HashMap::new(),
             heartbeat: crate::telemetry::Heartbeat::default(),
             ready: None,
@@ -399,6 +405,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self.unobserved.retain(|k, _| seen.contains(k));
         self.synced.retain(|k, _| seen.contains(k));
         self.conflicts.retain(|k, _| seen.contains(k));
+        self.refused.retain(|k, _| seen.contains(k));
         for id in std::mem::take(&mut self.exported) {
             if !seen.contains(&id) {
                 self.forget(JudgeLabels::from(&id));
@@ -451,7 +458,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         }
         let decided = Instant::now();
         let (namespace, name) = (dep.namespace().unwrap_or_default(), dep.name_any());
-        let weight = match self.router.canary_weight(&namespace, &name).await {
+        let target =
+            annotations::target_of(dep.annotations(), &namespace, &name, self.config.router);
+        let weight = match self.router.canary_weight(&target).await {
             Ok(w) => Some(w),
             // No routing object: nothing can send the canary traffic.
             Err(crate::router::RouterError::NotFound { .. }) => Some(0),
@@ -470,7 +479,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         for action in tr.actions {
             self.ensure_leader(leader)?;
             match action {
-                Action::SetWeight(w) => self.set_weight(&namespace, &name, w, decided).await?,
+                Action::SetWeight(w) => self.set_weight(&target, w, decided).await?,
                 Action::Event {
                     severity,
                     reason,
@@ -487,14 +496,11 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
 
     async fn set_weight(
         &self,
-        namespace: &str,
-        name: &str,
+        target: &crate::router::Target,
         weight: u8,
         decided: Instant,
     ) -> Result<(), ReconcileError> {
-        self.router
-            .set_canary_weight(namespace, name, weight)
-            .await?;
+        self.router.set_canary_weight(target, weight).await?;
         self.metrics
             .weight_applied
             .observe(decided.elapsed().as_secs_f64());
@@ -575,8 +581,12 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let checked = annotations::parse(dep.annotations())
             .map_err(|e| e.to_string())
             .and_then(|policy| {
+                let routing = policy
+                    .routing
+                    .resolve(self.config.router)
+                    .map_err(|e| e.to_string())?;
                 Plan::new(dep, policy.port, &self.config.envoy_container)
-                    .map(|plan| (policy, plan))
+                    .map(|plan| (policy, plan.routed(routing)))
                     .map_err(|e| format!("Deployment {namespace}/{name}: {e}"))
             });
         let (policy, plan) = match checked {
@@ -663,8 +673,30 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let primary = store
             .get(&ObjectRef::new(&plan.primary_name()).within(&namespace))
             .map(|p| deployment_state(&p, true));
-        let weight = match self.router.canary_weight(&namespace, &name).await {
-            Ok(w) => Some(w),
+        let target = plan.target();
+        let weight = match self.router.canary_weight(&target).await {
+            Err(error @ crate::router::RouterError::NotAccepted { .. }) => {
+                // Its weights move no traffic: nothing read from the windows means anything
+                // about them, so the rollout halts where it is until the route is accepted.
+                let problem = error.to_string();
+                self.count_error(&ReconcileError::Router(error));
+                if self.refused.get(&id) != Some(&problem) {
+                    let message = format!(
+                        "{problem}; meshcanary halts {name}.{namespace} until it is accepted"
+                    );
+                    tracing::warn!(reason = "RouteNotAccepted", "{message}");
+                    self.event(dep, Severity::Warning, "RouteNotAccepted", message)
+                        .await;
+                    self.refused.insert(id.clone(), problem);
+                }
+                return Ok(());
+            }
+            Ok(w) => {
+                if self.refused.remove(&id).is_some() {
+                    tracing::info!("The route is accepted again; the rollout goes on");
+                }
+                Some(w)
+            }
             Err(crate::router::RouterError::NotFound { .. }) => None,
             Err(error) => {
                 tracing::debug!(%error, "Router not readable");
@@ -711,7 +743,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     self.apply::<Deployment>(&namespace, &plan.primary_name(), &primary)
                         .await?;
                 }
-                Action::SetWeight(w) => self.set_weight(&namespace, &name, w, decided).await?,
+                Action::SetWeight(w) => self.set_weight(&target, w, decided).await?,
                 Action::ResetJudge => {
                     self.analysis.reset(&id, &policy.judge);
                 }

@@ -1,15 +1,17 @@
 //! Stage 8, router: owns a workload's routing objects and reads and writes the canary's
 //! share of traffic.
 //!
-//! The [`Router`] trait speaks only of a workload ([`Routes`]) and a canary weight (the
-//! primary gets the rest), so the controller does not know whether App Mesh objects
-//! ([`appmesh::AppMesh`]) or, later, a Gateway API `HTTPRoute` carry the weights. The router
+//! The [`Router`] trait speaks only of a workload ([`Routes`], [`Target`]) and a canary weight
+//! (the primary gets the rest), so the controller does not know whether App Mesh objects
+//! ([`appmesh::AppMesh`]) or a Gateway API `HTTPRoute` ([`gatewayapi::GatewayApi`]) carry the
+//! weights; [`Routers`] sends each workload to the one it names. The router
 //! creates its objects, re-applies them when they drift, and names the ones that exist but
 //! belong to someone else (meshcanary then leaves the workload alone). A write is
 //! one update guarded by `resourceVersion` (a conflict re-reads and retries), followed by a
 //! read-back that must show the weight written.
 
 pub mod appmesh;
+pub mod gatewayapi;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,6 +20,116 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// The field manager of every server-side apply meshcanary makes.
 pub const FIELD_MANAGER: &str = "meshcanary";
+
+/// Which router carries a workload's weights (`meshcanary.io/router`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RouterKind {
+    /// An App Mesh `VirtualRouter` (and its VirtualNodes and VirtualService).
+    #[default]
+    AppMesh,
+    /// A Gateway API `HTTPRoute`'s `backendRefs` weights.
+    GatewayApi,
+}
+
+impl RouterKind {
+    pub const ALL: [RouterKind; 2] = [RouterKind::AppMesh, RouterKind::GatewayApi];
+
+    /// The name users write (annotation and flag).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterKind::AppMesh => "app-mesh",
+            RouterKind::GatewayApi => "gateway-api",
+        }
+    }
+}
+
+impl std::str::FromStr for RouterKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RouterKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a router: expected app-mesh or gateway-api"))
+    }
+}
+
+impl std::fmt::Display for RouterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A Gateway (`meshcanary.io/gateway: [namespace/]name`) a created HTTPRoute attaches to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRef {
+    /// `None`: the workload's namespace.
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::str::FromStr for GatewayRef {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let valid = |part: &str| {
+            !part.is_empty()
+                && part.len() <= 253
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        };
+        match s.split_once('/') {
+            Some((ns, name)) if valid(ns) && valid(name) => Ok(GatewayRef {
+                namespace: Some(ns.to_owned()),
+                name: name.to_owned(),
+            }),
+            None if valid(s) => Ok(GatewayRef {
+                namespace: None,
+                name: s.to_owned(),
+            }),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Which HTTPRoute carries a Gateway API workload's weights.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpRouteRef {
+    /// meshcanary creates and owns the route `NAME`, attached to the Service `NAME` (GAMMA,
+    /// east-west) or to a Gateway (north-south).
+    Own { gateway: Option<GatewayRef> },
+    /// The user's route of this name (`meshcanary.io/route`): only the weights of its
+    /// `NAME-primary` and `NAME-canary` backends are meshcanary's.
+    Existing(String),
+}
+
+/// The object a workload's weights live in: what reading and setting a weight needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub router: RouterKind,
+    pub namespace: String,
+    /// The workload `NAME` (its arms are `NAME-primary` and `NAME-canary`).
+    pub name: String,
+    /// The routing object's name: `NAME`, or the user's HTTPRoute.
+    pub route: String,
+}
+
+impl Target {
+    /// A workload's target from its router and route reference.
+    pub fn new(router: RouterKind, namespace: &str, name: &str, route: &HttpRouteRef) -> Target {
+        let route = match (router, route) {
+            (RouterKind::GatewayApi, HttpRouteRef::Existing(r)) => r.clone(),
+            _ => name.to_owned(),
+        };
+        Target {
+            router,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            route,
+        }
+    }
+}
 
 /// What a router needs to build a workload's routing objects: the workload, its port, the
 /// selectors of both arms, and the owner reference (to `NAME`) every object carries, so
@@ -31,9 +143,17 @@ pub struct Routes {
     pub canary_labels: BTreeMap<String, String>,
     /// An `ownerReferences` entry naming `NAME` (apiVersion, kind, name, uid, controller).
     pub owner: serde_json::Value,
+    pub router: RouterKind,
+    /// For [`RouterKind::GatewayApi`]: the route that carries the weights.
+    pub http_route: HttpRouteRef,
 }
 
 impl Routes {
+    /// Where this workload's weights live.
+    pub fn target(&self) -> Target {
+        Target::new(self.router, &self.namespace, &self.name, &self.http_route)
+    }
+
     /// `NAME`'s uid, from the owner reference.
     pub fn owner_uid(&self) -> &str {
         self.owner["uid"].as_str().unwrap_or_default()
@@ -127,6 +247,12 @@ pub enum RouterError {
     Conflict { what: String, attempts: u32 },
     #[error("{what}: wrote canary weight {wanted} but read back {got}")]
     Unverified { what: String, wanted: u8, got: u8 },
+    /// The API does not serve the kind at all (its CRDs are not installed).
+    #[error("{what} is not served by the API server: {why}")]
+    Unserved { what: String, why: String },
+    /// The mesh or gateway says it does not use the routing object.
+    #[error("{what} is not in effect: {why}")]
+    NotAccepted { what: String, why: String },
 }
 
 impl RouterError {
@@ -138,6 +264,8 @@ impl RouterError {
             RouterError::Api { .. } => "api",
             RouterError::Conflict { .. } => "conflict",
             RouterError::Unverified { .. } => "unverified",
+            RouterError::Unserved { .. } => "unserved",
+            RouterError::NotAccepted { .. } => "not_accepted",
         }
     }
 }
@@ -150,8 +278,7 @@ pub trait Router: Send + Sync + 'static {
     /// The routing object is missing, unreadable or not shaped as meshcanary created it.
     fn canary_weight(
         &self,
-        namespace: &str,
-        name: &str,
+        target: &Target,
     ) -> impl Future<Output = Result<u8, RouterError>> + Send;
 
     /// Give the canary `weight` percent and the primary the rest; return once a read-back
@@ -162,8 +289,7 @@ pub trait Router: Send + Sync + 'static {
     /// disagrees.
     fn set_canary_weight(
         &self,
-        namespace: &str,
-        name: &str,
+        target: &Target,
         weight: u8,
     ) -> impl Future<Output = Result<(), RouterError>> + Send;
 
@@ -194,4 +320,48 @@ pub trait Router: Send + Sync + 'static {
     /// An API call failed.
     fn adopt_routes(&self, routes: &Routes)
         -> impl Future<Output = Result<(), RouterError>> + Send;
+}
+
+/// Every router, each workload sent to the one its [`Target`] or [`Routes`] names.
+#[derive(Clone)]
+pub struct Routers {
+    pub app_mesh: appmesh::AppMesh,
+    pub gateway_api: gatewayapi::GatewayApi,
+}
+
+impl Router for Routers {
+    async fn canary_weight(&self, target: &Target) -> Result<u8, RouterError> {
+        match target.router {
+            RouterKind::AppMesh => self.app_mesh.canary_weight(target).await,
+            RouterKind::GatewayApi => self.gateway_api.canary_weight(target).await,
+        }
+    }
+
+    async fn set_canary_weight(&self, target: &Target, weight: u8) -> Result<(), RouterError> {
+        match target.router {
+            RouterKind::AppMesh => self.app_mesh.set_canary_weight(target, weight).await,
+            RouterKind::GatewayApi => self.gateway_api.set_canary_weight(target, weight).await,
+        }
+    }
+
+    async fn ensure_routes(&self, routes: &Routes) -> Result<(), RouterError> {
+        match routes.router {
+            RouterKind::AppMesh => self.app_mesh.ensure_routes(routes).await,
+            RouterKind::GatewayApi => self.gateway_api.ensure_routes(routes).await,
+        }
+    }
+
+    async fn foreign_routes(&self, routes: &Routes) -> Result<Vec<Foreign>, RouterError> {
+        match routes.router {
+            RouterKind::AppMesh => self.app_mesh.foreign_routes(routes).await,
+            RouterKind::GatewayApi => self.gateway_api.foreign_routes(routes).await,
+        }
+    }
+
+    async fn adopt_routes(&self, routes: &Routes) -> Result<(), RouterError> {
+        match routes.router {
+            RouterKind::AppMesh => self.app_mesh.adopt_routes(routes).await,
+            RouterKind::GatewayApi => self.gateway_api.adopt_routes(routes).await,
+        }
+    }
 }

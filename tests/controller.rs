@@ -22,7 +22,8 @@ use meshcanary::cli::ControllerProcessMetrics;
 use meshcanary::controller::{Controller, ControllerConfig, LeaseConfig};
 use meshcanary::rollout::{Phase, Status};
 use meshcanary::router::appmesh::{self, AppMesh};
-use meshcanary::router::Router as _;
+use meshcanary::router::gatewayapi::GatewayApi;
+use meshcanary::router::{HttpRouteRef, Router as _, RouterKind, Routers, Target};
 use meshcanary::window::{Summary, Totals, WindowPair, WindowSource};
 use support::kube::{ControlPlane, Kubelet};
 use tokio::sync::watch;
@@ -89,6 +90,7 @@ impl Agent {
                 duration: Duration::from_secs(3),
             }),
             envoy_container: "envoy".into(),
+            router: RouterKind::AppMesh,
             identity: identity.into(),
             liveness_bound: Duration::from_secs(2),
             resync: Duration::from_secs(2),
@@ -97,7 +99,7 @@ impl Agent {
         let heartbeat = meshcanary::telemetry::Heartbeat::default();
         let controller = Controller::new(
             client.clone(),
-            AppMesh::new(client),
+            routers(&client),
             windows,
             config,
             metrics.controller.clone(),
@@ -155,9 +157,18 @@ fn podinfo(ns: &str, image: &str, extra: &[(&str, &str)]) -> Deployment {
     .unwrap()
 }
 
+fn routers(client: &Client) -> Routers {
+    Routers {
+        app_mesh: AppMesh::new(client.clone()),
+        gateway_api: GatewayApi::new(client.clone()),
+    }
+}
+
 struct Scenario {
     client: Client,
     ns: String,
+    /// Where podinfo's weights live (App Mesh unless a scenario says otherwise).
+    target: Target,
 }
 
 impl Scenario {
@@ -166,6 +177,12 @@ impl Scenario {
         Scenario {
             client: cp.client().await,
             ns: ns.into(),
+            target: Target::new(
+                RouterKind::AppMesh,
+                ns,
+                "podinfo",
+                &HttpRouteRef::Own { gateway: None },
+            ),
         }
     }
 
@@ -222,10 +239,7 @@ impl Scenario {
     }
 
     async fn weight(&self) -> Option<u8> {
-        AppMesh::new(self.client.clone())
-            .canary_weight(&self.ns, "podinfo")
-            .await
-            .ok()
+        routers(&self.client).canary_weight(&self.target).await.ok()
     }
 
     async fn replicas(&self, name: &str) -> Option<i32> {
@@ -456,6 +470,16 @@ fn main() -> std::process::ExitCode {
         |w| rollback(&w.cp).await
     );
     scenario!(
+        "Gateway API: a user's HTTPRoute keeps its rules; a refused one halts",
+        gateway_api_route,
+        |w| gateway_api_route(&w.cp).await
+    );
+    scenario!(
+        "Gateway API: meshcanary's own HTTPRoute attaches to the Service NAME",
+        gateway_api_own_route,
+        |w| gateway_api_own_route(&w.cp).await
+    );
+    scenario!(
         "a new revision mid-analysis restarts it",
         new_revision,
         |w| new_revision(&w.cp).await
@@ -532,6 +556,7 @@ fn rbac(cp: &ControlPlane) {
         "virtualrouters.appmesh.k8s.aws",
         "virtualnodes.appmesh.k8s.aws",
         "virtualservices.appmesh.k8s.aws",
+        "httproutes.gateway.networking.k8s.io",
     ];
     for ns in ["default", "kube-system", "meshcanary", "test"] {
         for verb in writes {
@@ -555,6 +580,7 @@ fn rbac(cp: &ControlPlane) {
             ("patch", "services"),
             ("update", "virtualrouters.appmesh.k8s.aws"),
             ("patch", "virtualnodes.appmesh.k8s.aws"),
+            ("update", "httproutes.gateway.networking.k8s.io"),
             ("create", "events.events.k8s.io"),
         ] {
             assert!(
@@ -924,6 +950,213 @@ async fn rollback(cp: &ControlPlane) {
         Some("podinfo:6.0.0"),
         "the primary keeps the old revision"
     );
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+fn http_routes(client: &Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        ns,
+        &meshcanary::router::gatewayapi::resource("v1"),
+    )
+}
+
+/// The user's route: a header rule with a filter to a third Service, then the rule that
+/// carries the canary, with a field meshcanary has no reason to know (`timeouts`).
+fn users_route() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "podinfo-web"},
+        "spec": {
+            "parentRefs": [{"name": "public", "namespace": "gateways"}],
+            "hostnames": ["podinfo.example.com"],
+            "rules": [
+                {
+                    "matches": [{"headers": [{"name": "x-beta", "value": "yes"}]}],
+                    "filters": [{"type": "RequestHeaderModifier",
+                                 "requestHeaderModifier": {"add": [{"name": "x-tier", "value": "beta"}]}}],
+                    "backendRefs": [{"name": "podinfo-beta", "port": 9898}]
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "timeouts": {"request": "10s"},
+                    "backendRefs": [
+                        {"name": "podinfo-primary", "port": 9898, "weight": 100},
+                        {"name": "podinfo-canary", "port": 9898, "weight": 0}
+                    ]
+                }
+            ]
+        }
+    })
+}
+
+/// The spec as stored, with the two arms' weights blanked: what must never change.
+async fn route_without_weights(routes: &Api<DynamicObject>) -> (String, serde_json::Value) {
+    let route = routes.get("podinfo-web").await.expect("reading the route");
+    let mut spec = route.data["spec"].clone();
+    let header_rule = serde_json::to_string(&spec["rules"][0]).unwrap();
+    for b in spec["rules"][1]["backendRefs"].as_array_mut().unwrap() {
+        b["weight"] = serde_json::Value::Null;
+    }
+    (header_rule, spec)
+}
+
+async fn gateway_api_route(cp: &ControlPlane) {
+    let ns = "gwapi";
+    let mut s = Scenario::new(cp, ns).await;
+    s.target = Target::new(
+        RouterKind::GatewayApi,
+        ns,
+        "podinfo",
+        &HttpRouteRef::Existing("podinfo-web".into()),
+    );
+    let routes = http_routes(&s.client, ns);
+    let route: DynamicObject = serde_json::from_value(users_route()).unwrap();
+    routes
+        .create(&PostParams::default(), &route)
+        .await
+        .expect("creating the user's HTTPRoute");
+    let before = route_without_weights(&routes).await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows.clone(), "a", false).await;
+    let annotations = [
+        ("meshcanary.io/router", "gateway-api"),
+        ("meshcanary.io/route", "podinfo-web"),
+        ("meshcanary.io/judge", "threshold"),
+    ];
+    s.create(&podinfo(ns, "podinfo:6.0.0", &annotations)).await;
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    let weights = s
+        .record_weights(Duration::from_secs(90), |w| {
+            w.last() == Some(&0) && w.len() > 1
+        })
+        .await;
+    assert_eq!(weights, [0, 2, 5, 10, 20, 30, 50, 0]);
+    s.phase_is(Phase::Succeeded, Duration::from_secs(60)).await;
+    assert_eq!(
+        route_without_weights(&routes).await,
+        before,
+        "a promotion changed more than the two weights"
+    );
+    // meshcanary created no route of its own and no App Mesh object.
+    assert!(routes.get_opt("podinfo").await.unwrap().is_none());
+    let vr: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), ns, &appmesh::resource("VirtualRouter"));
+    assert!(vr.get_opt("podinfo").await.unwrap().is_none());
+
+    // A rollback: only the weights again.
+    s.set_image("podinfo:6.0.2").await;
+    s.record_weights(Duration::from_secs(30), |w| w.contains(&5))
+        .await;
+    windows.set(window(0.5396));
+    s.phase_is(Phase::Failed, Duration::from_secs(30)).await;
+    support::eventually_async(Duration::from_secs(10), "weight 0", || async {
+        s.weight().await == Some(0)
+    })
+    .await;
+    assert_eq!(
+        route_without_weights(&routes).await,
+        before,
+        "a rollback changed more than the two weights"
+    );
+
+    // The route's parent refuses it: the next rollout halts with a Warning naming why.
+    windows.set(window(1.0));
+    let refused = serde_json::json!({"status": {"parents": [{
+        "parentRef": {"name": "public", "namespace": "gateways"},
+        "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "False", "reason": "NotAllowedByListeners",
+            "message": "no listener allows routes from gwapi",
+            "lastTransitionTime": "2026-12-03T00:00:00Z", "observedGeneration": 1}]
+    }]}});
+    routes
+        .patch_status(
+            "podinfo-web",
+            &PatchParams::default(),
+            &Patch::Merge(&refused),
+        )
+        .await
+        .expect("writing the route's status");
+    s.set_image("podinfo:6.0.3").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let warning = loop {
+        let events = s.events().await;
+        if let Some(e) = events.iter().find(|e| e.contains("Accepted=False")) {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no refusal Event: {events:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        warning.contains("NotAllowedByListeners") && warning.contains("halts podinfo.gwapi"),
+        "{warning}"
+    );
+    // Halted: five ticks refused (200 ms each), and no weight moved.
+    let refusals =
+        "meshcanary_controller_errors_total{operation=\"setting weights\",reason=\"not_accepted\"}";
+    support::eventually(Duration::from_secs(10), "five refused ticks", || {
+        support::counter(&agent.metrics.registry.encode(), refusals) >= 5.0
+    })
+    .await;
+    assert_eq!(
+        s.weight().await,
+        None,
+        "the refused route's weight is not read as healthy"
+    );
+    let raw = routes.get("podinfo-web").await.unwrap();
+    assert_eq!(
+        meshcanary::router::gatewayapi::read_weight(&raw.data["spec"], ns, "podinfo"),
+        Ok(0)
+    );
+    // Accepted again: the rollout goes on.
+    let accepted = serde_json::json!({"status": {"parents": []}});
+    routes
+        .patch_status(
+            "podinfo-web",
+            &PatchParams::default(),
+            &Patch::Merge(&accepted),
+        )
+        .await
+        .unwrap();
+    s.record_weights(Duration::from_secs(30), |w| w.contains(&2))
+        .await;
+    agent.stop().await;
+    s.cleanup().await;
+}
+
+async fn gateway_api_own_route(cp: &ControlPlane) {
+    let ns = "gwown";
+    let mut s = Scenario::new(cp, ns).await;
+    s.target = Target::new(
+        RouterKind::GatewayApi,
+        ns,
+        "podinfo",
+        &HttpRouteRef::Own { gateway: None },
+    );
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "a", false).await;
+    s.analysing(&[("meshcanary.io/router", "gateway-api")], 2)
+        .await;
+    let route = http_routes(&s.client, ns).get("podinfo").await.unwrap();
+    let uid = s.deployments().get("podinfo").await.unwrap().metadata.uid;
+    assert_eq!(
+        route.metadata.owner_references.unwrap()[0].uid,
+        uid.unwrap(),
+        "owned by podinfo"
+    );
+    assert_eq!(
+        route.data["spec"]["parentRefs"],
+        serde_json::json!([{"group": "", "kind": "Service", "name": "podinfo", "port": 9898}])
+    );
+    let vr: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), ns, &appmesh::resource("VirtualRouter"));
+    assert!(vr.get_opt("podinfo").await.unwrap().is_none());
     agent.stop().await;
     s.cleanup().await;
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use serde_json::{json, Value};
 
 use crate::annotations;
-use crate::router::Routes;
+use crate::router::{HttpRouteRef, RouterKind, Routes, Target};
 
 /// The hash of a pod template that names a revision: FNV-1a over its JSON, in hex.
 /// Stable across processes (field order is fixed by the types, maps are sorted).
@@ -38,6 +38,9 @@ pub struct Plan {
     /// The same with every value equal to `NAME` turned into `NAME-primary`.
     pub primary_labels: BTreeMap<String, String>,
     owner: Value,
+    /// The router that carries the weights, and for the Gateway API which route.
+    pub router: RouterKind,
+    pub http_route: HttpRouteRef,
 }
 
 /// Why a Deployment cannot be bootstrapped as it is.
@@ -90,7 +93,22 @@ impl Plan {
             canary_labels,
             primary_labels,
             owner,
+            router: RouterKind::default(),
+            http_route: HttpRouteRef::Own { gateway: None },
         })
+    }
+
+    /// The same plan with its weights carried by `router` (and, for the Gateway API, `route`).
+    #[must_use]
+    pub fn routed(mut self, (router, route): (RouterKind, HttpRouteRef)) -> Self {
+        self.router = router;
+        self.http_route = route;
+        self
+    }
+
+    /// Where the workload's weights live.
+    pub fn target(&self) -> Target {
+        self.routes().target()
     }
 
     pub fn primary_name(&self) -> String {
@@ -159,6 +177,8 @@ impl Plan {
             primary_labels: self.primary_labels.clone(),
             canary_labels: self.canary_labels.clone(),
             owner: self.owner.clone(),
+            router: self.router,
+            http_route: self.http_route.clone(),
         }
     }
 

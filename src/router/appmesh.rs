@@ -19,7 +19,7 @@ use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::{Foreign, Router, RouterError, Routes};
+use super::{Foreign, Router, RouterError, Routes, Target};
 
 /// `appmesh.k8s.aws/v1beta2`, the version App Mesh's controller serves.
 pub const GROUP: &str = "appmesh.k8s.aws";
@@ -279,7 +279,8 @@ impl AppMesh {
 }
 
 impl Router for AppMesh {
-    async fn canary_weight(&self, namespace: &str, name: &str) -> Result<u8, RouterError> {
+    async fn canary_weight(&self, target: &Target) -> Result<u8, RouterError> {
+        let (namespace, name) = (target.namespace.as_str(), target.name.as_str());
         let spec = match self.cached(namespace, name) {
             Some(router) => router.data["spec"].clone(),
             None => self.get(namespace, name).await?.data["spec"].clone(),
@@ -290,12 +291,8 @@ impl Router for AppMesh {
         })
     }
 
-    async fn set_canary_weight(
-        &self,
-        namespace: &str,
-        name: &str,
-        weight: u8,
-    ) -> Result<(), RouterError> {
+    async fn set_canary_weight(&self, target: &Target, weight: u8) -> Result<(), RouterError> {
+        let (namespace, name) = (target.namespace.as_str(), target.name.as_str());
         let api = self.api(namespace);
         let mut attempt = 0;
         loop {
@@ -464,6 +461,8 @@ mod tests {
             primary_labels: [("app".to_owned(), "podinfo-primary".to_owned())].into(),
             canary_labels: [("app".to_owned(), "podinfo".to_owned())].into(),
             owner: json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "podinfo", "uid": "u-1", "controller": true}),
+            router: crate::router::RouterKind::AppMesh,
+            http_route: crate::router::HttpRouteRef::Own { gateway: None },
         }
     }
 

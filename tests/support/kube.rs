@@ -138,17 +138,25 @@ impl ControlPlane {
                 .to_str()
                 .unwrap(),
         ]);
+        // The Gateway API's HTTPRoute, as the kube-rs project's gateway-api crate generates it.
+        let crd = d.join("httproute-crd.json");
+        std::fs::write(&crd, http_route_crd()).expect("writing the HTTPRoute CRD");
+        cp.kubectl(&["apply", "-f", crd.to_str().unwrap()]);
         let client = cp.client().await;
         // CRDs take a moment to be served.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let ar = meshcanary::router::appmesh::resource("VirtualRouter");
-        loop {
-            let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
-            if api.list(&ListParams::default()).await.is_ok() {
-                break;
+        for ar in [
+            meshcanary::router::appmesh::resource("VirtualRouter"),
+            meshcanary::router::gatewayapi::resource("v1"),
+        ] {
+            loop {
+                let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+                if api.list(&ListParams::default()).await.is_ok() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{} never served", ar.kind);
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            assert!(Instant::now() < deadline, "App Mesh CRDs never served");
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         cp
     }
@@ -418,4 +426,37 @@ impl Drop for Kubelet {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The HTTPRoute CustomResourceDefinition (JSON) of the gateway-api crate, with two changes
+/// for this apiserver (v1.20): the approval annotation every CRD of a `*.k8s.io` group needs
+/// (the crate's generated CRD lacks it; the upstream manifests carry it), and no `null` in
+/// `enum` lists (the schema's `nullable: true` already admits null, and v1.20 rejects a
+/// schema whose enum holds it with a misleading "identical per-version schemas" error).
+pub fn http_route_crd() -> String {
+    use kube_gateway::CustomResourceExt as _;
+    fn no_null_in_enums(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map.iter_mut() {
+                    if k == "enum" {
+                        if let Some(values) = child.as_array_mut() {
+                            values.retain(|x| !x.is_null());
+                        }
+                    } else {
+                        no_null_in_enums(child);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(no_null_in_enums),
+            _ => {}
+        }
+    }
+    let mut crd = serde_json::to_value(gateway_api::httproutes::HttpRoute::crd())
+        .expect("the HTTPRoute CRD serializes");
+    no_null_in_enums(&mut crd);
+    crd["metadata"]["annotations"] = serde_json::json!({
+        "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/1538"
+    });
+    serde_json::to_string_pretty(&crd).expect("the HTTPRoute CRD serializes")
 }
