@@ -25,7 +25,7 @@ fn fast_body(requests: u64) -> String {
 }
 
 fn bench(c: &mut Criterion) {
-    let re = Regex::new("^cds_ingress_").unwrap();
+    let re = meshcanary::window::inbound::Inbound::envoy(Regex::new("^cds_ingress_").unwrap());
     let bodies: Vec<String> = (0..64).map(|i| fast_body(i * 10)).collect();
     println!("fast-tier body: {} bytes", bodies[0].len());
     let mut group = c.benchmark_group("window");

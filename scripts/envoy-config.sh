@@ -3,10 +3,15 @@
 # inbound cluster `cds_ingress_<mesh>_<vnode>_http_<app port>`, N egress clusters
 # `cds_egress_<mesh>_<name>_http_<port>` (they only add stats, as a real sidecar's do), and the
 # admin listener. The one place the tests, the demo and the fixture capture get Envoy config.
+#
+# With --istio-stats-port PORT it is shaped like an Istio sidecar instead: the inbound cluster
+# is `inbound|<app port>||`, stats carry Istio's tag names (its bootstrap turns Envoy's
+# default tags off: `cluster_name`, `response_code`), and a listener on PORT (Istio's 15090)
+# serves the admin's /stats/prometheus, as Istio's `prometheus_stats` listener does.
 set -euo pipefail
 
 admin_port=9901 ingress_port=15000 app_port=9898 mesh=mesh vnode=podinfo-primary egress=0
-flush=5s addr=127.0.0.1 app_addr=127.0.0.1 egress_port=15001
+flush=5s addr=127.0.0.1 app_addr=127.0.0.1 egress_port=15001 istio_stats_port=
 while [ $# -gt 0 ]; do
   case "$1" in
     --admin-port) admin_port=$2; shift 2 ;;
@@ -19,16 +24,37 @@ while [ $# -gt 0 ]; do
     --vnode) vnode=$2; shift 2 ;;
     --egress) egress=$2; shift 2 ;;
     --flush) flush=$2; shift 2 ;;
+    --istio-stats-port) istio_stats_port=$2; shift 2 ;;
     *) echo "envoy-config.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
 inbound="cds_ingress_${mesh}_${vnode}_http_${app_port}"
+if [ -n "$istio_stats_port" ]; then
+  inbound="inbound|${app_port}||"
+fi
 
 cat <<YAML
 node: { id: "mesh/${mesh}/virtualNode/${vnode}", cluster: "mesh/${mesh}/virtualNode/${vnode}" }
 stats_flush_interval: ${flush}
 admin:
   address: { socket_address: { address: ${addr}, port_value: ${admin_port} } }
+YAML
+if [ -n "$istio_stats_port" ]; then
+  cat <<'YAML'
+stats_config:
+  use_all_default_tags: false
+  stats_tags:
+  - tag_name: cluster_name
+    regex: '^cluster\.((.+?(\..+?\.svc\.cluster\.local)?)\.)'
+  - tag_name: tcp_prefix
+    regex: '^tcp\.((.*?)\.)\w+?$'
+  - tag_name: response_code
+    regex: '_rq(_(\d{3}))$'
+  - tag_name: response_code_class
+    regex: '_rq(_(\dxx))$'
+YAML
+fi
+cat <<YAML
 static_resources:
   listeners:
   - name: lds_ingress_${addr}_${ingress_port}
@@ -46,11 +72,33 @@ static_resources:
               domains: ["*"]
               routes:
               - match: { prefix: "/" }
-                route: { cluster: ${inbound}, timeout: 30s }
+                route: { cluster: "${inbound}", timeout: 30s }
           http_filters:
           - name: envoy.filters.http.router
             typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
 YAML
+if [ -n "$istio_stats_port" ]; then
+  cat <<YAML
+  - name: prometheus_stats
+    address: { socket_address: { address: ${addr}, port_value: ${istio_stats_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: stats
+          route_config:
+            virtual_hosts:
+            - name: backend
+              domains: ["*"]
+              routes:
+              - match: { prefix: /stats/prometheus }
+                route: { cluster: prometheus_stats }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+YAML
+fi
 if [ "$egress" -gt 0 ]; then
   # An egress listener with one virtual host per backend, as App Mesh writes for each backend.
   cat <<YAML
@@ -83,16 +131,28 @@ YAML
 fi
 cat <<YAML
   clusters:
-  - name: ${inbound}
+  - name: "${inbound}"
     connect_timeout: 1s
     track_cluster_stats: { timeout_budgets: true, request_response_sizes: true }
     type: STATIC
     load_assignment:
-      cluster_name: ${inbound}
+      cluster_name: "${inbound}"
       endpoints:
       - lb_endpoints:
         - endpoint: { address: { socket_address: { address: ${app_addr}, port_value: ${app_port} } } }
 YAML
+if [ -n "$istio_stats_port" ]; then
+  cat <<YAML
+  - name: prometheus_stats
+    connect_timeout: 0.25s
+    type: STATIC
+    load_assignment:
+      cluster_name: prometheus_stats
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: ${addr}, port_value: ${admin_port} } } }
+YAML
+fi
 for i in $(seq 1 "$egress"); do
   name="cds_egress_${mesh}_backend-${i}_http_$((8000 + i))"
   cat <<YAML

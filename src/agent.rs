@@ -32,6 +32,7 @@ use crate::remote_write::{OutcomeLabels, RemoteWriteMetrics};
 use crate::scrape::{over_sample_limit, AdminUrls, ScrapeError, Scraper, Tier};
 use crate::scrape::{ErrorLabels, ScrapeMetrics, TierLabels};
 use crate::telemetry::{self, lock, Endpoints, HttpMetrics, MetricRegistry};
+use crate::window::inbound::{Inbound, InboundLabels};
 use crate::window::metrics::{WindowMetrics, WorkloadLabels};
 use crate::window::{
     InboundSnapshot, PodCounters, Role, Summary, WindowConfig, WindowKey, Windows,
@@ -335,7 +336,7 @@ impl Agent {
     pub fn new(config: AgentConfig) -> anyhow::Result<Self> {
         let mut targets = BTreeMap::new();
         for t in &config.targets {
-            AdminUrls::new(&t.admin_url, &config.fast_filter)?;
+            AdminUrls::new(&t.admin_url, &inbound_of(&config, t)?.1)?;
             targets.insert(t.id.clone(), TargetStatus::new(t.clone()));
         }
         let shared = Arc::new(Shared {
@@ -488,16 +489,19 @@ impl Agent {
         };
         let mut running: BTreeMap<String, (Target, watch::Sender<bool>)> = BTreeMap::new();
         let spawn_target = |target: &Target, tasks: &mut tokio::task::JoinSet<()>| {
-            let urls = AdminUrls::new(&target.admin_url, &self.config.fast_filter)?;
+            let (inbound, filter) = inbound_of(&self.config, target)?;
+            let urls = AdminUrls::new(&target.admin_url, &filter)?;
             let task = TargetTask {
                 remote_write: remote_write.clone(),
                 urls,
+                inbound: Arc::new(inbound),
                 target: target.clone(),
                 config: self.config.clone(),
                 shared: self.shared(),
                 scraper: self.scraper.clone(),
                 counters: PodCounters::default(),
                 series: remote_write::encode::SeriesCache::default(),
+                warned_no_inbound: false,
             };
             let (removed_tx, removed) = watch::channel(false);
             tasks.spawn(task.run(shutdown.clone(), removed));
@@ -554,10 +558,58 @@ struct TargetTask {
     series: remote_write::encode::SeriesCache,
     target: Target,
     urls: AdminUrls,
+    /// How this sidecar names its inbound cluster (from its data plane).
+    inbound: Arc<Inbound>,
     config: AgentConfig,
     shared: Arc<Shared>,
     scraper: Scraper,
     counters: PodCounters,
+    /// The missing inbound cluster was logged (again once it reappears and goes).
+    warned_no_inbound: bool,
+}
+
+/// What to do when a sidecar's stats hold no inbound cluster, per data plane.
+fn no_inbound_fix(data_plane: &crate::discover::DataPlane) -> &'static str {
+    use crate::discover::DataPlane;
+    match data_plane {
+        DataPlane::Istio => "Istio exports an inbound cluster's stats only when proxyStatsMatcher includes them: annotate the pod template with proxy.istio.io/config as docs/quickstart.md shows",
+        DataPlane::AppMesh => "no cluster matches --cluster-regex (App Mesh names its inbound cluster cds_ingress_*)",
+        DataPlane::Envoy { .. } => "no cluster matches meshcanary.io/cluster-regex (or --cluster-regex)",
+    }
+}
+
+/// How a target's sidecar names its inbound cluster, and the fast tier's stats filter for
+/// it: App Mesh's (and a plain Envoy's without its own regex) from `--cluster-regex`.
+///
+/// ### Errors
+/// A cluster regex that does not compile (discovery checks annotations first).
+fn inbound_of(config: &AgentConfig, target: &Target) -> anyhow::Result<(Inbound, String)> {
+    use crate::discover::{DataPlane, ISTIO_INBOUND};
+    Ok(match &target.data_plane {
+        DataPlane::AppMesh
+        | DataPlane::Envoy {
+            cluster_regex: None,
+        } => (
+            Inbound::envoy(config.cluster_regex.clone()),
+            config.fast_filter.clone(),
+        ),
+        DataPlane::Istio => (
+            Inbound {
+                cluster: Regex::new(ISTIO_INBOUND)?,
+                labels: InboundLabels::ISTIO,
+            },
+            crate::scrape::fast_filter(ISTIO_INBOUND),
+        ),
+        DataPlane::Envoy {
+            cluster_regex: Some(re),
+        } => (
+            Inbound::envoy(
+                Regex::new(re)
+                    .map_err(|e| anyhow::anyhow!("{}: {re:?} is not a regex: {e}", target.id))?,
+            ),
+            crate::scrape::fast_filter(re),
+        ),
+    })
 }
 
 /// `interval` scaled by a random factor in [1 - spread, 1 + spread].
@@ -672,17 +724,11 @@ impl TargetTask {
         // A filtered fast body is a few KB, read here without copying what it needs; a
         // sidecar that ignores the filter is parsed on the blocking pool (see `sized_work`).
         let read = if body_len <= INLINE_WORK_BYTES {
-            fast_snapshot(
-                &body,
-                limit,
-                &self.config.cluster_regex,
-                &m.scrape,
-                &self.target.id,
-            )
+            fast_snapshot(&body, limit, &self.inbound, &m.scrape, &self.target.id)
         } else {
             let (metrics, regex, id) = (
                 self.shared.metrics.scrape.clone(),
-                self.config.cluster_regex.clone(),
+                Arc::clone(&self.inbound),
                 self.target.id.clone(),
             );
             sized_work(body_len, move || {
@@ -702,8 +748,14 @@ impl TargetTask {
             }
         };
         let now_ms = unix_ms();
-        if !snapshot.matched {
-            tracing::debug!(target_id = %self.target.id, "No inbound cluster matched (no traffic yet, or --cluster-regex does not match)");
+        if snapshot.matched {
+            self.warned_no_inbound = false;
+        } else {
+            self.shared.metrics.scrape.no_inbound.inc();
+            if !self.warned_no_inbound {
+                self.warned_no_inbound = true;
+                tracing::warn!(target_id = %self.target.id, data_plane = self.target.data_plane.name(), fix = no_inbound_fix(&self.target.data_plane), "The sidecar's stats have no inbound cluster: its window gets no data");
+            }
         }
         let delta = self.counters.advance(snapshot, now_ms);
         {
@@ -953,9 +1005,9 @@ fn shared_scrape_every(config: &AgentConfig) -> Option<u32> {
 /// clusters count it decides as for a filtered body), so it parses a few KB instead of
 /// the whole body. In body order, each ending in a newline.
 fn inbound_lines(body: &[u8]) -> Vec<u8> {
-    use crate::window::inbound::{LATENCY_BUCKET, REQUESTS_METRIC};
+    use crate::window::inbound::{LATENCY_BUCKET, MEMBERSHIP_METRIC, REQUESTS_METRIC};
     let mut starts: Vec<usize> = Vec::new();
-    for name in [REQUESTS_METRIC, LATENCY_BUCKET] {
+    for name in [REQUESTS_METRIC, LATENCY_BUCKET, MEMBERSHIP_METRIC] {
         let prefix = [name.as_bytes(), b"{"].concat();
         if body.starts_with(&prefix) {
             starts.push(0);
@@ -1003,7 +1055,7 @@ async fn sized_work<T: Send + 'static>(len: usize, work: impl FnOnce() -> T + Se
 fn fast_snapshot(
     body: &[u8],
     limit: usize,
-    cluster: &Regex,
+    inbound: &Inbound,
     metrics: &ScrapeMetrics,
     target_id: &str,
 ) -> Result<InboundSnapshot, usize> {
@@ -1024,7 +1076,7 @@ fn fast_snapshot(
             None
         }
     });
-    Ok(InboundSnapshot::extract(parser, cluster))
+    Ok(InboundSnapshot::extract(parser, inbound))
 }
 
 /// Remote-write the agent's own metrics every full interval, as a collector scraping it
@@ -1174,7 +1226,9 @@ mod tests {
             let full = std::fs::read(path).unwrap();
             let metrics = ScrapeMetrics::register(&mut MetricRegistry::default());
             let regex = config().cluster_regex;
-            let read = |body: &[u8]| fast_snapshot(body, 1 << 20, &regex, &metrics, "t").unwrap();
+            let read = |body: &[u8]| {
+                fast_snapshot(body, 1 << 20, &Inbound::envoy(regex.clone()), &metrics, "t").unwrap()
+            };
             let lines = inbound_lines(&full);
             assert!(
                 lines.len() * 10 < full.len(),

@@ -33,6 +33,10 @@ pub const ROUTE: &str = "meshcanary.io/route";
 pub const GATEWAY: &str = "meshcanary.io/gateway";
 /// Pod annotation: the Envoy admin port, when it is not the default.
 pub const ENVOY_ADMIN_PORT: &str = "meshcanary.io/envoy-admin-port";
+/// Pod annotation: the kind of Envoy sidecar (`app-mesh`, `istio`, `envoy`).
+pub const DATA_PLANE: &str = "meshcanary.io/data-plane";
+/// Pod annotation: the inbound cluster regex of an `envoy` data plane.
+pub const CLUSTER_REGEX: &str = "meshcanary.io/cluster-regex";
 /// Envoy's admin port in App Mesh's sidecar.
 pub const DEFAULT_ENVOY_ADMIN_PORT: u16 = 9901;
 
@@ -66,7 +70,9 @@ pub const KEYS: &[Key] = &[
     Key { name: ROUTER, on: "Deployment", default: "", expected: "app-mesh or gateway-api", meaning: "Which router carries the canary's weights: an App Mesh VirtualRouter, or a Gateway API HTTPRoute's backendRefs. Default: the controller's --router (app-mesh unless set)." },
     Key { name: ROUTE, on: "Deployment", default: "", expected: "the name of an HTTPRoute in the Deployment's namespace", meaning: "Gateway API: use this existing HTTPRoute. meshcanary changes only the weights of its backendRefs to the Services NAME-primary and NAME-canary, in every rule that has both, and leaves every other rule, match, filter and backend as written. Without it meshcanary creates the HTTPRoute NAME." },
     Key { name: GATEWAY, on: "Deployment", default: "", expected: "[namespace/]name of a Gateway", meaning: "Gateway API, without meshcanary.io/route: attach the HTTPRoute NAME meshcanary creates to this Gateway (north-south traffic). Without it the route attaches to the Service NAME (GAMMA, east-west mesh traffic)." },
-    Key { name: ENVOY_ADMIN_PORT, on: "Pod", default: "9901", expected: "a port number from 1 to 65535", meaning: "The Envoy sidecar's admin port the agent scrapes." },
+    Key { name: ENVOY_ADMIN_PORT, on: "Pod", default: "9901", expected: "a port number from 1 to 65535", meaning: "The port the agent scrapes /stats/prometheus on: the Envoy admin port (App Mesh and plain Envoy), or Istio's merged stats port (default 15090 for the istio data plane)." },
+    Key { name: DATA_PLANE, on: "Pod", default: "", expected: "app-mesh, istio or envoy", meaning: "The kind of Envoy sidecar, when it is not what the agent detects (an istio-proxy container is istio; the --envoy-container container is app-mesh). envoy: any other Envoy, scraped on meshcanary.io/envoy-admin-port with meshcanary.io/cluster-regex." },
+    Key { name: CLUSTER_REGEX, on: "Pod", default: "", expected: "a regex", meaning: "For the envoy data plane: the regex selecting the inbound cluster by name (default: the agent's --cluster-regex)." },
     Key { name: STATUS, on: "Deployment", default: "", expected: "written by meshcanary", meaning: "The rollout's state (phase, weight, failed checks, revisions); do not edit." },
     Key { name: REVISION, on: "Deployment (primary)", default: "", expected: "written by meshcanary", meaning: "The template hash the primary was copied from." },
 ];
@@ -350,15 +356,16 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
     })
 }
 
-/// The Envoy admin port a pod's annotations ask for.
+/// The stats port a pod's annotations ask for, `default` when they do not.
 ///
 /// ### Errors
 /// A value that is not a port number.
 pub fn envoy_admin_port(
     pod_annotations: &BTreeMap<String, String>,
+    default: u16,
 ) -> Result<u16, AnnotationError> {
     match pod_annotations.get(ENVOY_ADMIN_PORT) {
-        None => Ok(DEFAULT_ENVOY_ADMIN_PORT),
+        None => Ok(default),
         Some(v) => parse_port(v.trim()).ok_or_else(|| error(ENVOY_ADMIN_PORT, v)),
     }
 }
@@ -587,12 +594,13 @@ mod tests {
 
     #[test]
     fn envoy_admin_port_defaults_and_validates() {
-        assert_eq!(envoy_admin_port(&ann(&[])), Ok(9901));
+        assert_eq!(envoy_admin_port(&ann(&[]), 9901), Ok(9901));
+        assert_eq!(envoy_admin_port(&ann(&[]), 15090), Ok(15090));
         assert_eq!(
-            envoy_admin_port(&ann(&[(ENVOY_ADMIN_PORT, "15000")])),
+            envoy_admin_port(&ann(&[(ENVOY_ADMIN_PORT, "15000")]), 9901),
             Ok(15000)
         );
-        assert!(envoy_admin_port(&ann(&[(ENVOY_ADMIN_PORT, "0")])).is_err());
+        assert!(envoy_admin_port(&ann(&[(ENVOY_ADMIN_PORT, "0")]), 9901).is_err());
     }
 
     #[test]

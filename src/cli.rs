@@ -269,9 +269,16 @@ pub struct AgentArgs {
         default_value = "appmesh.k8s.aws/sidecarInjectorWebhook=enabled"
     )]
     pub namespace_selector: String,
-    /// Name of the Envoy sidecar container in pods.
+    /// Name of the Envoy sidecar container in pods (the app-mesh data plane's).
     #[arg(long, env = "MESHCANARY_ENVOY_CONTAINER", default_value = "envoy")]
     pub envoy_container: String,
+    /// The data plane of every pod: auto (per pod: an istio-proxy container is istio, the
+    /// --envoy-container container app-mesh), app-mesh, istio or envoy. A pod's
+    /// meshcanary.io/data-plane annotation wins over it.
+    // Spelled `std::option::Option` so clap takes the parser's `None` (auto) as the value
+    // rather than treating the flag as optional.
+    #[arg(long, env = "MESHCANARY_DATA_PLANE", default_value = "auto", value_parser = parse_data_plane)]
+    pub data_plane: std::option::Option<crate::discover::DataPlane>,
     /// meshcanary's own namespace (the controller's ServiceAccount is in it).
     #[arg(long, env = "POD_NAMESPACE", default_value = "meshcanary")]
     pub namespace: String,
@@ -298,6 +305,21 @@ pub struct AgentArgs {
     /// Time allowed to finish in-flight work after SIGTERM.
     #[arg(long, env = "MESHCANARY_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub grace_period: Duration,
+}
+
+/// `auto` or a data plane's name.
+fn parse_data_plane(s: &str) -> Result<Option<crate::discover::DataPlane>, String> {
+    if s == "auto" {
+        return Ok(None);
+    }
+    crate::discover::DataPlane::named(s)
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a data plane: expected auto, {}",
+                crate::discover::DataPlane::NAMES.join(", ")
+            )
+        })
 }
 
 /// Flags of `meshcanary controller`.
@@ -547,6 +569,7 @@ impl AgentArgs {
                         node_name,
                         namespace_selector: self.namespace_selector,
                         envoy_container: self.envoy_container,
+                        data_plane: self.data_plane,
                     },
                 })
             }
@@ -1126,6 +1149,36 @@ mod tests {
             unreachable!()
         };
         c.into_settings()
+    }
+
+    #[test]
+    fn the_data_plane_and_router_flags_parse() {
+        let discovery = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from([&["meshcanary", "agent", "--node-name=n1"], args].concat())
+                    .unwrap();
+            let Command::Agent(a) = cli.command else {
+                unreachable!()
+            };
+            a.into_config(None)
+                .unwrap()
+                .kube
+                .unwrap()
+                .discovery
+                .data_plane
+        };
+        assert_eq!(discovery(&[]), None, "auto by default");
+        assert_eq!(
+            discovery(&["--data-plane=istio"]),
+            Some(crate::discover::DataPlane::Istio)
+        );
+        let router = |args: &[&str]| controller(args).unwrap().controller.router;
+        assert_eq!(router(&[]), crate::router::RouterKind::AppMesh);
+        assert_eq!(
+            router(&["--router=gateway-api"]),
+            crate::router::RouterKind::GatewayApi
+        );
+        assert!(Cli::try_parse_from(["meshcanary", "controller", "--router=istio"]).is_err());
     }
 
     #[test]

@@ -22,6 +22,64 @@ pub struct Target {
     pub admin_url: String,
     /// The pod's name (`kubernetes_pod_name`); for static targets the same as `id`.
     pub pod: String,
+    /// What kind of sidecar it is: how its stats name the inbound cluster.
+    pub data_plane: DataPlane,
+}
+
+/// The container Istio injects.
+pub const ISTIO_CONTAINER: &str = "istio-proxy";
+/// Istio's inbound clusters: `inbound|PORT||` (the service name part is empty for sidecars).
+pub const ISTIO_INBOUND: &str = r"^inbound\|[0-9]+\|\|";
+/// Where Istio's sidecar serves Envoy's stats merged for Prometheus.
+pub const ISTIO_STATS_PORT: u16 = 15090;
+
+/// The kind of Envoy sidecar a pod runs, chosen from what is injected into it
+/// (`meshcanary.io/data-plane` or the agent's `--data-plane` to say it outright).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DataPlane {
+    /// App Mesh's `envoy` container: admin port 9901, inbound clusters `cds_ingress_*`
+    /// (`--cluster-regex`), Envoy's default tag names.
+    #[default]
+    AppMesh,
+    /// Istio's `istio-proxy`: stats on :15090, inbound clusters `inbound|PORT||`, Istio's tag
+    /// names (`cluster_name`, `response_code`).
+    Istio,
+    /// Any other Envoy: admin port from `meshcanary.io/envoy-admin-port` and inbound cluster
+    /// regex from `meshcanary.io/cluster-regex` (else `--cluster-regex`).
+    Envoy { cluster_regex: Option<String> },
+}
+
+impl DataPlane {
+    /// The names users write (annotation and flag).
+    pub const NAMES: [&'static str; 3] = ["app-mesh", "istio", "envoy"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            DataPlane::AppMesh => "app-mesh",
+            DataPlane::Istio => "istio",
+            DataPlane::Envoy { .. } => "envoy",
+        }
+    }
+
+    /// The port the stats are scraped on unless the pod says otherwise.
+    pub fn default_port(&self) -> u16 {
+        match self {
+            DataPlane::Istio => ISTIO_STATS_PORT,
+            _ => crate::annotations::DEFAULT_ENVOY_ADMIN_PORT,
+        }
+    }
+
+    /// The kind named `name` (an `envoy` kind without its own regex).
+    pub fn named(name: &str) -> Option<DataPlane> {
+        match name {
+            "app-mesh" => Some(DataPlane::AppMesh),
+            "istio" => Some(DataPlane::Istio),
+            "envoy" => Some(DataPlane::Envoy {
+                cluster_regex: None,
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl Target {
@@ -71,6 +129,7 @@ pub fn parse_static_target(spec: &str) -> Result<Target, String> {
             role,
         },
         admin_url: url.to_owned(),
+        data_plane: DataPlane::AppMesh,
     })
 }
 

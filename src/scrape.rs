@@ -60,6 +60,8 @@ pub struct ScrapeMetrics {
     pub parse_errors: Family<ErrorLabels, Counter>,
     pub bytes: Family<TierLabels, Counter>,
     pub full_samples: Counter,
+    /// Fast-tier scrapes that held no series of the sidecar's inbound cluster.
+    pub no_inbound: Counter,
     fast_duration: LatencyQuantiles<TierQuantileLabels>,
     full_duration: LatencyQuantiles<TierQuantileLabels>,
 }
@@ -73,6 +75,7 @@ impl ScrapeMetrics {
             parse_errors: Family::default(),
             bytes: Family::default(),
             full_samples: Counter::default(),
+            no_inbound: Counter::default(),
             fast_duration: LatencyQuantiles::new(&duration, |quantile| TierQuantileLabels {
                 tier: "fast",
                 quantile,
@@ -89,6 +92,7 @@ impl ScrapeMetrics {
             &m.scrapes,
         );
         r.register("meshcanary_scrape_errors", "Scrapes that produced no body, by tier and reason (connect, timeout, http_status, body_too_large, body_read, invalid_url).", &["tier", "reason"], &m.errors);
+        r.register("meshcanary_scrape_no_inbound_cluster", "Fast-tier scrapes that succeeded but held no series of the sidecar's inbound cluster (Istio without the proxyStatsMatcher annotation, or a cluster regex that matches nothing): those sidecars give their windows no data. The agent logs a warning per sidecar naming the fix.", &[], &m.no_inbound);
         r.register("meshcanary_parse_errors", "Lines of Envoy output rejected by the parser, by tier and reason; the rest of the scrape is kept.", &["tier", "reason"], &m.parse_errors);
         r.register(
             "meshcanary_scraped_bytes",
@@ -243,13 +247,15 @@ impl AdminUrls {
 
 /// Envoy's filter for the fast tier, derived from the inbound cluster regex so the two cannot
 /// disagree: the per-code request counters and the request-time histogram of matching
-/// clusters. A cluster regex anchored with `^` stays anchored after `cluster.`.
+/// clusters, and their membership gauge (present while idle, so a cluster missing from the
+/// stats can be told from one without traffic). A cluster regex anchored with `^` stays
+/// anchored after `cluster.`.
 pub fn fast_filter(cluster_regex: &str) -> String {
     let cluster = match cluster_regex.strip_prefix('^') {
         Some(rest) => format!("^cluster\\.{rest}"),
         None => format!("^cluster\\..*{cluster_regex}"),
     };
-    format!("{cluster}.*\\.upstream_rq_([0-9][0-9][0-9]|time)$")
+    format!("{cluster}.*\\.(upstream_rq_([0-9][0-9][0-9]|time)|membership_total)$")
 }
 
 fn percent_encode(s: &str) -> String {
@@ -422,9 +428,12 @@ mod tests {
         let re = regex::Regex::new(&f).unwrap();
         assert!(re.is_match("cluster.cds_ingress_m_app_http_9898.upstream_rq_503"));
         assert!(re.is_match("cluster.cds_ingress_m_app_http_9898.upstream_rq_time"));
+        assert!(re.is_match("cluster.cds_ingress_m_app_http_9898.membership_total"));
         assert!(!re.is_match("cluster.cds_ingress_m_app_http_9898.upstream_rq_total"));
+        assert!(!re.is_match("cluster.cds_ingress_m_app_http_9898.membership_healthy"));
         assert!(!re.is_match("cluster.cds_egress_m_db_http_1.upstream_rq_200"));
-        let istio = regex::Regex::new(&fast_filter(r"inbound\|")).unwrap();
+        let istio = regex::Regex::new(&fast_filter(crate::discover::ISTIO_INBOUND)).unwrap();
         assert!(istio.is_match("cluster.inbound|9080||.upstream_rq_200"));
+        assert!(!istio.is_match("cluster.outbound|80||web.test.svc.cluster.local.upstream_rq_200"));
     }
 }

@@ -518,6 +518,11 @@ fn main() -> std::process::ExitCode {
         |w| discovery(&w.cp).await
     );
     scenario!(
+        "discovery: an Istio sidecar is found by its istio-proxy and counted exactly",
+        istio_discovery,
+        |w| istio_discovery(&w.cp).await
+    );
+    scenario!(
         "peers: only the controller's token, for its audience, gets windows",
         peer_auth,
         |w| peer_auth(&w.cp).await
@@ -1538,6 +1543,7 @@ async fn discovery(cp: &ControlPlane) {
             node_name: node.into(),
             namespace_selector: "appmesh.k8s.aws/sidecarInjectorWebhook=enabled".into(),
             envoy_container: "envoy".into(),
+            data_plane: None,
         };
         let targets = pods::start(cp.agent_client().await, config, rx.clone());
         let config = support::RunningAgent::config(&[], 32 << 20, |_| {});
@@ -1610,6 +1616,94 @@ async fn discovery(cp: &ControlPlane) {
     let _ = plain_deployments
         .delete("podinfo", &Default::default())
         .await;
+}
+
+/// A pod as Istio's injector leaves it (an `istio-proxy` container, in a namespace labelled
+/// `istio-injection=enabled`), its sidecar a real Envoy shaped as Istio's: the agent finds it
+/// as the istio data plane, scrapes its stats port and reads Istio's names exactly.
+async fn istio_discovery(cp: &ControlPlane) {
+    use meshcanary::discover::pods::{self, DiscoveryConfig};
+    use meshcanary::discover::DataPlane;
+    let ns = "istio-disc";
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cp.client().await);
+    let labelled = serde_json::from_value(serde_json::json!({"metadata": {"name": ns,
+        "labels": {"istio-injection": "enabled"}}}))
+    .unwrap();
+    let _ = namespaces.create(&PostParams::default(), &labelled).await;
+    let s = Scenario::new(cp, ns).await;
+    let app = support::App::start().await;
+    let sidecar = support::Sidecar::start_istio(app.port, "1s").await;
+    let stats_port = sidecar.istio_stats_port.unwrap().to_string();
+    let mut d = podinfo(ns, "podinfo:6.0.0", &[]);
+    let template = &mut d.spec.as_mut().unwrap().template;
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations = Some([("meshcanary.io/envoy-admin-port".to_owned(), stats_port)].into());
+    let containers = &mut template.spec.as_mut().unwrap().containers;
+    containers.retain(|c| c.name != "envoy");
+    containers.push(
+        serde_json::from_value(
+            serde_json::json!({"name": "istio-proxy", "image": "istio/proxyv2"}),
+        )
+        .unwrap(),
+    );
+    // Discovery needs only the opt-in: no controller runs, so podinfo's pods are canaries.
+    s.create(&d).await;
+    let (stop, rx) = watch::channel(false);
+    let config = DiscoveryConfig {
+        node_name: "node-a".into(),
+        namespace_selector: "istio-injection=enabled".into(),
+        envoy_container: "envoy".into(),
+        data_plane: None,
+    };
+    let targets = pods::start(cp.agent_client().await, config, rx);
+    let agent = support::RunningAgent::launch(
+        support::RunningAgent::config(&[], 32 << 20, |_| {}),
+        Some(targets),
+    )
+    .await;
+    support::eventually(
+        Duration::from_secs(30),
+        "the Istio sidecars scraped",
+        || {
+            let up = agent.shared.target_statuses();
+            up.len() == 2
+                && up
+                    .iter()
+                    .all(|t| t.up && t.target.data_plane == DataPlane::Istio)
+        },
+    )
+    .await;
+    let url = agent.shared.target_statuses()[0].target.admin_url.clone();
+    assert_eq!(url, sidecar.stats_url(), "scraped on the stats port");
+    let ok = sidecar.drive("/", 30).await;
+    let failed = sidecar.drive("/status/503", 10).await;
+    assert!(ok.iter().all(|&c| c == 200) && failed.iter().all(|&c| c == 503));
+    // Both replicas' targets are the same Envoy here (one pod IP): every request counts twice.
+    let canary = || {
+        agent
+            .shared
+            .summaries(meshcanary::clock::unix_ms())
+            .into_iter()
+            .find(|(k, _)| k.to_string() == format!("{ns}/podinfo/canary"))
+            .map(|(_, s)| s)
+            .unwrap_or_default()
+    };
+    support::eventually(Duration::from_secs(15), "80 requests in the window", || {
+        canary().requests == 80
+    })
+    .await;
+    assert_eq!(canary().errors, 20, "Istio's response_code label read");
+    let m = agent.shared.render_metrics();
+    assert_eq!(
+        support::counter(&m, "meshcanary_scrape_no_inbound_cluster_total "),
+        0.0,
+        "{m}"
+    );
+    let _ = stop.send(true);
+    agent.shutdown().await;
+    s.cleanup().await;
 }
 
 async fn lease_lost(cp: &ControlPlane) {

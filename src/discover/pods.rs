@@ -6,8 +6,9 @@
 //! from the caches by the pure [`targets`] and published on a watch channel when it
 //! changes; the agent starts and stops scrape tasks from it.
 //!
-//! A pod is a target when it runs in a mesh namespace, is Running with an IP, has the Envoy
-//! container, and its Deployment (through its ReplicaSet: `NAME-<pod-template-hash>`) is
+//! A pod is a target when it runs in a mesh namespace, is Running with an IP, has an Envoy
+//! sidecar (its [`DataPlane`]: `istio-proxy` is Istio's, `--envoy-container` App Mesh's, or
+//! what `meshcanary.io/data-plane` or `--data-plane` says), and its Deployment (through its ReplicaSet: `NAME-<pod-template-hash>`) is
 //! opted in (role `canary`), or is `NAME-primary` of an opted-in `NAME` (role `primary`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,7 +23,7 @@ use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Client, ResourceExt as _};
 use tokio::sync::watch;
 
-use super::Target;
+use super::{DataPlane, Target, ISTIO_CONTAINER};
 use crate::annotations;
 use crate::placement::deployment_of;
 use crate::window::{Role, WindowKey};
@@ -35,6 +36,8 @@ pub struct DiscoveryConfig {
     /// Label selector of mesh namespaces.
     pub namespace_selector: String,
     pub envoy_container: String,
+    /// The data plane of every pod (`--data-plane`); `None` detects it per pod.
+    pub data_plane: Option<DataPlane>,
 }
 
 /// Why a pod on this node is not a target (for debug logs and tests).
@@ -46,6 +49,51 @@ pub enum Skip {
     NoDeployment,
     NotOptedIn,
     BadAdminPort,
+    /// `meshcanary.io/data-plane` names no data plane, or `meshcanary.io/cluster-regex`
+    /// is not a regex.
+    BadDataPlane,
+}
+
+/// The data plane of a pod: its annotation, else `forced`, else what is injected into it;
+/// `None` when the sidecar it needs is not there.
+fn data_plane_of(
+    pod: &Pod,
+    envoy_container: &str,
+    forced: Option<&DataPlane>,
+) -> Result<DataPlane, Skip> {
+    let spec = pod.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.containers.iter());
+    // Istio's native sidecar mode injects istio-proxy as a restartable init container.
+    let init = spec
+        .into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten());
+    let has = |name: &str| {
+        containers
+            .clone()
+            .chain(init.clone())
+            .any(|c| c.name == name)
+    };
+    let annotations = pod.annotations();
+    let mut kind = match annotations.get(annotations::DATA_PLANE) {
+        Some(v) => DataPlane::named(v.trim()).ok_or(Skip::BadDataPlane)?,
+        None => match forced {
+            Some(kind) => kind.clone(),
+            None if has(ISTIO_CONTAINER) => DataPlane::Istio,
+            None => DataPlane::AppMesh,
+        },
+    };
+    match &mut kind {
+        DataPlane::AppMesh if !has(envoy_container) => return Err(Skip::NoEnvoy),
+        DataPlane::Istio if !has(ISTIO_CONTAINER) => return Err(Skip::NoEnvoy),
+        DataPlane::Envoy { cluster_regex } => {
+            if let Some(re) = annotations.get(annotations::CLUSTER_REGEX) {
+                regex::Regex::new(re).map_err(|_| Skip::BadDataPlane)?;
+                *cluster_regex = Some(re.clone());
+            }
+        }
+        _ => {}
+    }
+    Ok(kind)
 }
 
 /// The target a pod is, or why it is not one. Pure.
@@ -57,6 +105,7 @@ pub fn target_of(
     mesh_namespaces: &BTreeSet<String>,
     opted_in: &BTreeSet<WorkloadId>,
     envoy_container: &str,
+    forced: Option<&DataPlane>,
 ) -> Result<Target, Skip> {
     let ns = pod.namespace().unwrap_or_default();
     if !mesh_namespaces.contains(&ns) {
@@ -70,13 +119,7 @@ pub fn target_of(
     let Some(ip) = ip.filter(|_| running && pod.metadata.deletion_timestamp.is_none()) else {
         return Err(Skip::NotRunning);
     };
-    let has_envoy = pod
-        .spec
-        .as_ref()
-        .is_some_and(|s| s.containers.iter().any(|c| c.name == envoy_container));
-    if !has_envoy {
-        return Err(Skip::NoEnvoy);
-    }
+    let data_plane = data_plane_of(pod, envoy_container, forced)?;
     let deployment = deployment_of(pod).ok_or(Skip::NoDeployment)?;
     let (workload, role) = if opted_in.contains(&WorkloadId::new(&*ns, &*deployment)) {
         (deployment, Role::Canary)
@@ -88,7 +131,8 @@ pub fn target_of(
             _ => return Err(Skip::NotOptedIn),
         }
     };
-    let port = annotations::envoy_admin_port(pod.annotations()).map_err(|_| Skip::BadAdminPort)?;
+    let port = annotations::envoy_admin_port(pod.annotations(), data_plane.default_port())
+        .map_err(|_| Skip::BadAdminPort)?;
     let host = if ip.contains(':') {
         format!("[{ip}]")
     } else {
@@ -103,6 +147,7 @@ pub fn target_of(
         },
         admin_url: format!("http://{host}:{port}"),
         pod: pod.name_any(),
+        data_plane,
     })
 }
 
@@ -112,10 +157,20 @@ pub fn targets(
     mesh_namespaces: &BTreeSet<String>,
     opted_in: &BTreeSet<WorkloadId>,
     envoy_container: &str,
+    forced: Option<&DataPlane>,
 ) -> Vec<Target> {
     let mut out: Vec<Target> = pods
         .iter()
-        .filter_map(|p| target_of(p.borrow(), mesh_namespaces, opted_in, envoy_container).ok())
+        .filter_map(|p| {
+            target_of(
+                p.borrow(),
+                mesh_namespaces,
+                opted_in,
+                envoy_container,
+                forced,
+            )
+            .ok()
+        })
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     out
@@ -213,6 +268,7 @@ pub fn start(
                 &mesh,
                 &opted_in(deployments.state().iter().map(|d| &d.metadata)),
                 &config.envoy_container,
+                config.data_plane.as_ref(),
             );
             tx.send_if_modified(|current: &mut Vec<Target>| {
                 if *current == next {
@@ -291,6 +347,7 @@ mod tests {
             &mesh,
             &opted_in(deps.iter().map(|d| &d.metadata)),
             "envoy",
+            None,
         );
         assert_eq!(t.len(), 2, "{t:#?}");
         assert_eq!(t[0].key.to_string(), "test/podinfo/canary");
@@ -303,7 +360,7 @@ mod tests {
     fn each_reason_to_skip_is_named() {
         let mesh: BTreeSet<String> = ["test".to_owned()].into();
         let opted: BTreeSet<WorkloadId> = [WorkloadId::new("test", "podinfo")].into();
-        let check = |p: Pod| target_of(&p, &mesh, &opted, "envoy").err();
+        let check = |p: Pod| target_of(&p, &mesh, &opted, "envoy", None).err();
         assert_eq!(
             check(pod("x", "podinfo-1", "1", json!({}))),
             Some(Skip::NotMeshNamespace)
@@ -341,5 +398,87 @@ mod tests {
         p.metadata.owner_references = None;
         assert_eq!(check(p), Some(Skip::NoDeployment));
         assert_eq!(check(pod("test", "podinfo-1", "1", json!({}))), None);
+        assert_eq!(
+            check(pod(
+                "test",
+                "podinfo-1",
+                "1",
+                json!({"annotations": {"meshcanary.io/data-plane": "linkerd"}})
+            )),
+            Some(Skip::BadDataPlane)
+        );
+    }
+
+    /// A pod as Istio's injector leaves it: `istio-proxy` as a container, or as a native
+    /// sidecar (a restartable init container).
+    fn istio_pod(native: bool, annotations: serde_json::Value) -> Pod {
+        let mut p = pod(
+            "test",
+            "podinfo-1",
+            "1",
+            json!({"annotations": annotations}),
+        );
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers.retain(|c| c.name != "envoy");
+        let proxy: k8s_openapi::api::core::v1::Container =
+            serde_json::from_value(json!({"name": "istio-proxy"})).unwrap();
+        if native {
+            spec.init_containers = Some(vec![proxy]);
+        } else {
+            spec.containers.push(proxy);
+        }
+        p
+    }
+
+    #[test]
+    fn the_data_plane_comes_from_what_is_injected() {
+        let mesh: BTreeSet<String> = ["test".to_owned()].into();
+        let opted: BTreeSet<WorkloadId> = [WorkloadId::new("test", "podinfo")].into();
+        let of = |p: &Pod, forced: Option<&DataPlane>| target_of(p, &mesh, &opted, "envoy", forced);
+        for native in [false, true] {
+            let t = of(&istio_pod(native, json!({})), None).unwrap();
+            assert_eq!(t.data_plane, DataPlane::Istio);
+            assert_eq!(
+                t.admin_url, "http://10.0.0.7:15090",
+                "Istio's merged stats port"
+            );
+        }
+        let t = of(&pod("test", "podinfo-1", "1", json!({})), None).unwrap();
+        assert_eq!(
+            (t.data_plane, t.admin_url.as_str()),
+            (DataPlane::AppMesh, "http://10.0.0.7:9901")
+        );
+        // Forced by flag: an App Mesh pod is not Istio's.
+        assert_eq!(
+            of(
+                &pod("test", "podinfo-1", "1", json!({})),
+                Some(&DataPlane::Istio)
+            )
+            .err(),
+            Some(Skip::NoEnvoy)
+        );
+        // A plain Envoy, named by annotation, with its own port and regex.
+        let plain = pod(
+            "test",
+            "podinfo-1",
+            "1",
+            json!({"annotations": {"meshcanary.io/data-plane": "envoy",
+                "meshcanary.io/envoy-admin-port": "19000", "meshcanary.io/cluster-regex": "^local_app$"}}),
+        );
+        let t = of(&plain, None).unwrap();
+        assert_eq!(
+            t.data_plane,
+            DataPlane::Envoy {
+                cluster_regex: Some("^local_app$".into())
+            }
+        );
+        assert_eq!(t.admin_url, "http://10.0.0.7:19000");
+        let bad = pod(
+            "test",
+            "podinfo-1",
+            "1",
+            json!({"annotations": {"meshcanary.io/data-plane": "envoy", "meshcanary.io/cluster-regex": "(("}}),
+        );
+        assert_eq!(of(&bad, None).err(), Some(Skip::BadDataPlane));
     }
 }

@@ -4,7 +4,9 @@
 //! parsed samples; [`PodCounters::advance`] turns consecutive snapshots into a [`Delta`].
 //!
 //! Envoy facts this encodes (measured on 1.40):
-//! - requests per code are `envoy_cluster_upstream_rq{envoy_response_code, envoy_cluster_name}`;
+//! - requests per code are `envoy_cluster_upstream_rq{envoy_response_code, envoy_cluster_name}`
+//!   with Envoy's default tags, `{response_code, cluster_name}` with Istio's (its bootstrap
+//!   turns the defaults off and names its own tags): [`InboundLabels`];
 //!   the `external_`/`internal_`/`retry_` variants are other metric names and are ignored, so
 //!   nothing is counted twice;
 //! - a per-code series appears with the first response of that code, so after the first scrape
@@ -22,8 +24,46 @@ pub const REQUESTS_METRIC: &str = "envoy_cluster_upstream_rq";
 /// The inbound latency histogram, in milliseconds.
 pub const LATENCY_METRIC: &str = "envoy_cluster_upstream_rq_time";
 pub const LATENCY_BUCKET: &str = "envoy_cluster_upstream_rq_time_bucket";
-const CLUSTER_LABEL: &str = "envoy_cluster_name";
-const CODE_LABEL: &str = "envoy_response_code";
+/// A gauge every cluster in the stats has, traffic or not: read only to tell "the
+/// inbound cluster is in the stats, idle" from "it is not in the stats at all".
+pub const MEMBERSHIP_METRIC: &str = "envoy_cluster_membership_total";
+
+/// The label names a data plane gives a cluster and a response code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundLabels {
+    pub cluster: &'static str,
+    pub code: &'static str,
+}
+
+impl InboundLabels {
+    /// Envoy's default tags (App Mesh, a plain Envoy).
+    pub const ENVOY: InboundLabels = InboundLabels {
+        cluster: "envoy_cluster_name",
+        code: "envoy_response_code",
+    };
+    /// Istio's bootstrap tags.
+    pub const ISTIO: InboundLabels = InboundLabels {
+        cluster: "cluster_name",
+        code: "response_code",
+    };
+}
+
+/// Which clusters are a sidecar's inbound ones, and how its stats label them.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub cluster: Regex,
+    pub labels: InboundLabels,
+}
+
+impl Inbound {
+    /// Envoy's default labels and `cluster`.
+    pub fn envoy(cluster: Regex) -> Inbound {
+        Inbound {
+            cluster,
+            labels: InboundLabels::ENVOY,
+        }
+    }
+}
 
 /// Most histogram buckets read (Envoy's default has 20): a sidecar sending more is not
 /// read for latency rather than costing memory and time per bucket.
@@ -38,22 +78,24 @@ pub struct InboundSnapshot {
     pub edges_ms: Vec<f64>,
     /// Cumulative bucket counts; `edges_ms.len() + 1` entries, the last one being `+Inf`.
     pub cumulative: Vec<u64>,
-    /// Whether any inbound cluster matched at all.
+    /// Whether any inbound cluster is in the stats at all (idle or not).
     pub matched: bool,
 }
 
 impl InboundSnapshot {
     /// Collect the inbound counters from `samples`, keeping clusters whose name matches
-    /// `cluster`. Samples with other names cost one string comparison.
-    pub fn extract<'a>(samples: impl IntoIterator<Item = Sample<'a>>, cluster: &Regex) -> Self {
+    /// `inbound`. Samples with other names cost one string comparison.
+    pub fn extract<'a>(samples: impl IntoIterator<Item = Sample<'a>>, inbound: &Inbound) -> Self {
+        let (cluster, labels) = (&inbound.cluster, inbound.labels);
         let mut snap = InboundSnapshot::default();
         let mut last_cluster: Option<(&str, bool)> = None;
         for s in samples {
             let is_requests = s.name == REQUESTS_METRIC;
-            if !is_requests && s.name != LATENCY_BUCKET {
+            let is_membership = s.name == MEMBERSHIP_METRIC;
+            if !is_requests && !is_membership && s.name != LATENCY_BUCKET {
                 continue;
             }
-            let Some(name) = s.labels.get(CLUSTER_LABEL) else {
+            let Some(name) = s.labels.get(labels.cluster) else {
                 continue;
             };
             // Envoy writes a cluster's series together: cache the last regex verdict.
@@ -69,13 +111,16 @@ impl InboundSnapshot {
                 continue;
             }
             snap.matched = true;
+            if is_membership {
+                continue;
+            }
             // Saturating: an outside number, which `as` already clamps to u64::MAX.
             let count = s.value as u64;
             if is_requests {
                 // HTTP status codes only: at most 500 distinct entries whatever is sent.
                 let Some(code) = s
                     .labels
-                    .get(CODE_LABEL)
+                    .get(labels.code)
                     .and_then(|c| c.raw_value.parse::<u16>().ok())
                     .filter(|c| (100..600).contains(c))
                 else {
@@ -280,10 +325,41 @@ mod tests {
 
     fn snap(text: &str) -> InboundSnapshot {
         let re = Regex::new("^cds_ingress_").unwrap();
-        InboundSnapshot::extract(Parser::from_text(text).filter_map(Result::ok), &re)
+        InboundSnapshot::extract(
+            Parser::from_text(text).filter_map(Result::ok),
+            &Inbound::envoy(re),
+        )
     }
 
     const IN: &str = "cds_ingress_mesh_app_http_9898";
+
+    #[test]
+    fn istio_labels_are_read_with_istios_names() {
+        // What an Istio sidecar's :15090 shows once proxyStatsMatcher includes the inbound
+        // cluster (Istio's bootstrap tags; no envoy_ prefix).
+        let text = "envoy_cluster_upstream_rq{response_code=\"200\",cluster_name=\"inbound|9898||\"} 7\n\
+envoy_cluster_upstream_rq{response_code=\"503\",cluster_name=\"inbound|9898||\"} 2\n\
+envoy_cluster_upstream_rq{response_code=\"200\",cluster_name=\"outbound|80||web.test.svc.cluster.local\"} 50\n\
+envoy_cluster_upstream_rq_time_bucket{cluster_name=\"inbound|9898||\",le=\"5\"} 6\n\
+envoy_cluster_upstream_rq_time_bucket{cluster_name=\"inbound|9898||\",le=\"+Inf\"} 9\n";
+        let istio = Inbound {
+            cluster: Regex::new(r"^inbound\|[0-9]+\|\|").unwrap(),
+            labels: InboundLabels::ISTIO,
+        };
+        let s = InboundSnapshot::extract(Parser::from_text(text).filter_map(Result::ok), &istio);
+        assert!(s.matched);
+        assert_eq!(s.requests_by_code, vec![(200, 7), (503, 2)]);
+        assert_eq!(
+            (s.edges_ms.clone(), s.cumulative.clone()),
+            (vec![5.0], vec![6, 9])
+        );
+        // Read with Envoy's default names, the same text has no inbound cluster at all.
+        assert!(!snap(text).matched);
+        // An idle inbound cluster is in the stats (its membership gauge), with no counts.
+        let idle = "envoy_cluster_membership_total{cluster_name=\"inbound|9898||\"} 1\n";
+        let s = InboundSnapshot::extract(Parser::from_text(idle).filter_map(Result::ok), &istio);
+        assert!(s.matched && s.requests_by_code.is_empty() && s.cumulative.is_empty());
+    }
 
     #[test]
     fn extract_sums_codes_and_ignores_variants_and_other_clusters() {

@@ -89,6 +89,8 @@ pub struct Sidecar {
     pub addr: String,
     pub admin_port: u16,
     pub ingress_port: u16,
+    /// Shaped as Istio's sidecar: the port its stats are served on (Istio's 15090).
+    pub istio_stats_port: Option<u16>,
     config: PathBuf,
     child: Option<Child>,
     _dir: TempDir,
@@ -108,6 +110,7 @@ impl Sidecar {
                 app_port,
                 vnode,
                 flush,
+                None,
             );
             match s.try_spawn().await {
                 Ok(()) => return s,
@@ -115,6 +118,35 @@ impl Sidecar {
             }
         }
         panic!("Envoy did not start three times; its last log:\n{last}");
+    }
+
+    /// A sidecar shaped as Istio's (`scripts/envoy-config.sh --istio-stats-port`) on free
+    /// loopback ports: inbound cluster `inbound|APP_PORT||`, Istio's tag names, stats on
+    /// [`Sidecar::stats_url`].
+    pub async fn start_istio(app_port: u16, flush: &str) -> Sidecar {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut s = Self::configure(
+                "127.0.0.1",
+                free_port(),
+                free_port(),
+                app_port,
+                "podinfo",
+                flush,
+                Some(free_port()),
+            );
+            match s.try_spawn().await {
+                Ok(()) => return s,
+                Err(log) => last = log,
+            }
+        }
+        panic!("Envoy did not start three times; its last log:\n{last}");
+    }
+
+    /// Where the stats are scraped: Istio's stats port, or the admin.
+    pub fn stats_url(&self) -> String {
+        let port = self.istio_stats_port.unwrap_or(self.admin_port);
+        format!("http://{}:{port}", self.addr)
     }
 
     /// A sidecar listening on `addr` (admin on `admin_port`, ingress on `ingress_port`).
@@ -126,7 +158,8 @@ impl Sidecar {
         vnode: &str,
         flush: &str,
     ) -> Sidecar {
-        let mut sidecar = Self::configure(addr, admin_port, ingress_port, app_port, vnode, flush);
+        let mut sidecar =
+            Self::configure(addr, admin_port, ingress_port, app_port, vnode, flush, None);
         sidecar.spawn().await;
         sidecar
     }
@@ -138,8 +171,12 @@ impl Sidecar {
         app_port: u16,
         vnode: &str,
         flush: &str,
+        istio_stats_port: Option<u16>,
     ) -> Sidecar {
         let dir = TempDir::new("sidecar");
+        let istio = istio_stats_port
+            .map(|p| vec!["--istio-stats-port".to_owned(), p.to_string()])
+            .unwrap_or_default();
         let out = Command::new("bash")
             .arg(repo().join("scripts/envoy-config.sh"))
             .args(["--addr", addr])
@@ -147,6 +184,7 @@ impl Sidecar {
             .args(["--ingress-port", &ingress_port.to_string()])
             .args(["--app-port", &app_port.to_string()])
             .args(["--vnode", vnode, "--flush", flush])
+            .args(&istio)
             .output()
             .expect("running scripts/envoy-config.sh");
         assert!(
@@ -160,6 +198,7 @@ impl Sidecar {
             addr: addr.to_owned(),
             admin_port,
             ingress_port,
+            istio_stats_port,
             config,
             child: None,
             _dir: dir,
