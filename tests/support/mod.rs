@@ -149,7 +149,8 @@ impl Sidecar {
         format!("http://{}:{port}", self.addr)
     }
 
-    /// A sidecar listening on `addr` (admin on `admin_port`, ingress on `ingress_port`).
+    /// A sidecar listening on `addr` (admin on `admin_port`, ingress on `ingress_port`),
+    /// shaped as Istio's with stats on `istio_stats_port` if given.
     pub async fn start_at(
         addr: &str,
         admin_port: u16,
@@ -157,9 +158,17 @@ impl Sidecar {
         app_port: u16,
         vnode: &str,
         flush: &str,
+        istio_stats_port: Option<u16>,
     ) -> Sidecar {
-        let mut sidecar =
-            Self::configure(addr, admin_port, ingress_port, app_port, vnode, flush, None);
+        let mut sidecar = Self::configure(
+            addr,
+            admin_port,
+            ingress_port,
+            app_port,
+            vnode,
+            flush,
+            istio_stats_port,
+        );
         sidecar.spawn().await;
         sidecar
     }

@@ -2,7 +2,8 @@
 //! image, an optional fault and the expected outcome) and how many times to repeat them.
 //! [`run`] drives a [`Lab`] through it and measures each rollout: its outcome and, for a
 //! faulted one, the time from the fault starting to (a) the canary weight being 0 in the
-//! VirtualRouter and (b) the gateway Envoy sending the canary its last request.
+//! router (the VirtualRouter or the HTTPRoute) and (b) the gateway Envoy sending the canary its
+//! last request.
 //!
 //! ```yaml
 //! name: havoc
@@ -198,14 +199,14 @@ pub struct RolloutResult {
     pub outcome: Outcome,
     /// From the new image to the end of the rollout.
     pub seconds: f64,
-    /// Fault start to canary weight 0 in the VirtualRouter.
+    /// Fault start to canary weight 0 in the router (VirtualRouter or HTTPRoute).
     pub ttr_router: Option<f64>,
     /// Fault start to the last request the gateway sent the canary.
     pub ttr_gateway: Option<f64>,
     pub leader: Option<String>,
     /// The rollout has a fault (whether or not it started).
     pub faulted: bool,
-    /// Every change of the VirtualRouter's canary weight: (seconds since the analysis
+    /// Every change of the router's canary weight: (seconds since the analysis
     /// started, weight).
     pub weights: Vec<(f64, u8)>,
     /// Seconds since the analysis started: when the fault started, and when a killed
