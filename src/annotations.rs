@@ -54,7 +54,7 @@ pub struct Key {
 /// Every key meshcanary reads, in reference-table order.
 pub const KEYS: &[Key] = &[
     Key { name: ENABLED, on: "Deployment", default: "false", expected: "true or false", meaning: "Opt the Deployment in: meshcanary bootstraps it and runs a canary analysis for every new revision." },
-    Key { name: "meshcanary.io/port", on: "Deployment", default: "", expected: "a port number from 1 to 65535", meaning: "The port the Services and App Mesh listeners use. Default: the first containerPort of the first container that is not the Envoy sidecar." },
+    Key { name: "meshcanary.io/port", on: "Deployment", default: "", expected: "a port number from 1 to 65535", meaning: "The port the Services, App Mesh listeners and HTTPRoute backendRefs use. Default: the first containerPort of the first container that is not the Envoy sidecar." },
     Key { name: "meshcanary.io/step-weights", on: "Deployment", default: "2,5,10,20,30,50", expected: "increasing whole percentages from 1 to 99, comma separated", meaning: "The canary weights the analysis steps through before promotion." },
     Key { name: "meshcanary.io/max-weight", on: "Deployment", default: "50", expected: "a whole percentage from 1 to 99", meaning: "The highest canary weight; no step may exceed it." },
     Key { name: "meshcanary.io/interval", on: "Deployment", default: "30s", expected: "a duration such as 30s or 1m", meaning: "Minimum time at each step before it may advance." },

@@ -6,7 +6,8 @@
 //! traffic. Then the reliability checks, each a scenario in `lab/`: the leader killed
 //! mid-rollout, a peer agent killed, the apiserver restarted, ten healthy promotions; and
 //! the ways a rollout used to get stuck: the canary's Envoy or app dying mid-analysis, a
-//! canary too quiet to fill its window.
+//! canary too quiet to fill its window. Last, the walkthrough once more on the lab's Istio
+//! and Gateway API shape.
 
 mod support;
 
@@ -153,11 +154,51 @@ async fn the_loop_across_two_nodes() {
             }
         }
     );
+    drop(lab);
+    check!(
+        "Istio sidecars and a Gateway API HTTPRoute: the walkthrough again",
+        istio_and_the_gateway_api().await
+    );
     eprintln!(
         "lab checks in {:.1} s:\n{}",
         started.elapsed().as_secs_f64(),
         report.join("\n")
     );
+}
+
+/// The lab in its Gateway API shape (`--router gateway-api`, Istio-shaped sidecars): the
+/// same shortened walkthrough, with the weights in podinfo's HTTPRoute (accepted by the
+/// lab's Gateway) and no App Mesh object anywhere.
+async fn istio_and_the_gateway_api() {
+    let mut options = LabOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_meshcanary")));
+    options.window = Duration::from_secs(30);
+    options.prometheus = false;
+    options.router = meshcanary::router::RouterKind::GatewayApi;
+    let mut lab = Lab::start(options).await;
+    walkthrough(&mut lab).await;
+    let routes: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        lab.client.clone(),
+        support::lab::NAMESPACE,
+        &meshcanary::router::gatewayapi::resource("v1"),
+    );
+    let route = routes.get(support::lab::WORKLOAD).await.expect("podinfo's HTTPRoute");
+    assert_eq!(route.data["spec"]["parentRefs"][0]["name"], support::lab::GATEWAY);
+    assert_eq!(
+        route.data["status"]["parents"][0]["conditions"][0]["status"], "True",
+        "accepted: {:?}",
+        route.data["status"]
+    );
+    let routers: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        lab.client.clone(),
+        support::lab::NAMESPACE,
+        &meshcanary::router::appmesh::resource("VirtualRouter"),
+    );
+    assert!(routers.get_opt(support::lab::WORKLOAD).await.unwrap().is_none());
+    for agent in lab.agents.values() {
+        let url = agent.metrics_url();
+        assert_eq!(metric(&url, "meshcanary_scrape_no_inbound_cluster_total ").await, 0.0);
+        assert!(metric(&url, "meshcanary_scrapes_total{tier=\"fast\"}").await > 10.0);
+    }
 }
 
 /// A dead canary is rolled back within `threshold` x `interval` of its death (the
