@@ -501,7 +501,7 @@ impl Agent {
                 scraper: self.scraper.clone(),
                 counters: PodCounters::default(),
                 series: remote_write::encode::SeriesCache::default(),
-                warned_no_inbound: false,
+                no_inbound_scrapes: 0,
             };
             let (removed_tx, removed) = watch::channel(false);
             tasks.spawn(task.run(shutdown.clone(), removed));
@@ -564,9 +564,12 @@ struct TargetTask {
     shared: Arc<Shared>,
     scraper: Scraper,
     counters: PodCounters,
-    /// The missing inbound cluster was logged (again once it reappears and goes).
-    warned_no_inbound: bool,
+    /// Fast scrapes in a row whose stats had no inbound cluster.
+    no_inbound_scrapes: u32,
 }
+
+/// Scrapes in a row without the inbound cluster before a sidecar is reported as such.
+const NO_INBOUND_SCRAPES: u32 = 3;
 
 /// What to do when a sidecar's stats hold no inbound cluster, per data plane.
 fn no_inbound_fix(data_plane: &crate::discover::DataPlane) -> &'static str {
@@ -748,15 +751,19 @@ impl TargetTask {
             }
         };
         let now_ms = unix_ms();
-        if snapshot.matched {
-            self.warned_no_inbound = false;
+        // Reported after three scrapes in a row, not one: a sidecar that is still receiving
+        // its configuration has no inbound cluster for a moment.
+        let missing_inbound = if snapshot.matched {
+            self.no_inbound_scrapes = 0;
+            false
         } else {
             self.shared.metrics.scrape.no_inbound.inc();
-            if !self.warned_no_inbound {
-                self.warned_no_inbound = true;
-                tracing::warn!(target_id = %self.target.id, data_plane = self.target.data_plane.name(), fix = no_inbound_fix(&self.target.data_plane), "The sidecar's stats have no inbound cluster: its window gets no data");
+            self.no_inbound_scrapes = self.no_inbound_scrapes.saturating_add(1);
+            if self.no_inbound_scrapes == NO_INBOUND_SCRAPES {
+                tracing::warn!(target_id = %self.target.id, data_plane = self.target.data_plane.name(), fix = no_inbound_fix(&self.target.data_plane), "The sidecar's stats have no inbound cluster: its requests are not counted");
             }
-        }
+            self.no_inbound_scrapes >= NO_INBOUND_SCRAPES
+        };
         let delta = self.counters.advance(snapshot, now_ms);
         {
             let mut windows = lock(&self.shared.windows);
@@ -771,6 +778,7 @@ impl TargetTask {
                 Some(d) => window.record(d, now_ms),
                 None => window.touch(now_ms),
             }
+            window.mark_inbound(&self.target.pod, !missing_inbound, now_ms);
         }
         if delta.as_ref().is_some_and(|d| d.reset) {
             m.window

@@ -164,6 +164,8 @@ pub struct Controller<R, W> {
     /// Per workload, the refusal of its route last reported (a route its parents do not
     /// accept halts the rollout; one Warning per distinct refusal).
     refused: HashMap<WorkloadId, String>,
+    /// Per workload, the pods without inbound-cluster stats last reported.
+    no_inbound: HashMap<WorkloadId, Vec<String>>,
     /// Per workload, the nodes without an answering agent last logged.
     unobserved: HashMap<WorkloadId, Vec<String>>,
     /// Workloads whose gauges are exported, to drop them when the workload goes.
@@ -200,6 +202,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             synced: HashMap::new(),
             conflicts: HashMap::new(),
             refused: HashMap::new(),
+            no_inbound: HashMap::new(),
             failing: HashMap::new(),
             heartbeat: crate::telemetry::Heartbeat::default(),
             ready: None,
@@ -406,6 +409,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self.synced.retain(|k, _| seen.contains(k));
         self.conflicts.retain(|k, _| seen.contains(k));
         self.refused.retain(|k, _| seen.contains(k));
+        self.no_inbound.retain(|k, _| seen.contains(k));
         for id in std::mem::take(&mut self.exported) {
             if !seen.contains(&id) {
                 self.forget(JudgeLabels::from(&id));
@@ -430,6 +434,30 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         tracing::warn!(%problem, reason, "{message}");
         self.event(dep, Severity::Warning, reason, message).await;
         self.invalid.insert(id.clone(), problem);
+    }
+
+    /// A Warning Event when sidecars of the workload export no stats of their inbound
+    /// cluster (their requests are not counted), once per distinct set of pods.
+    async fn warn_no_inbound(&mut self, dep: &Deployment, id: &WorkloadId, pods: Vec<String>) {
+        if pods.is_empty() {
+            if self.no_inbound.remove(id).is_some() {
+                tracing::info!(
+                    "Every sidecar of the workload exports its inbound cluster's stats again"
+                );
+            }
+            return;
+        }
+        if self.no_inbound.get(id) == Some(&pods) {
+            return;
+        }
+        let message = format!(
+            "the sidecars of {} export no stats of their inbound cluster, so their requests are not counted: with Istio, add the proxy.istio.io/config proxyStatsMatcher annotation (docs/quickstart.md); otherwise check --cluster-regex or meshcanary.io/cluster-regex",
+            pods.join(", ")
+        );
+        tracing::warn!(reason = "NoInboundStats", "{message}");
+        self.event(dep, Severity::Warning, "NoInboundStats", message)
+            .await;
+        self.no_inbound.insert(id.clone(), pods);
     }
 
     fn count_error(&self, error: &ReconcileError) {
@@ -705,7 +733,8 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         };
         let (judgement, analysed) = match &status {
             Some(s) if s.phase == Phase::Progressing && s.analysing => {
-                let (j, canary) = self.judge(&id, &policy, now_ms, s.step_started_ms);
+                let (j, canary, no_inbound) = self.judge(&id, &policy, now_ms, s.step_started_ms);
+                self.warn_no_inbound(dep, &id, no_inbound).await;
                 (Some(j), canary)
             }
             _ => (None, None),
@@ -781,7 +810,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         policy: &RolloutPolicy,
         now_ms: u64,
         step_started_ms: u64,
-    ) -> (Judgement, Option<Summary>) {
+    ) -> (Judgement, Option<Summary>, Vec<String>) {
         let unobserved = self.windows.uncovered(&id.namespace, &id.name);
         if unobserved.is_empty() {
             self.unobserved.remove(id);
@@ -792,7 +821,11 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let (judgement, pair) =
             self.analysis
                 .judge(&self.windows, id, &policy.judge, now_ms, step_started_ms);
-        (judgement, pair.map(|p| p.canary))
+        let no_inbound = pair
+            .as_ref()
+            .map(|p| p.no_inbound.clone())
+            .unwrap_or_default();
+        (judgement, pair.map(|p| p.canary), no_inbound)
     }
 
     fn export(

@@ -63,6 +63,10 @@ pub struct WindowMsg {
     pub totals: Option<CountsMsg>,
     #[prost(message, repeated, tag = "7")]
     pub slots: Vec<SlotMsg>,
+    /// Pods whose sidecar's stats have no inbound cluster (the controller warns on the
+    /// workload).
+    #[prost(string, repeated, tag = "8")]
+    pub no_inbound_pods: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -120,6 +124,7 @@ pub fn snapshot(windows: &Windows, since: u64, now_ms: u64, node: &str) -> Windo
                     }),
                 })
                 .collect(),
+            no_inbound_pods: w.no_inbound(now_ms),
         });
     }
     out
@@ -176,6 +181,7 @@ impl Replica {
             let totals = self.monotone(&key, reported);
             let window = self.windows.entry(&key);
             window.restore_state(w.edges_ms, w.last_update_ms, totals);
+            window.restore_no_inbound(w.no_inbound_pods, now_ms);
             for s in w.slots {
                 let c = s.counts.unwrap_or_default();
                 window.restore(Slot {
@@ -255,6 +261,8 @@ pub enum Invalid {
     Edges,
     Buckets,
     Slots,
+    /// More pods without an inbound cluster than a window reports, or a name no pod has.
+    Pods,
 }
 
 /// Check one window of a peer's answer before any of its numbers is used: a known role,
@@ -286,6 +294,13 @@ pub fn check_window(
     let newest = (now_ms / config.slot_ms.max(1)).saturating_add(60);
     if w.slots.len() > config.slots || w.slots.iter().any(|s| s.index > newest) {
         return Err(Invalid::Slots);
+    }
+    if w.no_inbound_pods.len() > crate::window::MAX_NO_INBOUND_PODS
+        || w.no_inbound_pods
+            .iter()
+            .any(|p| p.is_empty() || p.len() > 253)
+    {
+        return Err(Invalid::Pods);
     }
     let clamp = |c: &mut CountsMsg| c.errors = c.errors.min(c.requests);
     if let Some(t) = w.totals.as_mut() {
@@ -518,6 +533,51 @@ mod tests {
         );
         lock(&merged.peers).insert("d".into(), Replica::new(config));
         assert!(!later_pair(&merged).fresh(), "d never answered");
+    }
+
+    #[test]
+    fn pods_without_inbound_stats_reach_the_merged_pair_and_expire() {
+        let config = WindowConfig::default();
+        let merged = Merged::new(config, 3000);
+        let now = 3_000_000_000u64;
+        let mut a = Windows::new(config);
+        let mut b = Windows::new(config);
+        a.entry(&key(Role::Canary)).touch(now);
+        a.entry(&key(Role::Canary))
+            .mark_inbound("podinfo-1", false, now);
+        b.entry(&key(Role::Primary)).touch(now);
+        b.entry(&key(Role::Primary))
+            .mark_inbound("podinfo-primary-1", false, now);
+        b.entry(&key(Role::Primary))
+            .mark_inbound("podinfo-primary-2", true, now);
+        for (name, w) in [("a", &a), ("b", &b)] {
+            let bytes = snapshot(w, 0, now, name).encode_to_vec();
+            let mut r = Replica::new(config);
+            assert!(r
+                .apply(WindowsReply::decode(bytes.as_slice()).unwrap(), now)
+                .is_empty());
+            lock(&merged.peers).insert(name.into(), r);
+        }
+        let pair = merged.pair("test", "podinfo", now).unwrap();
+        assert_eq!(pair.no_inbound, ["podinfo-1", "podinfo-primary-1"]);
+        // Its stats came back: gone at once on the agent; a stale report expires.
+        a.entry(&key(Role::Canary))
+            .mark_inbound("podinfo-1", true, now);
+        assert!(a
+            .get(&key(Role::Canary))
+            .unwrap()
+            .no_inbound(now)
+            .is_empty());
+        let late = now + crate::window::NO_INBOUND_FRESH_MS + 1;
+        assert!(b
+            .get(&key(Role::Primary))
+            .unwrap()
+            .no_inbound(late)
+            .is_empty());
+        // A peer's list is bounded and checked.
+        let mut reply = snapshot(&b, 0, now, "b");
+        reply.windows[0].no_inbound_pods = vec![String::new()];
+        assert_eq!(Replica::new(config).apply(reply, now), [Invalid::Pods]);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 pub mod inbound;
 pub mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 pub use inbound::{Delta, InboundSnapshot, PodCounters};
@@ -162,7 +162,18 @@ pub struct WindowPair {
     pub edges_ms: Vec<f64>,
     /// Why the pair cannot be vouched for, `None` when both arms are current.
     pub stale: Option<Stale>,
+    /// Pods of either arm whose sidecar's stats have no inbound cluster at all (their
+    /// requests are not counted), sorted.
+    pub no_inbound: Vec<String>,
 }
+
+/// How long a pod reported without an inbound cluster stays reported (a pod that went
+/// away, or whose stats came back, drops out after it).
+pub const NO_INBOUND_FRESH_MS: u64 = 5_000;
+
+/// The most pods a window reports without an inbound cluster (a peer's list is checked
+/// against it).
+pub const MAX_NO_INBOUND_PODS: usize = 256;
 
 impl WindowPair {
     /// Both arms had data within the staleness limit and every observer answered.
@@ -262,6 +273,8 @@ pub struct Window {
     edges_ms: Vec<f64>,
     last_update_ms: Option<u64>,
     totals: Totals,
+    /// Pods whose stats lack the inbound cluster, with when that was last seen.
+    no_inbound: BTreeMap<String, u64>,
 }
 
 impl Window {
@@ -272,7 +285,31 @@ impl Window {
             edges_ms: Vec::new(),
             last_update_ms: None,
             totals: Totals::default(),
+            no_inbound: BTreeMap::new(),
         }
+    }
+
+    /// Record whether `pod`'s stats have the inbound cluster, as scraped at `now_ms`.
+    pub fn mark_inbound(&mut self, pod: &str, present: bool, now_ms: u64) {
+        if present {
+            self.no_inbound.remove(pod);
+        } else if self.no_inbound.len() < MAX_NO_INBOUND_PODS || self.no_inbound.contains_key(pod) {
+            self.no_inbound.insert(pod.to_owned(), now_ms);
+        }
+    }
+
+    /// The pods reported without an inbound cluster within [`NO_INBOUND_FRESH_MS`].
+    pub fn no_inbound(&self, now_ms: u64) -> Vec<String> {
+        self.no_inbound
+            .iter()
+            .filter(|(_, &t)| now_ms.saturating_sub(t) <= NO_INBOUND_FRESH_MS)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Replace the pods without an inbound cluster with a peer's list, seen at `now_ms`.
+    pub fn restore_no_inbound(&mut self, pods: Vec<String>, now_ms: u64) {
+        self.no_inbound = pods.into_iter().map(|p| (p, now_ms)).collect();
     }
 
     /// Length of the window in milliseconds.
@@ -400,6 +437,10 @@ impl Window {
             self.totals.buckets = vec![0; other.edges_ms.len() + 1];
         }
         let same_edges = self.edges_ms == other.edges_ms;
+        for (pod, &t) in &other.no_inbound {
+            let seen = self.no_inbound.entry(pod.clone()).or_insert(t);
+            *seen = (*seen).max(t);
+        }
         if let Some(t) = other.last_update_ms {
             self.touch(t);
         }
@@ -533,12 +574,17 @@ impl Windows {
         } else {
             Vec::new()
         };
+        let mut no_inbound = canary.no_inbound(now_ms);
+        no_inbound.extend(primary.no_inbound(now_ms));
+        no_inbound.sort();
+        no_inbound.dedup();
         Some(WindowPair {
             canary: cs,
             canary_totals: canary.totals().clone(),
             primary_totals: primary.totals().clone(),
             edges_ms,
             stale,
+            no_inbound,
         })
     }
 

@@ -68,6 +68,7 @@ fn window(success: f64) -> WindowPair {
         },
         edges_ms: vec![],
         stale: None,
+        no_inbound: vec![],
     }
 }
 
@@ -1145,7 +1146,7 @@ async fn gateway_api_own_route(cp: &ControlPlane) {
     );
     let windows = Script::default();
     windows.set(window(1.0));
-    let agent = Agent::start(cp, windows, "a", false).await;
+    let agent = Agent::start(cp, windows.clone(), "a", false).await;
     s.analysing(&[("meshcanary.io/router", "gateway-api")], 2)
         .await;
     let route = http_routes(&s.client, ns).get("podinfo").await.unwrap();
@@ -1162,6 +1163,50 @@ async fn gateway_api_own_route(cp: &ControlPlane) {
     let vr: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), ns, &appmesh::resource("VirtualRouter"));
     assert!(vr.get_opt("podinfo").await.unwrap().is_none());
+    // The lab's Gateway API stand-in's status is one the CRD takes, and the route is read
+    // as accepted with it.
+    let routes = http_routes(&s.client, ns);
+    let written = routes
+        .patch_status(
+            "podinfo",
+            &PatchParams::default(),
+            &Patch::Merge(&support::lab::accepted_status(1)),
+        )
+        .await
+        .expect("the lab's accepted status");
+    assert_eq!(
+        written.data["status"]["parents"][0]["conditions"][0]["status"], "True",
+        "{:?}",
+        written.data
+    );
+    assert_eq!(
+        routes.get("podinfo").await.unwrap().data["status"],
+        written.data["status"]
+    );
+    assert_eq!(s.weight().await, Some(2));
+    // The agents report a sidecar without inbound-cluster stats: one Warning naming it.
+    let mut blind = window(1.0);
+    blind.no_inbound = vec!["podinfo-7d9f-x2x4q".into()];
+    windows.set(blind);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = s.events().await;
+        if let Some(e) = events
+            .iter()
+            .find(|e| e.contains("export no stats of their inbound cluster"))
+        {
+            assert!(
+                e.contains("podinfo-7d9f-x2x4q") && e.contains("proxyStatsMatcher"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no NoInboundStats Event: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     agent.stop().await;
     s.cleanup().await;
 }

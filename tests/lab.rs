@@ -181,8 +181,14 @@ async fn istio_and_the_gateway_api() {
         support::lab::NAMESPACE,
         &meshcanary::router::gatewayapi::resource("v1"),
     );
-    let route = routes.get(support::lab::WORKLOAD).await.expect("podinfo's HTTPRoute");
-    assert_eq!(route.data["spec"]["parentRefs"][0]["name"], support::lab::GATEWAY);
+    let route = routes
+        .get(support::lab::WORKLOAD)
+        .await
+        .expect("podinfo's HTTPRoute");
+    assert_eq!(
+        route.data["spec"]["parentRefs"][0]["name"],
+        support::lab::GATEWAY
+    );
     assert_eq!(
         route.data["status"]["parents"][0]["conditions"][0]["status"], "True",
         "accepted: {:?}",
@@ -193,10 +199,17 @@ async fn istio_and_the_gateway_api() {
         support::lab::NAMESPACE,
         &meshcanary::router::appmesh::resource("VirtualRouter"),
     );
-    assert!(routers.get_opt(support::lab::WORKLOAD).await.unwrap().is_none());
+    assert!(routers
+        .get_opt(support::lab::WORKLOAD)
+        .await
+        .unwrap()
+        .is_none());
     for agent in lab.agents.values() {
         let url = agent.metrics_url();
-        assert_eq!(metric(&url, "meshcanary_scrape_no_inbound_cluster_total ").await, 0.0);
+        assert_eq!(
+            metric(&url, "meshcanary_scrape_no_inbound_cluster_total ").await,
+            0.0
+        );
         assert!(metric(&url, "meshcanary_scrapes_total{tier=\"fast\"}").await > 10.0);
     }
 }

@@ -62,10 +62,11 @@ fn window() -> impl Strategy<Value = WindowMsg> {
                 proptest::option::of(number()),
                 proptest::option::of(counts(k + 1)),
                 vec(slot, 0..40),
+                vec("[a-z0-9-]{0,12}", 0..3),
             )
         })
         .prop_map(
-            |(role, edges_ms, last_update_ms, totals, slots)| WindowMsg {
+            |(role, edges_ms, last_update_ms, totals, slots, no_inbound_pods)| WindowMsg {
                 namespace: "test".into(),
                 workload: "podinfo".into(),
                 role: role.into(),
@@ -73,6 +74,7 @@ fn window() -> impl Strategy<Value = WindowMsg> {
                 last_update_ms,
                 totals,
                 slots,
+                no_inbound_pods,
             },
         )
 }

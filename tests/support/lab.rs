@@ -732,20 +732,28 @@ async fn accept_route(client: &Client) {
     if !attached || accepted {
         return;
     }
+    let status = accepted_status(route.metadata.generation.unwrap_or(1));
+    if let Err(e) = routes
+        .patch_status(WORKLOAD, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+    {
+        eprintln!("lab: marking the HTTPRoute accepted failed: {e}");
+    }
+}
+
+/// The status a Gateway API implementation writes for a route the Gateway `apex` accepts.
+pub fn accepted_status(generation: i64) -> serde_json::Value {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let status = serde_json::json!({"status": {"parents": [{
+    serde_json::json!({"status": {"parents": [{
         "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": GATEWAY},
         "controllerName": GATEWAY_CONTROLLER,
         "conditions": [
             {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "the lab's gateway routes by it",
-             "lastTransitionTime": now, "observedGeneration": route.metadata.generation.unwrap_or(1)},
-            {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs", "message": "",
-             "lastTransitionTime": now, "observedGeneration": route.metadata.generation.unwrap_or(1)}
+             "lastTransitionTime": now, "observedGeneration": generation},
+            {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs", "message": "podinfo-primary and podinfo-canary resolved",
+             "lastTransitionTime": now, "observedGeneration": generation}
         ]
-    }]}});
-    let _ = routes
-        .patch_status(WORKLOAD, &PatchParams::default(), &Patch::Merge(&status))
-        .await;
+    }]}})
 }
 
 impl Gateway {
