@@ -47,7 +47,7 @@ oracle() { # canary_rps canary_event_probability
 export ORACLE_HAVOC=$(oracle 7 0.714) ORACLE_5PCT=$(oracle 4 0.05) ORACLE_LATENCY=$(oracle 4 0.999)
 python3 - "$out" "$router" <<'PY'
 import json, os, sys, glob, statistics
-out, router = sys.argv[1], sys.argv[2]
+out, router_name = sys.argv[1], sys.argv[2]
 def q(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round((len(xs) - 1) * p))] if xs else None
@@ -66,7 +66,7 @@ def oracle(var):
 oracles = {"havoc": oracle("ORACLE_HAVOC"), "leader-killed": oracle("ORACLE_HAVOC"),
            "errors-5pct": oracle("ORACLE_5PCT"), "latency-300ms": oracle("ORACLE_LATENCY")}
 rows, healthy_runs, false_rb, havoc = [], 0, 0, (None, None)
-print(f"router: {router}")
+print(f"router: {router_name}")
 print("| scenario | runs | as expected | router weight 0: median / p95 (s) | gateway stops: median / p95 (s) | Flagger (walkthrough settings): median / p95 (s) | oracle: median / p95 (s) |")
 print("|---|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
@@ -87,6 +87,6 @@ for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
     o = oracles.get(scen, ("-", "-"))
     print(f"| {scen} | {len(rs)} | {ok} | {fmt(q(router, .5))} / {fmt(q(router, .95))} | {fmt(q(gateway, .5))} / {fmt(q(gateway, .95))} | {f[0]} / {f[1]} | {o[0]} / {o[1]} |")
 print()
-print(f"havoc median ttr: {fmt(havoc[0])} s, p95 {fmt(havoc[1])} s, false rollbacks {false_rb}/{healthy_runs} (router {router})")
+print(f"havoc median ttr: {fmt(havoc[0])} s, p95 {fmt(havoc[1])} s, false rollbacks {false_rb}/{healthy_runs} (router {router_name})")
 
 PY

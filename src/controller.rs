@@ -489,7 +489,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let target =
             annotations::target_of(dep.annotations(), &namespace, &name, self.config.router);
         let weight = match self.router.canary_weight(&target).await {
-            Ok(w) => Some(w),
+            Ok(w) | Err(crate::router::RouterError::NotAccepted { weight: w, .. }) => Some(w),
             // No routing object: nothing can send the canary traffic.
             Err(crate::router::RouterError::NotFound { .. }) => Some(0),
             Err(error) => return Err(error.into()),
@@ -703,9 +703,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .map(|p| deployment_state(&p, true));
         let target = plan.target();
         let weight = match self.router.canary_weight(&target).await {
-            Err(error @ crate::router::RouterError::NotAccepted { .. }) => {
-                // Its weights move no traffic: nothing read from the windows means anything
-                // about them, so the rollout halts where it is until the route is accepted.
+            Err(error @ crate::router::RouterError::NotAccepted { weight, .. }) => {
                 let problem = error.to_string();
                 self.count_error(&ReconcileError::Router(error));
                 if self.refused.get(&id) != Some(&problem) {
@@ -717,7 +715,20 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                         .await;
                     self.refused.insert(id.clone(), problem);
                 }
-                return Ok(());
+                // Its weights move no traffic, so nothing the windows say is about them: no
+                // analysis runs or starts. What must still converge goes on, writes
+                // included: bootstrap, a promotion being finished, and a canary weight the
+                // status has already set to 0 (a rollback) that the route does not show yet.
+                let converging = status.as_ref().is_none_or(|s| {
+                    matches!(
+                        s.phase,
+                        Phase::Initializing | Phase::Promoting | Phase::Finalising
+                    ) || (s.canary_weight == 0 && weight > 0)
+                });
+                if !converging {
+                    return Ok(());
+                }
+                Some(weight)
             }
             Ok(w) => {
                 if self.refused.remove(&id).is_some() {

@@ -250,9 +250,14 @@ pub enum RouterError {
     /// The API does not serve the kind at all (its CRDs are not installed).
     #[error("{what} is not served by the API server: {why}")]
     Unserved { what: String, why: String },
-    /// The mesh or gateway says it does not use the routing object.
+    /// The mesh or gateway says it does not use the routing object; `weight` is what the
+    /// object holds all the same.
     #[error("{what} is not in effect: {why}")]
-    NotAccepted { what: String, why: String },
+    NotAccepted {
+        what: String,
+        why: String,
+        weight: u8,
+    },
 }
 
 impl RouterError {

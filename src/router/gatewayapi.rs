@@ -117,14 +117,8 @@ impl GatewayApi {
         }
     }
 
-    /// The canary weight of a route as read, after checking that its parents accepted it.
-    fn weight_of(target: &Target, route: &DynamicObject) -> Result<u8, RouterError> {
-        if let Some(why) = not_accepted(&route.data["status"]) {
-            return Err(RouterError::NotAccepted {
-                what: what(&target.namespace, &target.route),
-                why,
-            });
-        }
+    /// The canary weight of a route as read.
+    fn weight_in(target: &Target, route: &DynamicObject) -> Result<u8, RouterError> {
         read_weight(&route.data["spec"], &target.namespace, &target.name).map_err(|why| {
             RouterError::Malformed {
                 what: what(&target.namespace, &target.route),
@@ -292,9 +286,20 @@ pub fn http_route(routes: &Routes, api_version: &str) -> Value {
 }
 
 impl Router for GatewayApi {
+    /// The weight, once the route's parents are checked: a refused route's weight is
+    /// returned inside [`RouterError::NotAccepted`]. Writes do not check (a weight of 0
+    /// must go out whatever the route's status).
     async fn canary_weight(&self, target: &Target) -> Result<u8, RouterError> {
         let route = self.get(&target.namespace, &target.route).await?;
-        Self::weight_of(target, &route)
+        let weight = Self::weight_in(target, &route)?;
+        match not_accepted(&route.data["status"]) {
+            Some(why) => Err(RouterError::NotAccepted {
+                what: what(&target.namespace, &target.route),
+                why,
+                weight,
+            }),
+            None => Ok(weight),
+        }
     }
 
     async fn set_canary_weight(&self, target: &Target, weight: u8) -> Result<(), RouterError> {
@@ -308,7 +313,7 @@ impl Router for GatewayApi {
         loop {
             attempt += 1;
             let mut route = self.get(namespace, route_name).await?;
-            if Self::weight_of(target, &route)? == weight {
+            if Self::weight_in(target, &route)? == weight {
                 return Ok(());
             }
             if !write_weight(&mut route.data["spec"], namespace, name, weight) {
@@ -341,7 +346,7 @@ impl Router for GatewayApi {
                 }
             }
         }
-        let got = Self::weight_of(target, &self.get(namespace, route_name).await?)?;
+        let got = Self::weight_in(target, &self.get(namespace, route_name).await?)?;
         if got == weight {
             Ok(())
         } else {
