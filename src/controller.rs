@@ -702,32 +702,24 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .get(&ObjectRef::new(&plan.primary_name()).within(&namespace))
             .map(|p| deployment_state(&p, true));
         let target = plan.target();
+        let mut refused = false;
         let weight = match self.router.canary_weight(&target).await {
             Err(error @ crate::router::RouterError::NotAccepted { weight, .. }) => {
                 let problem = error.to_string();
                 self.count_error(&ReconcileError::Router(error));
                 if self.refused.get(&id) != Some(&problem) {
                     let message = format!(
-                        "{problem}; meshcanary halts {name}.{namespace} until it is accepted"
+                        "{problem}; meshcanary halts {name}.{namespace} until it is accepted (no analysis step while it is refused; progress-deadline still applies)"
                     );
                     tracing::warn!(reason = "RouteNotAccepted", "{message}");
                     self.event(dep, Severity::Warning, "RouteNotAccepted", message)
                         .await;
                     self.refused.insert(id.clone(), problem);
                 }
-                // Its weights move no traffic, so nothing the windows say is about them: no
-                // analysis runs or starts. What must still converge goes on, writes
-                // included: bootstrap, a promotion being finished, and a canary weight the
-                // status has already set to 0 (a rollback) that the route does not show yet.
-                let converging = status.as_ref().is_none_or(|s| {
-                    matches!(
-                        s.phase,
-                        Phase::Initializing | Phase::Promoting | Phase::Finalising
-                    ) || (s.canary_weight == 0 && weight > 0)
-                });
-                if !converging {
-                    return Ok(());
-                }
+                // Its weights move no traffic, so nothing the windows say is about them: the
+                // analysis sees no data (a halt, bounded by progress-deadline like any other),
+                // and everything else goes on, weight writes included.
+                refused = true;
                 Some(weight)
             }
             Ok(w) => {
@@ -743,8 +735,16 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             }
         };
         let (judgement, analysed) = match &status {
+            Some(s) if s.phase == Phase::Progressing && s.analysing && refused => {
+                let verdict = crate::judge::Verdict::NoData {
+                    reason: "route_not_accepted",
+                };
+                let evidence = crate::judge::Evidence::default();
+                (Some(Judgement { verdict, evidence }), None)
+            }
             Some(s) if s.phase == Phase::Progressing && s.analysing => {
-                let (j, canary, no_inbound) = self.judge(&id, &policy, now_ms, s.step_started_ms);
+                let started = s.step_started_ms;
+                let (j, canary, no_inbound) = self.judge(&id, &policy, now_ms, started);
                 self.warn_no_inbound(dep, &id, no_inbound).await;
                 (Some(j), canary)
             }

@@ -696,6 +696,12 @@ impl fmt::Display for Message<'_> {
                 f,
                 "Halt {t} advancement: no meshcanary agent answers on a node that runs its pods"
             ),
+            Verdict::NoData {
+                reason: "route_not_accepted",
+            } => write!(
+                f,
+                "Halt {t} advancement: its route is not accepted by the gateway or mesh, so its weights move no traffic (see the RouteNotAccepted Warning)"
+            ),
             Verdict::NoData { .. } => write!(
                 f,
                 "Halt advancement no values found for envoy metric request-success-rate probably {t} is not receiving traffic"

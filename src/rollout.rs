@@ -901,6 +901,28 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_route_halts_with_its_reason_and_the_deadline_still_rolls_back() {
+        let p = policy();
+        let mut w = World::new_revision(
+            &p,
+            judged(Verdict::NoData {
+                reason: "route_not_accepted",
+            }),
+        );
+        tick_until(&mut w, &p, 5, |w| w.status.as_ref().unwrap().analysing);
+        tick_until(&mut w, &p, 700, |w| w.phase() == Phase::Failed);
+        assert!(w.events.iter().any(|e| e
+            == "Halt podinfo.test advancement: its route is not accepted by the gateway or mesh, so its weights move no traffic (see the RouteNotAccepted Warning)"));
+        let s = w.status.as_ref().unwrap();
+        assert_eq!(
+            (s.phase, s.canary_weight),
+            (Phase::Failed, 0),
+            "{:?}",
+            w.events
+        );
+    }
+
+    #[test]
     fn a_new_revision_mid_analysis_restarts_it() {
         let p = policy();
         let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
