@@ -272,14 +272,19 @@ pub struct Judgement {
     pub evidence: Evidence,
 }
 
-/// Grid of relative risks (canary rate / primary rate) the two-arm mixtures cover.
-const RELATIVE_RISKS: [f64; 8] = [1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1000.0];
+/// Grid of relative risks (canary rate / primary rate) the two-arm mixtures cover, and the
+/// prior weight of each. Below 2x a canary's excess is too rare to separate from noise within
+/// a rollout at the rates canaries see (`meshcanary simulate`'s 10x rows need minutes), so
+/// the grid starts there; the heavier weight on 100x and 1000x buys speed where a bad release
+/// hurts fastest. The mixture costs `log(1/weight)` of evidence against knowing the effect.
+const RELATIVE_RISKS: [f64; 5] = [2.0, 5.0, 20.0, 100.0, 1000.0];
+const RISK_WEIGHTS: [f64; 5] = [1.0 / 7.0, 1.0 / 7.0, 1.0 / 7.0, 2.0 / 7.0, 2.0 / 7.0];
 /// Grid of multiples of the SLO rate the one-arm mixtures cover.
 const SLO_MULTIPLES: [f64; 6] = [1.5, 2.0, 4.0, 10.0, 30.0, 100.0];
 /// How `alpha` is split over the sequential tests when all four run: errors two-arm,
 /// latency two-arm, error SLO, latency SLO. Tests that do not run give their share to the
 /// others in proportion.
-pub const ALPHA_SHARES: [f64; 4] = [0.4, 0.3, 0.15, 0.15];
+pub const ALPHA_SHARES: [f64; 4] = [0.5, 0.25, 0.125, 0.125];
 /// Latency SLO: p99 <= max means at most 1 % slower than max.
 const P99_TAIL: f64 = 0.01;
 
@@ -303,7 +308,7 @@ impl TwoArm {
     }
 
     fn e_value(&self) -> f64 {
-        mean_exp(&self.log_lr)
+        weighted_mean_exp(&self.log_lr, &RISK_WEIGHTS)
     }
 }
 
@@ -357,6 +362,20 @@ impl OneArm {
         }
         mean_exp(&self.log_lr)
     }
+}
+
+/// `sum(w exp(x)) / sum(w)`, computed without overflow.
+fn weighted_mean_exp(logs: &[f64], weights: &[f64]) -> f64 {
+    let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return if max > 0.0 { f64::INFINITY } else { 0.0 };
+    }
+    let sum: f64 = logs
+        .iter()
+        .zip(weights)
+        .map(|(l, w)| w * (l - max).exp())
+        .sum();
+    (max + (sum / weights.iter().sum::<f64>()).ln()).exp()
 }
 
 /// `mean(exp(x))`, computed without overflow.
@@ -796,12 +815,13 @@ mod tests {
         t.update(1, 0, 0.1);
         let want: f64 = RELATIVE_RISKS
             .iter()
-            .map(|r| {
+            .zip(RISK_WEIGHTS)
+            .map(|(r, w)| {
                 let q = 0.1 * r / (0.1 * r + 0.9);
-                q / 0.1
+                w * q / 0.1
             })
-            .sum::<f64>()
-            / RELATIVE_RISKS.len() as f64;
+            .sum::<f64>();
+        assert!((RISK_WEIGHTS.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert!(
             (t.e_value() - want).abs() < 1e-9,
             "{} vs {want}",
