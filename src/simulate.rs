@@ -444,8 +444,10 @@ struct Feed {
 
 impl Feed {
     fn new(flush_s: usize) -> Self {
-        let mut totals = Totals::default();
-        totals.buckets = vec![0; ENVOY_EDGES_MS.len() + 1];
+        let totals = Totals {
+            buckets: vec![0; ENVOY_EDGES_MS.len() + 1],
+            ..Totals::default()
+        };
         Feed {
             flush_s,
             totals,
