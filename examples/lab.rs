@@ -15,7 +15,7 @@
 //! With `--router gateway-api` the lab is Istio's and the Gateway API's shape instead of App
 //! Mesh's: Istio-shaped sidecars, an HTTPRoute the gateway follows (see `tests/support/lab.rs`).
 //!
-//! `lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
+//! `lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--statsd] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -55,13 +55,14 @@ async fn main() {
             "--net" => options.net = value(),
             "--dir" => options.dir = Some(value().into()),
             "--window" => options.window = secs(&value()),
+            "--statsd" => options.statsd = true,
             "--router" => {
                 options.router = value()
                     .parse()
                     .unwrap_or_else(|e| panic!("--router: {e}"));
             }
             other => panic!(
-                "unknown argument {other:?}; usage: lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]"
+                "unknown argument {other:?}; usage: lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--statsd] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]"
             ),
         }
     }

@@ -8,10 +8,14 @@
 # is `inbound|<app port>||`, stats carry Istio's tag names (its bootstrap turns Envoy's
 # default tags off: `cluster_name`, `response_code`), and a listener on PORT (Istio's 15090)
 # serves the admin's /stats/prometheus, as Istio's `prometheus_stats` listener does.
+#
+# With --dogstatsd HOST:PORT the sidecar also sends its stats there through Envoy's DogStatsD
+# sink (the agent's per-request latency listener); --pod-ip-tag IP adds the fixed tag
+# `meshcanary.pod_ip:IP` that tells the agent which pod a datagram is from.
 set -euo pipefail
 
 admin_port=9901 ingress_port=15000 app_port=9898 mesh=mesh vnode=podinfo-primary egress=0
-flush=5s addr=127.0.0.1 app_addr=127.0.0.1 egress_port=15001 istio_stats_port=
+flush=5s addr=127.0.0.1 app_addr=127.0.0.1 egress_port=15001 istio_stats_port= statsd= pod_ip_tag=
 while [ $# -gt 0 ]; do
   case "$1" in
     --admin-port) admin_port=$2; shift 2 ;;
@@ -25,6 +29,8 @@ while [ $# -gt 0 ]; do
     --egress) egress=$2; shift 2 ;;
     --flush) flush=$2; shift 2 ;;
     --istio-stats-port) istio_stats_port=$2; shift 2 ;;
+    --dogstatsd) statsd=$2; shift 2 ;;
+    --pod-ip-tag) pod_ip_tag=$2; shift 2 ;;
     *) echo "envoy-config.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -39,9 +45,11 @@ stats_flush_interval: ${flush}
 admin:
   address: { socket_address: { address: ${addr}, port_value: ${admin_port} } }
 YAML
+if [ -n "$istio_stats_port" ] || [ -n "$pod_ip_tag" ]; then
+  echo "stats_config:"
+fi
 if [ -n "$istio_stats_port" ]; then
   cat <<'YAML'
-stats_config:
   use_all_default_tags: false
   stats_tags:
   - tag_name: cluster_name
@@ -52,6 +60,25 @@ stats_config:
     regex: '_rq(_(\d{3}))$'
   - tag_name: response_code_class
     regex: '_rq(_(\dxx))$'
+YAML
+elif [ -n "$pod_ip_tag" ]; then
+  echo "  stats_tags:"
+fi
+# A fixed tag naming the pod's address, for sinks whose datagrams all come from one address
+# (sidecars on loopback, as in the lab; on a pod network the source address is the pod's).
+if [ -n "$pod_ip_tag" ]; then
+  echo "  - { tag_name: meshcanary.pod_ip, fixed_value: \"${pod_ip_tag}\" }"
+fi
+# Envoy's DogStatsD sink: every histogram value as it is recorded (one datagram per request
+# for upstream_rq_time), counters and gauges at each flush. The App Mesh Envoy image writes
+# the same block when ENABLE_ENVOY_DOG_STATSD=1 (address from STATSD_ADDRESS, STATSD_PORT).
+if [ -n "$statsd" ]; then
+  cat <<YAML
+stats_sinks:
+- name: envoy.stat_sinks.dog_statsd
+  typed_config:
+    "@type": type.googleapis.com/envoy.config.metrics.v3.DogStatsdSink
+    address: { socket_address: { protocol: UDP, address: ${statsd%:*}, port_value: ${statsd##*:} } }
 YAML
 fi
 cat <<YAML

@@ -32,7 +32,7 @@ use crate::remote_write::{OutcomeLabels, RemoteWriteMetrics};
 use crate::scrape::{over_sample_limit, AdminUrls, ScrapeError, Scraper, Tier};
 use crate::scrape::{ErrorLabels, ScrapeMetrics, TierLabels};
 use crate::telemetry::{self, lock, Endpoints, HttpMetrics, MetricRegistry};
-use crate::window::inbound::{Inbound, InboundLabels};
+use crate::window::inbound::{Delta, Inbound, InboundLabels};
 use crate::window::metrics::{WindowMetrics, WorkloadLabels};
 use crate::window::{
     InboundSnapshot, PodCounters, Role, Summary, WindowConfig, WindowKey, Windows,
@@ -63,6 +63,16 @@ pub struct AgentConfig {
     pub remote_write: Option<crate::remote_write::RemoteWriteConfig>,
     /// Kubernetes discovery and the controller, when running in a cluster.
     pub kube: Option<KubeSettings>,
+    /// Per-request latency from the sidecars' statsd sinks, when listened for.
+    pub statsd: Option<StatsdSettings>,
+}
+
+/// The statsd listener (`--statsd-listen`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatsdSettings {
+    pub listen: SocketAddr,
+    /// Socket receive buffer asked of the kernel, bytes.
+    pub recv_buffer: usize,
 }
 
 /// The Kubernetes side of the agent.
@@ -158,6 +168,8 @@ pub struct TargetStatus {
     pub scraped_once: bool,
     /// Why the last scrape failed, if it did.
     pub last_error: Option<String>,
+    /// Where the latency of its last scrape came from.
+    pub latency_source: crate::statsd::Source,
 }
 
 /// The judge's latest verdict per (namespace, workload), shared with `/metrics` and `watch`.
@@ -171,6 +183,7 @@ impl TargetStatus {
             up: false,
             scraped_once: false,
             last_error: None,
+            latency_source: crate::statsd::Source::Scrape,
         }
     }
 }
@@ -188,6 +201,8 @@ pub struct Shared {
     pub judgements: Judgements,
     /// Windows without data for this long are stale (see [`stale_after`]).
     pub stale_after_ms: u64,
+    /// The pods' per-request latencies, when the statsd listener runs.
+    pub statsd: Option<Arc<crate::statsd::Sinks>>,
 }
 
 impl Shared {
@@ -223,6 +238,16 @@ pub struct TargetMetrics {
     targets: Gauge,
     targets_up: Gauge,
     target_up: Family<TargetLabels, Gauge>,
+    latency_source: Family<SourceLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub role: &'static str,
+    pub target: String,
+    pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -254,6 +279,12 @@ impl TargetMetrics {
             &["namespace", "workload", "role", "target"],
             &m.target_up,
         );
+        r.register(
+            "meshcanary_target_latency_source",
+            "1 for where this sidecar's latency comes from: statsd (per request, from its DogStatsD sink) or scrape (Envoy's histograms, moving at each stats flush). A sidecar falls back to the scrape when its sink has been silent for 12 s.",
+            &["namespace", "workload", "role", "target", "source"],
+            &m.latency_source,
+        );
         m
     }
 
@@ -263,8 +294,18 @@ impl TargetMetrics {
         self.targets_up
             .set(targets.iter().filter(|t| t.up).count() as i64);
         self.target_up.clear();
+        self.latency_source.clear();
         for t in targets {
             let key = &t.target.key;
+            self.latency_source
+                .get_or_create(&SourceLabels {
+                    namespace: key.namespace.clone(),
+                    workload: key.workload.clone(),
+                    role: key.role.as_str(),
+                    target: t.target.id.clone(),
+                    source: t.latency_source.as_str(),
+                })
+                .set(1);
             self.target_up
                 .get_or_create(&TargetLabels {
                     namespace: key.namespace.clone(),
@@ -288,6 +329,7 @@ pub struct AgentMetrics {
     pub judge: JudgeMetrics,
     pub peers: PeerServerMetrics,
     pub remote_write: RemoteWriteMetrics,
+    pub statsd: crate::statsd::StatsdMetrics,
 }
 
 impl AgentMetrics {
@@ -300,7 +342,9 @@ impl AgentMetrics {
         let peers = PeerServerMetrics::register(&mut registry);
         let http = HttpMetrics::register(&mut registry);
         let remote_write = RemoteWriteMetrics::register(&mut registry);
+        let statsd = crate::statsd::StatsdMetrics::register(&mut registry);
         AgentMetrics {
+            statsd,
             registry,
             http,
             scrape,
@@ -347,6 +391,9 @@ impl Agent {
             heartbeat: crate::telemetry::Heartbeat::default(),
             judgements: Arc::new(Mutex::new(BTreeMap::new())),
             stale_after_ms: stale_after(config.fast_interval),
+            statsd: config
+                .statsd
+                .map(|_| Arc::new(crate::statsd::Sinks::default())),
         });
         let scraper = Scraper::new(config.max_body_bytes, config.fast_timeout);
         Ok(Agent {
@@ -457,6 +504,17 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
+        if let (Some(settings), Some(sinks)) = (self.config.statsd, &self.shared.statsd) {
+            let socket = crate::statsd::bind(settings.listen, settings.recv_buffer)
+                .map_err(|e| anyhow::anyhow!("binding the statsd port {}: {e}", settings.listen))?;
+            tracing::info!(addr = %settings.listen, "Listening for the sidecars' statsd sinks (per-request latency)");
+            tasks.spawn(crate::statsd::serve(
+                socket,
+                Arc::clone(sinks),
+                self.shared.metrics.statsd.clone(),
+                shutdown.clone(),
+            ));
+        }
         let remote_write = match &self.config.remote_write {
             Some(rw) => {
                 let tx = remote_write::start(
@@ -491,10 +549,22 @@ impl Agent {
         let spawn_target = |target: &Target, tasks: &mut tokio::task::JoinSet<()>| {
             let (inbound, filter) = inbound_of(&self.config, target)?;
             let urls = AdminUrls::new(&target.admin_url, &filter)?;
+            let inbound = Arc::new(inbound);
+            let statsd = self.shared.statsd.as_ref().and_then(|sinks| {
+                let ip = pod_ip(&target.admin_url)?;
+                Some(StatsdFeed {
+                    _registration: sinks.register(ip, Arc::clone(&inbound)),
+                    ip,
+                    source: crate::statsd::Source::Scrape,
+                    skip_scraped: false,
+                    edges_ms: crate::window::inbound::ENVOY_EDGES_MS.to_vec(),
+                })
+            });
             let task = TargetTask {
+                statsd,
                 remote_write: remote_write.clone(),
                 urls,
-                inbound: Arc::new(inbound),
+                inbound,
                 target: target.clone(),
                 config: self.config.clone(),
                 shared: self.shared(),
@@ -566,6 +636,64 @@ struct TargetTask {
     counters: PodCounters,
     /// Fast scrapes in a row whose stats had no inbound cluster.
     no_inbound_scrapes: u32,
+    /// This pod's place in the statsd sinks, when the listener runs.
+    statsd: Option<StatsdFeed>,
+}
+
+/// A pod's per-request latency: which source its window's latency comes from.
+struct StatsdFeed {
+    _registration: crate::statsd::Registration,
+    ip: std::net::IpAddr,
+    source: crate::statsd::Source,
+    /// Back on the scrape after the sink: the next scraped histogram delta covers requests
+    /// the sink already gave, so it is skipped.
+    skip_scraped: bool,
+    /// The pod's histogram edges (Envoy's defaults until its first scraped histogram).
+    edges_ms: Vec<f64>,
+}
+
+impl StatsdFeed {
+    /// Put the sink's latencies since the last scrape into `delta` when the sidecar is
+    /// sending; otherwise keep the scraped ones (once the overlap is skipped).
+    fn swap_in(&mut self, sinks: &crate::statsd::Sinks, delta: Option<&mut Delta>, now_ms: u64) {
+        use crate::statsd::Source;
+        let taken = sinks.take(self.ip, &self.edges_ms, now_ms);
+        let was = self.source;
+        self.source = if taken.is_some() {
+            Source::Statsd
+        } else {
+            Source::Scrape
+        };
+        if was != self.source {
+            tracing::info!(pod_ip = %self.ip, source = self.source.as_str(), "Latency source changed");
+        }
+        if was == Source::Statsd && self.source == Source::Scrape {
+            self.skip_scraped = true;
+        }
+        let Some(d) = delta else { return };
+        match taken {
+            Some(counts) => {
+                d.latency = Some(counts);
+                d.edges_ms.clone_from(&self.edges_ms);
+            }
+            None if self.skip_scraped && d.latency.is_some() => {
+                d.latency = None;
+                self.skip_scraped = false;
+            }
+            None => {}
+        }
+    }
+}
+
+/// The IP address in an admin URL (`http://10.0.3.7:9901`), if it is one.
+fn pod_ip(admin_url: &str) -> Option<std::net::IpAddr> {
+    let rest = admin_url.split_once("://").map_or(admin_url, |(_, r)| r);
+    let host = rest.split(['/', '?']).next()?;
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 /// Scrapes in a row without the inbound cluster before a sidecar is reported as such.
@@ -764,7 +892,15 @@ impl TargetTask {
             }
             self.no_inbound_scrapes >= NO_INBOUND_SCRAPES
         };
-        let delta = self.counters.advance(snapshot, now_ms);
+        if let Some(feed) = &mut self.statsd {
+            if !snapshot.edges_ms.is_empty() && snapshot.edges_ms != feed.edges_ms {
+                feed.edges_ms.clone_from(&snapshot.edges_ms);
+            }
+        }
+        let mut delta = self.counters.advance(snapshot, now_ms);
+        if let (Some(feed), Some(sinks)) = (&mut self.statsd, &self.shared.statsd) {
+            feed.swap_in(sinks, delta.as_mut(), now_ms);
+        }
         {
             let mut windows = lock(&self.shared.windows);
             // A scrape that was in flight when discovery removed this target must not bring
@@ -967,6 +1103,9 @@ impl TargetTask {
             status.up = true;
             status.scraped_once = true;
             status.last_error = None;
+            if let Some(feed) = &self.statsd {
+                status.latency_source = feed.source;
+            }
         }
         self.shared.update_readiness(&targets);
     }
@@ -1183,7 +1322,16 @@ mod tests {
             policy: Policy::default(),
             remote_write: None,
             kube: None,
+            statsd: None,
         }
+    }
+
+    #[test]
+    fn pod_ips_from_admin_urls() {
+        assert_eq!(pod_ip("http://10.0.3.7:9901"), "10.0.3.7".parse().ok());
+        assert_eq!(pod_ip("http://[fd00::7]:9901/"), "fd00::7".parse().ok());
+        assert_eq!(pod_ip("127.0.0.1:9901"), "127.0.0.1".parse().ok());
+        assert_eq!(pod_ip("http://envoy.local:9901"), None);
     }
 
     #[test]

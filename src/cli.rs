@@ -156,6 +156,15 @@ pub struct AgentArgs {
     /// serves nothing unless given).
     #[arg(long, env = "MESHCANARY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// UDP address to receive the sidecars' DogStatsD/statsd sinks on (per-request latency,
+    /// e.g. `0.0.0.0:8125`); off unless given. Sidecars that do not send keep the scrape's
+    /// histograms.
+    #[arg(long, env = "MESHCANARY_STATSD_LISTEN")]
+    pub statsd_listen: Option<SocketAddr>,
+    /// Receive buffer of the statsd socket, in bytes (capped by the kernel's
+    /// `net.core.rmem_max`; overruns are counted in `meshcanary_statsd_overruns_total`).
+    #[arg(long, env = "MESHCANARY_STATSD_RECV_BUFFER", default_value_t = 4 << 20)]
+    pub statsd_recv_buffer: usize,
     /// Connections each HTTP port (telemetry, peers) serves at once; a new one beyond it
     /// closes the oldest connection that has not sent a request yet, or is refused.
     #[arg(long, env = "MESHCANARY_HTTP_MAX_CONNECTIONS", default_value_t = 128)]
@@ -514,6 +523,12 @@ impl AgentArgs {
         let slots = self.window.as_secs() as usize;
         let remote_write = self.remote_write_config()?;
         let config = AgentConfig {
+            statsd: self
+                .statsd_listen
+                .map(|listen| crate::agent::StatsdSettings {
+                    listen,
+                    recv_buffer: self.statsd_recv_buffer,
+                }),
             kube: None,
             remote_write,
             targets,

@@ -31,11 +31,7 @@ use std::fmt::Write as _;
 use crate::judge::{JudgeState, Mode, Observation, Policy, Verdict, WindowValues};
 use crate::window::{histogram_quantile, Totals};
 
-/// Envoy's default histogram bucket upper bounds, in ms.
-pub const ENVOY_EDGES_MS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
-];
+pub use crate::window::inbound::ENVOY_EDGES_MS;
 
 /// What is wrong with the canary in a scenario.
 #[derive(Clone, Copy, Debug, PartialEq)]

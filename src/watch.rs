@@ -36,13 +36,25 @@ pub fn render(
     );
     let _ = writeln!(
         out,
-        "{:<32} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>6}",
-        "WORKLOAD/ROLE", "RPS", "REQUESTS", "SUCCESS", "P50", "P90", "P99", "AGE"
+        "{:<32} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>6} {:>7}",
+        "WORKLOAD/ROLE", "RPS", "REQUESTS", "SUCCESS", "P50", "P90", "P99", "AGE", "LATENCY"
     );
     for (key, s) in windows {
+        // Where the window's latency comes from: its sidecars' statsd sinks, the scrape, or
+        // some of each.
+        let sources: std::collections::BTreeSet<&str> = targets
+            .iter()
+            .filter(|t| &t.target.key == key)
+            .map(|t| t.latency_source.as_str())
+            .collect();
+        let source = match sources.len() {
+            0 => "-",
+            1 => sources.first().copied().unwrap_or("-"),
+            _ => "mixed",
+        };
         let _ = writeln!(
             out,
-            "{:<32} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>6}",
+            "{:<32} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>6} {:>7}",
             key.to_string(),
             s.rps.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}")),
             s.requests,
@@ -52,6 +64,7 @@ pub fn render(
             ms(s.p99_ms),
             s.age_ms
                 .map_or_else(|| "-".to_owned(), |a| format!("{:.1}s", a as f64 / 1000.0)),
+            source,
         );
     }
     for (id, j) in judgements {
@@ -134,8 +147,10 @@ mod tests {
             up: false,
             scraped_once: false,
             last_error: Some("connecting: refused".into()),
+            latency_source: crate::statsd::Source::Statsd,
         };
         let text = render(&[(key, s)], &[target], &[], 30);
+        assert!(text.contains("LATENCY") && text.contains(" statsd"), "{text}");
         assert!(text.contains("test/podinfo/canary"));
         assert!(text.contains("54.00%"));
         assert!(text.contains("480.0ms"));

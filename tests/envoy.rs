@@ -316,3 +316,100 @@ async fn the_judge_passes_a_healthy_canary_and_calls_for_rolling_back_a_failing_
     );
     agent.shutdown().await;
 }
+
+/// Envoy 1.40's DogStatsD sink into the agent: every request's latency reaches the window
+/// within a second or two, long before the stats flush (60 s here) moves the scraped
+/// histogram; a sidecar that does not send keeps the scrape, and the metrics say which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_latency_arrives_through_the_dogstatsd_sink() {
+    let port = support::free_udp_port();
+    let sink = format!("127.0.0.1:{port}");
+    let app = App::start().await;
+    app.fault.set(0.0, 500, Duration::from_millis(120));
+    // Tagged with 127.0.0.1, its address: the target below.
+    let sending = Sidecar::start_statsd(app.port, "podinfo-canary", "60s", &sink).await;
+    let quiet_app = App::start().await;
+    // Registered at its own address, never sending: it keeps the scrape.
+    let quiet = Sidecar::start_at(
+        "127.0.0.2",
+        support::free_port(),
+        support::free_port(),
+        quiet_app.port,
+        "podinfo-primary",
+        "60s",
+        None,
+        None,
+    )
+    .await;
+    let agent = RunningAgent::start_with(
+        &[
+            format!("test/podinfo/canary={}", sending.admin_url()),
+            format!("test/podinfo/primary={}", quiet.admin_url()),
+        ],
+        32 << 20,
+        |c| {
+            c.statsd = Some(meshcanary::agent::StatsdSettings {
+                listen: sink.parse().unwrap(),
+                recv_buffer: 1 << 20,
+            });
+        },
+    )
+    .await;
+    ready(&agent).await;
+
+    let started = std::time::Instant::now();
+    tokio::join!(
+        sending.drive("/", 5),
+        sending.drive("/", 5),
+        sending.drive("/", 5),
+        sending.drive("/", 5)
+    );
+    eventually(
+        Duration::from_secs(5),
+        "20 latencies from the sink in the window",
+        || summary(&agent, Role::Canary).latency_count == 20,
+    )
+    .await;
+    // The scraped histogram cannot have moved: the stats flush is 60 s away.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let s = summary(&agent, Role::Canary);
+    let p99 = s.p99_ms.expect("p99 with 20 observations");
+    assert!(p99 > 100.0 && p99 <= 250.0, "p99 {p99} ms outside (100, 250]");
+    assert_eq!(s.requests, 20);
+
+    // A line for a pod this agent does not scrape is counted and dropped.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .send_to(b"envoy.cluster.upstream_rq_time:5|ms|#meshcanary.pod_ip:10.9.9.9,envoy.cluster_name:cds_ingress_x", &sink)
+        .unwrap();
+    probe.send_to(b"not statsd", &sink).unwrap();
+    let metrics = eventually_metrics(&agent, |m| {
+        support::counter(m, r#"meshcanary_statsd_lines_total{outcome="unknown_pod"}"#) >= 1.0
+            && support::counter(m, r#"meshcanary_statsd_lines_total{outcome="malformed"}"#) >= 1.0
+    })
+    .await;
+    assert!(support::counter(&metrics, r#"meshcanary_statsd_lines_total{outcome="latency"}"#) >= 20.0);
+    assert!(support::counter(&metrics, r#"meshcanary_statsd_lines_total{outcome="other"}"#) > 0.0, "the egress/external lines and the flush's counters");
+    assert!(metrics.contains(r#"meshcanary_statsd_overruns_total 0"#), "{metrics}");
+    let source = |role: &str, source: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("meshcanary_target_latency_source{")
+                && l.contains(&format!("role=\"{role}\""))
+                && l.contains(&format!("source=\"{source}\""))
+        })
+    };
+    assert!(source("canary", "statsd"), "{metrics}");
+    assert!(source("primary", "scrape"), "{metrics}");
+    agent.shutdown().await;
+}
+
+async fn eventually_metrics(agent: &RunningAgent, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = agent.metrics().await;
+        if ok(&m) || std::time::Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -65,6 +65,12 @@ impl Inbound {
     }
 }
 
+/// Envoy's default histogram bucket upper bounds, in ms (its `+Inf` bucket is implied).
+pub const ENVOY_EDGES_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
 /// Most histogram buckets read (Envoy's default has 20): a sidecar sending more is not
 /// read for latency rather than costing memory and time per bucket.
 pub const MAX_EDGES: usize = 64;

@@ -45,6 +45,8 @@ use super::{free_port, App, Sidecar, TempDir};
 pub const NAMESPACE: &str = "test";
 pub const WORKLOAD: &str = "podinfo";
 const NODES: [&str; 2] = ["node-a", "node-b"];
+/// The agents' statsd port when the sink is on.
+const STATSD_PORT: u16 = meshcanary::statsd::DEFAULT_PORT;
 
 /// How the lab is laid out.
 #[derive(Clone, Debug)]
@@ -66,6 +68,9 @@ pub struct LabOptions {
     /// App Mesh (a VirtualRouter, App Mesh's sidecars) or the Gateway API (an HTTPRoute,
     /// Istio's sidecars).
     pub router: RouterKind,
+    /// Sidecars send per-request latency to their node's agent through Envoy's DogStatsD
+    /// sink (agents listen on port 8125 of their address).
+    pub statsd: bool,
 }
 
 impl LabOptions {
@@ -79,6 +84,7 @@ impl LabOptions {
             dir: None,
             prometheus: true,
             router: RouterKind::AppMesh,
+            statsd: false,
         }
     }
 }
@@ -244,8 +250,11 @@ impl Lab {
         // serve their stats on its own port, 15090, on each pod's address.
         let admin_port = free_port();
         let stats_port = istio.then_some(meshcanary::discover::ISTIO_STATS_PORT);
-        let side = |ip: String, role: &'static str| async move {
+        // Each pod's node agent: node-a (the primary) is at .4, node-b (the canary) at .5.
+        let statsd = options.statsd;
+        let side = |ip: String, role: &'static str, agent: String| async move {
             let app = App::start().await;
+            let sink = format!("{agent}:{STATSD_PORT}");
             let sidecar = Sidecar::start_at(
                 &ip,
                 admin_port,
@@ -254,12 +263,13 @@ impl Lab {
                 &format!("{WORKLOAD}-{role}"),
                 "1s",
                 stats_port,
+                statsd.then_some(sink.as_str()),
             )
             .await;
             PodSide { ip, app, sidecar }
         };
-        let primary = side(primary_ip, "primary").await;
-        let canary = side(canary_ip, "canary").await;
+        let primary = side(primary_ip, "primary", ip(4)).await;
+        let canary = side(canary_ip, "canary", ip(5)).await;
         let gateway = Gateway::start(&dir, &client, &primary, &canary, options.router).await;
         let prometheus = if options.prometheus {
             Some(super::Prometheus::start().await)
@@ -306,6 +316,11 @@ impl Lab {
                 ],
                 None => vec!["--full-interval".into(), "0".into()],
             };
+            let statsd: Vec<String> = if self.options.statsd {
+                vec!["--statsd-listen".into(), format!("{ip}:{STATSD_PORT}")]
+            } else {
+                Vec::new()
+            };
             let selector: Vec<String> = if self.options.router == RouterKind::GatewayApi {
                 vec![
                     "--namespace-selector".into(),
@@ -332,6 +347,7 @@ impl Lab {
                 .map(|s| (*s).to_owned())
                 .chain(remote_write)
                 .chain(selector)
+                .chain(statsd)
                 .collect(),
                 envs: vec![
                     ("NODE_NAME".into(), (*node).to_owned()),

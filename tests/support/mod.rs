@@ -46,6 +46,13 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback UDP port")
+}
+
 /// The value of the first `/metrics` line that starts with `line_start` (0 if absent).
 pub fn counter(metrics: &str, line_start: &str) -> f64 {
     metrics
@@ -111,6 +118,7 @@ impl Sidecar {
                 vnode,
                 flush,
                 None,
+                None,
             );
             match s.try_spawn().await {
                 Ok(()) => return s,
@@ -134,6 +142,7 @@ impl Sidecar {
                 "podinfo",
                 flush,
                 Some(free_port()),
+                None,
             );
             match s.try_spawn().await {
                 Ok(()) => return s,
@@ -149,8 +158,27 @@ impl Sidecar {
         format!("http://{}:{port}", self.addr)
     }
 
+    /// A sidecar on free loopback ports that also sends its stats to `statsd` through
+    /// Envoy's DogStatsD sink, tagged with its address.
+    pub async fn start_statsd(app_port: u16, vnode: &str, flush: &str, statsd: &str) -> Sidecar {
+        let mut s = Self::configure(
+            "127.0.0.1",
+            free_port(),
+            free_port(),
+            app_port,
+            vnode,
+            flush,
+            None,
+            Some(statsd),
+        );
+        s.spawn().await;
+        s
+    }
+
     /// A sidecar listening on `addr` (admin on `admin_port`, ingress on `ingress_port`),
-    /// shaped as Istio's with stats on `istio_stats_port` if given.
+    /// shaped as Istio's with stats on `istio_stats_port` if given, sending its stats to
+    /// `statsd` if given.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start_at(
         addr: &str,
         admin_port: u16,
@@ -159,6 +187,7 @@ impl Sidecar {
         vnode: &str,
         flush: &str,
         istio_stats_port: Option<u16>,
+        statsd: Option<&str>,
     ) -> Sidecar {
         let mut sidecar = Self::configure(
             addr,
@@ -168,11 +197,13 @@ impl Sidecar {
             vnode,
             flush,
             istio_stats_port,
+            statsd,
         );
         sidecar.spawn().await;
         sidecar
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn configure(
         addr: &str,
         admin_port: u16,
@@ -181,11 +212,18 @@ impl Sidecar {
         vnode: &str,
         flush: &str,
         istio_stats_port: Option<u16>,
+        statsd: Option<&str>,
     ) -> Sidecar {
         let dir = TempDir::new("sidecar");
-        let istio = istio_stats_port
+        let mut istio = istio_stats_port
             .map(|p| vec!["--istio-stats-port".to_owned(), p.to_string()])
             .unwrap_or_default();
+        if let Some(sink) = statsd {
+            // The sink and the tag naming this pod's address (all sidecars here send from
+            // loopback's 127.0.0.1, whatever address they listen on).
+            istio.extend(["--dogstatsd".to_owned(), sink.to_owned()]);
+            istio.extend(["--pod-ip-tag".to_owned(), addr.to_owned()]);
+        }
         let out = Command::new("bash")
             .arg(repo().join("scripts/envoy-config.sh"))
             .args(["--addr", addr])
@@ -436,6 +474,7 @@ impl RunningAgent {
             listen: Some(listen),
             http_limits: meshcanary::telemetry::HttpLimits::default(),
             kube: None,
+            statsd: None,
             grace_period: Duration::from_secs(2),
             policy: meshcanary::judge::Policy::default(),
             remote_write: None,

@@ -1,0 +1,779 @@
+//! Stage 2b, statsd: every request's latency from Envoy's DogStatsD (or plain statsd) sink.
+//!
+//! Envoy moves its Prometheus histograms only at the stats flush (5 s by default), so scraped
+//! latency arrives in 5 s steps. Its statsd sinks send each histogram value the moment it is
+//! recorded: one `envoy.cluster.upstream_rq_time:12|ms|#envoy.cluster_name:...` line per
+//! request of each cluster. The agent listens for them on a node-local UDP port and keeps,
+//! per pod, an hdrhistogram of its inbound cluster's latencies since the pod's last scrape.
+//! The scrape then takes it (counted over the pod's own histogram edges) in place of the
+//! scraped histogram delta, so the pod's window gets each second's latencies with that
+//! second's counters. Counters always come from the scrape.
+//!
+//! A datagram belongs to the pod whose address is in its `meshcanary.pod_ip` tag, or else
+//! to the pod at its source address (on a pod network the sidecar sends from the pod's IP).
+//! Anything else is counted and dropped: an unknown pod, another metric or cluster (used
+//! only as a sign of life), a malformed line, a sampled histogram (`|@rate`). A pod whose
+//! sidecar sent nothing for [`FRESH_MS`] falls back to the scrape, per pod.
+//!
+//! Bounded and fast: one socket, batched receives (`recvmmsg`, 64 datagrams per call) into
+//! buffers allocated once, no allocation per datagram, one lock per batch. The kernel's
+//! drops (a full socket buffer) are read with every batch (`SO_RXQ_OVFL`) and counted.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::watch;
+
+use crate::telemetry::MetricRegistry;
+use crate::window::inbound::Inbound;
+
+/// The port App Mesh's Envoy image and Istio's sinks send to by default.
+pub const DEFAULT_PORT: u16 = 8125;
+/// A pod counts as sending while its sidecar sent anything within this long. Envoy sends
+/// every counter and gauge at each stats flush (5 s by default) even while idle, so two
+/// flushes and some slack; longer, and a sidecar that stops sending loses more latency.
+pub const FRESH_MS: u64 = 12_000;
+/// The DogStatsD tag that names the pod's address when the source address cannot (sidecars
+/// that all send from one address, as on loopback).
+pub const POD_IP_TAG: &[u8] = b"meshcanary.pod_ip";
+/// Datagrams per receive call.
+pub const BATCH: usize = 64;
+/// Largest datagram read; the rest of a longer one is cut (Envoy's are one line, well under
+/// 1 KiB, unless `max_bytes_per_datagram` batches lines, which stays under the MTU).
+pub const DATAGRAM_BYTES: usize = 4096;
+/// Slowest latency kept exactly (ms); slower values count as this (they are beyond every
+/// edge the judge looks at).
+const MAX_MS: u64 = 600_000;
+
+/// One statsd line, borrowed from the datagram.
+#[derive(Debug, PartialEq)]
+pub struct Line<'a> {
+    pub name: &'a [u8],
+    pub value: f64,
+    pub kind: &'a [u8],
+    /// A sample rate below 1 (`|@0.1`).
+    pub sampled: bool,
+    /// Everything after `|#`, as is (Istio's cluster names contain `|`).
+    pub tags: &'a [u8],
+}
+
+/// Parse `name:value|type[|@rate][|#tags]`; `None` for anything else.
+pub fn parse_line(line: &[u8]) -> Option<Line<'_>> {
+    let colon = memchr::memchr(b':', line)?;
+    let (name, rest) = (&line[..colon], &line[colon + 1..]);
+    let bar = memchr::memchr(b'|', rest)?;
+    let value: f64 = std::str::from_utf8(&rest[..bar]).ok()?.parse().ok()?;
+    if name.is_empty() || !value.is_finite() {
+        return None;
+    }
+    let rest = &rest[bar + 1..];
+    let (kind, mut rest) = match memchr::memchr(b'|', rest) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, &rest[rest.len()..]),
+    };
+    if kind.is_empty() {
+        return None;
+    }
+    let mut out = Line {
+        name,
+        value,
+        kind,
+        sampled: false,
+        tags: &[],
+    };
+    while let Some(section) = rest.strip_prefix(b"|") {
+        if let Some(tags) = section.strip_prefix(b"#") {
+            out.tags = tags;
+            break;
+        }
+        let end = memchr::memchr(b'|', section).unwrap_or(section.len());
+        if let Some(rate) = section[..end].strip_prefix(b"@") {
+            let rate: f64 = std::str::from_utf8(rate).ok()?.parse().ok()?;
+            out.sampled = rate < 1.0;
+        }
+        rest = &section[end..];
+    }
+    Some(out)
+}
+
+/// The value of tag `key` in a DogStatsD tag list (`k:v,k2:v2`).
+pub fn tag<'a>(tags: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    tags.split(|&b| b == b',').find_map(|t| {
+        t.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(b":"))
+    })
+}
+
+/// Whether `name` is a cluster's request time (`[prefix.]cluster.upstream_rq_time`, not its
+/// `external`/`internal` split, which repeats the same requests).
+fn is_request_time(name: &[u8]) -> bool {
+    const SUFFIX: &[u8] = b"cluster.upstream_rq_time";
+    name == SUFFIX || (name.ends_with(SUFFIX) && name[name.len() - SUFFIX.len() - 1] == b'.')
+}
+
+/// What became of a line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// A request time of a known pod's inbound cluster: recorded.
+    Latency,
+    /// Another metric or cluster of a known pod: a sign of life only.
+    Other,
+    /// No pod of this node has the address it names or comes from.
+    UnknownPod,
+    /// Two targets share the address, so the sink cannot tell them apart.
+    Ambiguous,
+    /// Sampled (`|@rate` below 1): one line would stand for several requests.
+    Sampled,
+    Malformed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Latency => "latency",
+            Outcome::Other => "other",
+            Outcome::UnknownPod => "unknown_pod",
+            Outcome::Ambiguous => "ambiguous",
+            Outcome::Sampled => "sampled",
+            Outcome::Malformed => "malformed",
+        }
+    }
+
+    const ALL: [Outcome; 6] = [
+        Outcome::Latency,
+        Outcome::Other,
+        Outcome::UnknownPod,
+        Outcome::Ambiguous,
+        Outcome::Sampled,
+        Outcome::Malformed,
+    ];
+}
+
+/// One pod's latencies since its last scrape.
+struct PodSink {
+    /// Targets at this address (more than one: ambiguous, nothing is recorded).
+    owners: u32,
+    inbound: Arc<Inbound>,
+    /// The tag that carries the cluster name in this sidecar's DogStatsD lines.
+    cluster_tag: &'static [u8],
+    latencies: hdrhistogram::Histogram<u32>,
+    /// Last datagram of any kind (unix ms).
+    last_ms: Option<u64>,
+}
+
+/// Where the latency of a pod's window came from at its last scrape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Scrape,
+    Statsd,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Scrape => "scrape",
+            Source::Statsd => "statsd",
+        }
+    }
+}
+
+/// Line counts by outcome, kept by the caller and added to the metrics once per batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Tally([u64; 6]);
+
+impl Tally {
+    pub fn get(&self, o: Outcome) -> u64 {
+        self.0[o as usize]
+    }
+    fn add(&mut self, o: Outcome) {
+        self.0[o as usize] += 1;
+    }
+}
+
+/// The pods' latencies, shared by the listener and the scrape tasks.
+#[derive(Default)]
+pub struct Sinks {
+    pods: Mutex<HashMap<IpAddr, PodSink>>,
+}
+
+/// A target's place in [`Sinks`]; leaving it removes the target.
+pub struct Registration {
+    sinks: Arc<Sinks>,
+    ip: IpAddr,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut pods = lock(&self.sinks.pods);
+        if let Some(p) = pods.get_mut(&self.ip) {
+            p.owners -= 1;
+            if p.owners == 0 {
+                pods.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The tag name of the inbound cluster in DogStatsD lines: Envoy's default tags are
+/// `envoy.cluster_name` (`envoy_cluster_name` in Prometheus), Istio's `cluster_name`.
+fn cluster_tag(inbound: &Inbound) -> &'static [u8] {
+    if inbound.labels.cluster == "envoy_cluster_name" {
+        b"envoy.cluster_name"
+    } else {
+        b"cluster_name"
+    }
+}
+
+impl Sinks {
+    /// Take the datagrams of the pod at `ip` whose inbound cluster is `inbound`.
+    pub fn register(self: &Arc<Self>, ip: IpAddr, inbound: Arc<Inbound>) -> Registration {
+        let mut pods = lock(&self.pods);
+        pods.entry(ip)
+            .and_modify(|p| p.owners += 1)
+            .or_insert_with(|| PodSink {
+                owners: 1,
+                cluster_tag: cluster_tag(&inbound),
+                inbound,
+                latencies: hdrhistogram::Histogram::new_with_bounds(1, MAX_MS, 3)
+                    .expect("static bounds are valid"),
+                last_ms: None,
+            });
+        Registration {
+            sinks: Arc::clone(self),
+            ip,
+        }
+    }
+
+    /// Fold one datagram from `source` received at `now_ms`.
+    pub fn ingest(&self, datagram: &[u8], source: Option<IpAddr>, now_ms: u64, tally: &mut Tally) {
+        let mut pods = lock(&self.pods);
+        Self::ingest_locked(&mut pods, datagram, source, now_ms, tally);
+    }
+
+    /// Fold a batch of datagrams under one lock.
+    pub fn ingest_batch<'a>(
+        &self,
+        datagrams: impl Iterator<Item = (&'a [u8], Option<IpAddr>)>,
+        now_ms: u64,
+        tally: &mut Tally,
+    ) {
+        let mut pods = lock(&self.pods);
+        for (d, source) in datagrams {
+            Self::ingest_locked(&mut pods, d, source, now_ms, tally);
+        }
+    }
+
+    fn ingest_locked(
+        pods: &mut HashMap<IpAddr, PodSink>,
+        datagram: &[u8],
+        source: Option<IpAddr>,
+        now_ms: u64,
+        tally: &mut Tally,
+    ) {
+        for line in datagram.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            tally.add(Self::line(pods, line, source, now_ms));
+        }
+    }
+
+    fn line(
+        pods: &mut HashMap<IpAddr, PodSink>,
+        line: &[u8],
+        source: Option<IpAddr>,
+        now_ms: u64,
+    ) -> Outcome {
+        let Some(l) = parse_line(line) else {
+            return Outcome::Malformed;
+        };
+        let named = tag(l.tags, POD_IP_TAG)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<IpAddr>().ok());
+        let Some(pod) = named.or(source).and_then(|ip| pods.get_mut(&ip)) else {
+            return Outcome::UnknownPod;
+        };
+        if pod.owners > 1 {
+            return Outcome::Ambiguous;
+        }
+        pod.last_ms = Some(pod.last_ms.map_or(now_ms, |t| t.max(now_ms)));
+        if !is_request_time(l.name) || !matches!(l.kind, b"ms" | b"h" | b"d") {
+            return Outcome::Other;
+        }
+        let inbound = tag(l.tags, pod.cluster_tag)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .is_some_and(|c| pod.inbound.cluster.is_match(c));
+        if !inbound {
+            return Outcome::Other;
+        }
+        if l.sampled {
+            return Outcome::Sampled;
+        }
+        // Envoy records whole milliseconds and buckets `value <= le`: ceil keeps that.
+        let ms = if l.value <= 0.0 {
+            0
+        } else {
+            (l.value.ceil() as u64).min(MAX_MS)
+        };
+        pod.latencies.saturating_record(ms);
+        Outcome::Latency
+    }
+
+    /// The latencies of the pod at `ip` since the last take, per bucket of `edges_ms` (plus
+    /// `+Inf`), if its sidecar is sending (anything within [`FRESH_MS`] of `now_ms`). The
+    /// pod's histogram starts again empty.
+    pub fn take(&self, ip: IpAddr, edges_ms: &[f64], now_ms: u64) -> Option<Vec<u64>> {
+        let mut pods = lock(&self.pods);
+        let pod = pods.get_mut(&ip)?;
+        let fresh = pod
+            .last_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) <= FRESH_MS);
+        if !fresh || pod.owners > 1 || edges_ms.is_empty() {
+            pod.latencies.reset();
+            return None;
+        }
+        let h = &pod.latencies;
+        let mut out = Vec::with_capacity(edges_ms.len() + 1);
+        let mut below = 0u64;
+        for &edge in edges_ms {
+            // Values are whole ms: `v <= edge` is `v <= floor(edge)`.
+            let upto = if edge < 0.0 {
+                0
+            } else {
+                h.count_between(0, edge.floor() as u64)
+            };
+            out.push(upto.saturating_sub(below));
+            below = below.max(upto);
+        }
+        out.push(h.len().saturating_sub(below));
+        pod.latencies.reset();
+        Some(out)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// The listener's metrics.
+#[derive(Clone, Default)]
+pub struct StatsdMetrics {
+    pub lines: Family<OutcomeLabels, Counter>,
+    pub datagrams: Counter,
+    pub overruns: Counter,
+    pub truncated: Counter,
+}
+
+impl StatsdMetrics {
+    pub fn register(r: &mut MetricRegistry) -> Self {
+        let m = StatsdMetrics::default();
+        for o in Outcome::ALL {
+            let _ = m.lines.get_or_create(&OutcomeLabels {
+                outcome: o.as_str(),
+            });
+        }
+        r.register("meshcanary_statsd_lines", "Lines received on the statsd port (--statsd-listen), by outcome: latency (an inbound request time, recorded), other (another metric or cluster of a known pod: a sign of life), unknown_pod (no pod of this node at the address it names or comes from), ambiguous (two targets share that address), sampled (|@rate below 1), malformed.", &["outcome"], &m.lines);
+        r.register(
+            "meshcanary_statsd_datagrams",
+            "Datagrams received on the statsd port.",
+            &[],
+            &m.datagrams,
+        );
+        r.register("meshcanary_statsd_overruns", "Datagrams the kernel dropped because the statsd socket's receive buffer was full (SO_RXQ_OVFL): raise --statsd-recv-buffer (and net.core.rmem_max) or give the agent more CPU.", &[], &m.overruns);
+        r.register("meshcanary_statsd_truncated", "Datagrams longer than the read buffer; their last line may be cut (and then counted malformed).", &[], &m.truncated);
+        m
+    }
+
+    fn add(&self, tally: &Tally) {
+        for o in Outcome::ALL {
+            let n = tally.get(o);
+            if n > 0 {
+                self.lines
+                    .get_or_create(&OutcomeLabels {
+                        outcome: o.as_str(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+}
+
+/// Bind the statsd port with a receive buffer of `recv_buffer` bytes (the kernel may give
+/// less: it is capped by `net.core.rmem_max`; the size it gave is logged).
+///
+/// ### Errors
+/// Binding the address.
+pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    sys::tune(&socket, recv_buffer);
+    tokio::net::UdpSocket::from_std(socket)
+}
+
+/// Receive until `shutdown` turns true.
+pub async fn serve(
+    socket: tokio::net::UdpSocket,
+    sinks: Arc<Sinks>,
+    metrics: StatsdMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut batch = sys::Batch::new();
+    let mut drops_seen = 0u32;
+    loop {
+        tokio::select! {
+            ready = socket.readable() => if let Err(error) = ready {
+                tracing::warn!(%error, "statsd socket failed; per-request latency stops (the scrape's histograms take over)");
+                return;
+            },
+            _ = shutdown.changed() => return,
+        }
+        loop {
+            let n = match socket.try_io(tokio::io::Interest::READABLE, || batch.recv(&socket)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => {
+                    tracing::debug!(%error, "statsd receive failed");
+                    break;
+                }
+            };
+            let now_ms = crate::clock::unix_ms();
+            let mut tally = Tally::default();
+            metrics.datagrams.inc_by(n as u64);
+            let truncated = (0..n).filter(|&i| batch.truncated(i)).count();
+            if truncated > 0 {
+                metrics.truncated.inc_by(truncated as u64);
+            }
+            sinks.ingest_batch((0..n).map(|i| batch.datagram(i)), now_ms, &mut tally);
+            metrics.add(&tally);
+            if let Some(drops) = batch.drops() {
+                if drops > drops_seen {
+                    metrics.overruns.inc_by(u64::from(drops - drops_seen));
+                    drops_seen = drops;
+                }
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+mod sys {
+    //! `recvmmsg` with `SO_RXQ_OVFL`: up to [`BATCH`] datagrams and the kernel's drop count
+    //! per call, into buffers allocated once.
+
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::os::fd::AsRawFd;
+
+    use super::{BATCH, DATAGRAM_BYTES};
+
+    const CONTROL_BYTES: usize = 64;
+
+    pub fn tune(socket: &std::net::UdpSocket, recv_buffer: usize) {
+        let fd = socket.as_raw_fd();
+        let set = |name: libc::c_int, value: libc::c_int| {
+            // SAFETY: a valid fd and a pointer to a c_int of the stated size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    name,
+                    std::ptr::from_ref(&value).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        let asked = libc::c_int::try_from(recv_buffer).unwrap_or(libc::c_int::MAX);
+        if set(libc::SO_RCVBUF, asked) != 0 {
+            tracing::warn!(bytes = recv_buffer, "could not set the statsd receive buffer");
+        }
+        if set(libc::SO_RXQ_OVFL, 1) != 0 {
+            tracing::warn!("SO_RXQ_OVFL not available: statsd overruns are not counted");
+        }
+        let mut got: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid fd, and pointers to a c_int and its length.
+        let ok = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                std::ptr::from_mut(&mut got).cast(),
+                &raw mut len,
+            )
+        } == 0;
+        if ok {
+            // Linux reports twice the usable size (it counts its bookkeeping).
+            tracing::info!(asked = recv_buffer, granted = got / 2, "statsd receive buffer");
+        }
+    }
+
+    pub struct Batch {
+        bufs: Vec<u8>,
+        iov: Vec<libc::iovec>,
+        names: Vec<libc::sockaddr_storage>,
+        control: Vec<[u64; CONTROL_BYTES / 8]>,
+        msgs: Vec<libc::mmsghdr>,
+        received: usize,
+        drops: Option<u32>,
+    }
+
+    // SAFETY: the raw pointers in `iov` and `msgs` point into the batch's own heap buffers,
+    // which move with it and are only used by the task that owns it.
+    unsafe impl Send for Batch {}
+
+    impl Batch {
+        pub fn new() -> Self {
+            // SAFETY: all-zero is a valid value of these plain C structs.
+            let zeroed_msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            let zeroed_name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            Batch {
+                bufs: vec![0; BATCH * DATAGRAM_BYTES],
+                iov: vec![
+                    libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0
+                    };
+                    BATCH
+                ],
+                names: vec![zeroed_name; BATCH],
+                control: vec![[0; CONTROL_BYTES / 8]; BATCH],
+                msgs: vec![zeroed_msg; BATCH],
+                received: 0,
+                drops: None,
+            }
+        }
+
+        /// One `recvmmsg` call, non-blocking: how many datagrams it read.
+        pub fn recv(&mut self, socket: &impl AsRawFd) -> std::io::Result<usize> {
+            let bufs = self.bufs.as_mut_ptr();
+            for i in 0..BATCH {
+                self.iov[i] = libc::iovec {
+                    // SAFETY: within `bufs`, which holds BATCH * DATAGRAM_BYTES bytes.
+                    iov_base: unsafe { bufs.add(i * DATAGRAM_BYTES) }.cast(),
+                    iov_len: DATAGRAM_BYTES,
+                };
+                let h = &mut self.msgs[i].msg_hdr;
+                h.msg_name = std::ptr::from_mut(&mut self.names[i]).cast();
+                h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_iov = std::ptr::from_mut(&mut self.iov[i]);
+                h.msg_iovlen = 1;
+                h.msg_control = self.control[i].as_mut_ptr().cast();
+                h.msg_controllen = CONTROL_BYTES as _;
+                h.msg_flags = 0;
+                self.msgs[i].msg_len = 0;
+            }
+            // SAFETY: every header points into buffers owned by `self` that outlive the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    socket.as_raw_fd(),
+                    self.msgs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                self.received = 0;
+                return Err(std::io::Error::last_os_error());
+            }
+            self.received = n as usize;
+            self.drops = (0..self.received).rev().find_map(|i| self.overflow(i));
+            Ok(self.received)
+        }
+
+        /// The kernel's count of drops on this socket so far, from message `i`'s control data.
+        fn overflow(&self, i: usize) -> Option<u32> {
+            let h = &self.msgs[i].msg_hdr;
+            // SAFETY: the header's control pointer and length describe `control[i]`, filled
+            // by the kernel; CMSG_* walk only within it.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(h);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                        return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+                    }
+                    c = libc::CMSG_NXTHDR(h, c);
+                }
+            }
+            None
+        }
+
+        pub fn drops(&self) -> Option<u32> {
+            self.drops
+        }
+
+        pub fn truncated(&self, i: usize) -> bool {
+            self.msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+        }
+
+        /// Datagram `i` of the last call and its source address.
+        pub fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
+            let len = (self.msgs[i].msg_len as usize).min(DATAGRAM_BYTES);
+            let data = &self.bufs[i * DATAGRAM_BYTES..i * DATAGRAM_BYTES + len];
+            let name = &self.names[i];
+            let ip = match i32::from(name.ss_family) {
+                libc::AF_INET => {
+                    // SAFETY: the family says it is a sockaddr_in.
+                    let a: &libc::sockaddr_in = unsafe { &*std::ptr::from_ref(name).cast() };
+                    Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))))
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: the family says it is a sockaddr_in6.
+                    let a: &libc::sockaddr_in6 = unsafe { &*std::ptr::from_ref(name).cast() };
+                    Some(IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)))
+                }
+                _ => None,
+            };
+            (data, ip)
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+mod sys {
+    //! Portable fallback: one `recv_from` per datagram, up to [`BATCH`] per wake-up.
+
+    use std::net::IpAddr;
+
+    use super::{BATCH, DATAGRAM_BYTES};
+
+    pub fn tune(_socket: &std::net::UdpSocket, _recv_buffer: usize) {}
+
+    pub struct Batch {
+        bufs: Vec<u8>,
+        meta: Vec<(usize, Option<IpAddr>)>,
+    }
+
+    impl Batch {
+        pub fn new() -> Self {
+            Batch {
+                bufs: vec![0; BATCH * DATAGRAM_BYTES],
+                meta: Vec::with_capacity(BATCH),
+            }
+        }
+
+        pub fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize> {
+            self.meta.clear();
+            while self.meta.len() < BATCH {
+                let at = self.meta.len() * DATAGRAM_BYTES;
+                match socket.try_recv_from(&mut self.bufs[at..at + DATAGRAM_BYTES]) {
+                    Ok((n, from)) => self.meta.push((n, Some(from.ip()))),
+                    Err(e) if self.meta.is_empty() => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            Ok(self.meta.len())
+        }
+
+        pub fn drops(&self) -> Option<u32> {
+            None
+        }
+
+        pub fn truncated(&self, _i: usize) -> bool {
+            false
+        }
+
+        pub fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
+            let (len, ip) = self.meta[i];
+            (&self.bufs[i * DATAGRAM_BYTES..i * DATAGRAM_BYTES + len], ip)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::inbound::InboundLabels;
+
+    fn app_mesh() -> Arc<Inbound> {
+        Arc::new(Inbound {
+            cluster: regex::Regex::new("^cds_ingress_").unwrap(),
+            labels: InboundLabels::ENVOY,
+        })
+    }
+
+    #[test]
+    fn lines_as_envoy_sends_them() {
+        let l = parse_line(b"envoy.cluster.upstream_rq_time:12|ms|#meshcanary.pod_ip:10.0.0.7,envoy.cluster_name:cds_ingress_m_v_http_9898").unwrap();
+        assert_eq!(l.name, b"envoy.cluster.upstream_rq_time");
+        assert_eq!(l.value, 12.0);
+        assert_eq!(l.kind, b"ms");
+        assert!(!l.sampled);
+        assert_eq!(tag(l.tags, b"envoy.cluster_name"), Some(&b"cds_ingress_m_v_http_9898"[..]));
+        assert_eq!(tag(l.tags, POD_IP_TAG), Some(&b"10.0.0.7"[..]));
+        // Istio's cluster names hold `|`: the tags run to the end of the line.
+        let l = parse_line(b"envoy.cluster.upstream_rq_time:2|ms|#cluster_name:inbound|9898||").unwrap();
+        assert_eq!(tag(l.tags, b"cluster_name"), Some(&b"inbound|9898||"[..]));
+        let l = parse_line(b"a.b:1.5|h|@0.25").unwrap();
+        assert!(l.sampled && l.tags.is_empty());
+        assert!(parse_line(b"plain:3|c").is_some());
+        for bad in [&b"no colon"[..], b"x:|ms", b"x:abc|ms", b"x:1", b":1|ms", b"x:1|", b"x:NaN|ms"] {
+            assert!(parse_line(bad).is_none(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(is_request_time(b"envoy.cluster.upstream_rq_time"));
+        assert!(is_request_time(b"cluster.upstream_rq_time"));
+        assert!(!is_request_time(b"envoy.cluster.external.upstream_rq_time"));
+        assert!(!is_request_time(b"envoy.xcluster.upstream_rq_time"));
+    }
+
+    #[test]
+    fn latencies_reach_the_pod_they_name_and_nothing_else_counts() {
+        let sinks = Arc::new(Sinks::default());
+        let pod: IpAddr = "10.0.0.7".parse().unwrap();
+        let _r = sinks.register(pod, app_mesh());
+        let mut tally = Tally::default();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let datagrams: [&[u8]; 7] = [
+            b"envoy.cluster.upstream_rq_time:3|ms|#meshcanary.pod_ip:10.0.0.7,envoy.cluster_name:cds_ingress_m_v_http_9898",
+            b"envoy.cluster.upstream_rq_time:30|ms|#meshcanary.pod_ip:10.0.0.7,envoy.cluster_name:cds_ingress_m_v_http_9898\nenvoy.cluster.upstream_rq_time:700|ms|#meshcanary.pod_ip:10.0.0.7,envoy.cluster_name:cds_ingress_m_v_http_9898",
+            b"envoy.cluster.upstream_rq_time:9|ms|#meshcanary.pod_ip:10.0.0.7,envoy.cluster_name:cds_egress_m_x_http_80",
+            b"envoy.cluster.external.upstream_rq_time:3|ms|#meshcanary.pod_ip:10.0.0.7,envoy.cluster_name:cds_ingress_m_v_http_9898",
+            b"envoy.cluster.upstream_rq_time:3|ms|#meshcanary.pod_ip:10.0.0.8,envoy.cluster_name:cds_ingress_m_v_http_9898",
+            b"garbage",
+            b"envoy.cluster.upstream_rq_time:3|ms|@0.5|#meshcanary.pod_ip:10.0.0.7,envoy.cluster_name:cds_ingress_m_v_http_9898",
+        ];
+        for d in datagrams {
+            sinks.ingest(d, Some(lo), 1_000, &mut tally);
+        }
+        // By source address, without the tag.
+        sinks.ingest(b"envoy.cluster.upstream_rq_time:1|ms|#envoy.cluster_name:cds_ingress_m_v_http_9898", Some(pod), 1_000, &mut tally);
+        assert_eq!(tally.get(Outcome::Latency), 4);
+        assert_eq!(tally.get(Outcome::Other), 2);
+        assert_eq!(tally.get(Outcome::UnknownPod), 1);
+        assert_eq!(tally.get(Outcome::Malformed), 1);
+        assert_eq!(tally.get(Outcome::Sampled), 1);
+        let edges = [1.0, 5.0, 25.0, 500.0];
+        assert_eq!(sinks.take(pod, &edges, 2_000), Some(vec![1, 1, 0, 1, 1]));
+        // Taken: the next second starts empty; still fresh.
+        assert_eq!(sinks.take(pod, &edges, 3_000), Some(vec![0; 5]));
+        // Silent for longer than FRESH_MS: back to the scrape.
+        assert_eq!(sinks.take(pod, &edges, 1_000 + FRESH_MS + 1), None);
+    }
+
+    #[test]
+    fn two_targets_at_one_address_are_not_guessed_between() {
+        let sinks = Arc::new(Sinks::default());
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let a = sinks.register(ip, app_mesh());
+        let b = sinks.register(ip, app_mesh());
+        let mut tally = Tally::default();
+        let line = b"envoy.cluster.upstream_rq_time:3|ms|#envoy.cluster_name:cds_ingress_m_v_http_9898";
+        sinks.ingest(line, Some(ip), 1_000, &mut tally);
+        assert_eq!(tally.get(Outcome::Ambiguous), 1);
+        assert_eq!(sinks.take(ip, &[1.0], 1_000), None);
+        drop(b);
+        sinks.ingest(line, Some(ip), 1_000, &mut tally);
+        assert_eq!(sinks.take(ip, &[1.0, 5.0], 1_000), Some(vec![0, 1, 0]));
+        drop(a);
+        assert!(lock(&sinks.pods).is_empty());
+    }
+}
