@@ -22,6 +22,6 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/dist/meshcanary /usr/local/bin/meshcanary
 USER 65532:65532
 # 9102: /metrics, /healthz, /readyz. 9103: windows for the leader (token-checked).
-EXPOSE 9102 9103
+EXPOSE 9102 9103 8125/udp
 ENTRYPOINT ["/usr/local/bin/meshcanary"]
 CMD ["agent"]

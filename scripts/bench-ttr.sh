@@ -8,9 +8,10 @@
 # Ends with: `havoc median ttr: <s> s, p95 <s> s, false rollbacks <n>/<runs>`.
 #
 # --router gateway-api runs the lab in its Istio and Gateway API shape (Istio-shaped sidecars,
-# an HTTPRoute the gateway follows) instead of App Mesh's; the lines then say so.
+# an HTTPRoute the gateway follows) instead of App Mesh's; the lines then say so. --statsd turns
+# the sidecars' DogStatsD sink on (per-request latency into the agents); the lines say so too.
 #
-#   scripts/bench-ttr.sh [--runs N] [--router app-mesh|gateway-api] [scenario.yaml ...]
+#   scripts/bench-ttr.sh [--runs N] [--router app-mesh|gateway-api] [--statsd] [scenario.yaml ...]
 #   (about 30 minutes for the default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,14 +19,16 @@ eval "$(scripts/testenv.sh --kube)" >/dev/null
 runs=()
 files=()
 router=app-mesh
+statsd=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=(--runs "$2"); shift 2 ;;
     --router) router=$2; shift 2 ;;
+    --statsd) statsd=(--statsd); shift ;;
     *) files+=("$1"); shift ;;
   esac
 done
-[ ${#files[@]} -gt 0 ] || files=(lab/bench-havoc.yaml lab/bench-errors-5pct.yaml lab/bench-latency-300ms.yaml lab/bench-leader-killed.yaml lab/bench-healthy.yaml)
+[ ${#files[@]} -gt 0 ] || files=(lab/bench-havoc.yaml lab/bench-errors-5pct.yaml lab/bench-latency-300ms.yaml lab/bench-latency-50ms.yaml lab/bench-leader-killed.yaml lab/bench-healthy.yaml)
 cargo build --release --locked --bin meshcanary --example lab >&2
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -33,7 +36,7 @@ for f in "${files[@]}"; do
   name=$(basename "$f" .yaml)
   echo "bench-ttr: $name" >&2
   # A rollout that ends otherwise than expected is recorded, not fatal: it is a figure.
-  target/release/examples/lab --scenario "$f" "${runs[@]}" --router "$router" --results "$out/$name.jsonl" \
+  target/release/examples/lab --scenario "$f" "${runs[@]}" --router "$router" "${statsd[@]}" --results "$out/$name.jsonl" \
     >"$out/$name.log" 2>&1 || true
   grep '^lab: run' "$out/$name.log" >&2 || { echo "bench-ttr: $name failed; its log:" >&2; tail -30 "$out/$name.log" >&2; }
 done
@@ -43,9 +46,10 @@ oracle() { # canary_rps canary_event_probability
 }
 # Canary traffic at the fault: the apex's 40 rps times the weight, plus direct errors.
 # havoc and leader-killed: 2 rps good + 5 rps of 5xx at weight 5; errors-5pct: 4 rps at 5 %;
-# latency-300ms: 4 rps, every one slower than the 250 ms edge (primary ~1 ms).
+# latency-300ms and latency-50ms: 4 rps, every one slower than the 250 ms (25 ms) edge, the
+# primary's ~1 ms below it.
 export ORACLE_HAVOC=$(oracle 7 0.714) ORACLE_5PCT=$(oracle 4 0.05) ORACLE_LATENCY=$(oracle 4 0.999)
-python3 - "$out" "$router" <<'PY'
+python3 - "$out" "$router${statsd[*]:+, statsd sink on}" <<'PY'
 import json, os, sys, glob, statistics
 out, router_name = sys.argv[1], sys.argv[2]
 def q(xs, p):
@@ -59,12 +63,12 @@ def fmt(x):
 # ttr = U(0, 60) + 20 + 5 x 60, median 350 s, p95 377 s. Its default p99 <= 500 ms check
 # never fails for +300 ms on a ~1 ms service: no rollback at all.
 flagger = {"havoc": ("350", "377"), "errors-5pct": ("350", "377"),
-           "latency-300ms": ("never", "never"), "leader-killed": ("350", "377")}
+           "latency-300ms": ("never", "never"), "latency-50ms": ("never", "never"), "leader-killed": ("350", "377")}
 def oracle(var):
     v = os.environ.get(var, "").split()
     return (v[0], v[1]) if len(v) == 2 else ("n/a", "n/a")
 oracles = {"havoc": oracle("ORACLE_HAVOC"), "leader-killed": oracle("ORACLE_HAVOC"),
-           "errors-5pct": oracle("ORACLE_5PCT"), "latency-300ms": oracle("ORACLE_LATENCY")}
+           "errors-5pct": oracle("ORACLE_5PCT"), "latency-300ms": oracle("ORACLE_LATENCY"), "latency-50ms": oracle("ORACLE_LATENCY")}
 rows, healthy_runs, false_rb, havoc = [], 0, 0, (None, None)
 print(f"router: {router_name}")
 print("| scenario | runs | as expected | router weight 0: median / p95 (s) | gateway stops: median / p95 (s) | Flagger (walkthrough settings): median / p95 (s) | oracle: median / p95 (s) |")

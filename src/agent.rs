@@ -383,17 +383,19 @@ impl Agent {
             AdminUrls::new(&t.admin_url, &inbound_of(&config, t)?.1)?;
             targets.insert(t.id.clone(), TargetStatus::new(t.clone()));
         }
+        let windows = Arc::new(Mutex::new(Windows::new(config.window)));
+        let statsd = config
+            .statsd
+            .map(|_| Arc::new(crate::statsd::Sinks::new(Arc::clone(&windows))));
         let shared = Arc::new(Shared {
-            windows: Arc::new(Mutex::new(Windows::new(config.window))),
+            windows,
             targets: Mutex::new(targets),
             metrics: Arc::new(AgentMetrics::new()),
             ready: Arc::new(AtomicBool::new(config.targets.is_empty())),
             heartbeat: crate::telemetry::Heartbeat::default(),
             judgements: Arc::new(Mutex::new(BTreeMap::new())),
             stale_after_ms: stale_after(config.fast_interval),
-            statsd: config
-                .statsd
-                .map(|_| Arc::new(crate::statsd::Sinks::default())),
+            statsd,
         });
         let scraper = Scraper::new(config.max_body_bytes, config.fast_timeout);
         Ok(Agent {
@@ -554,6 +556,7 @@ impl Agent {
                 let ip = pod_ip(&target.admin_url)?;
                 Some(StatsdFeed {
                     _registration: sinks.register(ip, Arc::clone(&inbound)),
+                    key: Arc::new(target.key.clone()),
                     ip,
                     source: crate::statsd::Source::Scrape,
                     skip_scraped: false,
@@ -643,6 +646,7 @@ struct TargetTask {
 /// A pod's per-request latency: which source its window's latency comes from.
 struct StatsdFeed {
     _registration: crate::statsd::Registration,
+    key: Arc<WindowKey>,
     ip: std::net::IpAddr,
     source: crate::statsd::Source,
     /// Back on the scrape after the sink: the next scraped histogram delta covers requests
@@ -653,11 +657,12 @@ struct StatsdFeed {
 }
 
 impl StatsdFeed {
-    /// Put the sink's latencies since the last scrape into `delta` when the sidecar is
-    /// sending; otherwise keep the scraped ones (once the overlap is skipped).
+    /// When the sidecar is sending, the sink's latencies replace the scraped ones in `delta`
+    /// (those not yet folded into the window as they arrived); otherwise the scraped ones
+    /// stay (once the overlap with the sink is skipped).
     fn swap_in(&mut self, sinks: &crate::statsd::Sinks, delta: Option<&mut Delta>, now_ms: u64) {
         use crate::statsd::Source;
-        let taken = sinks.take(self.ip, &self.edges_ms, now_ms);
+        let taken = sinks.settle(self.ip, &self.key, &self.edges_ms, now_ms);
         let was = self.source;
         self.source = if taken.is_some() {
             Source::Statsd
@@ -693,7 +698,10 @@ fn pod_ip(admin_url: &str) -> Option<std::net::IpAddr> {
         Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
         _ => host,
     };
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 /// Scrapes in a row without the inbound cluster before a sidecar is reported as such.

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 
 use crate::telemetry::MetricRegistry;
 use crate::window::inbound::Inbound;
+use crate::window::{WindowKey, Windows};
 
 /// The port App Mesh's Envoy image and Istio's sinks send to by default.
 pub const DEFAULT_PORT: u16 = 8125;
@@ -102,10 +103,8 @@ pub fn parse_line(line: &[u8]) -> Option<Line<'_>> {
 
 /// The value of tag `key` in a DogStatsD tag list (`k:v,k2:v2`).
 pub fn tag<'a>(tags: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
-    tags.split(|&b| b == b',').find_map(|t| {
-        t.strip_prefix(key)
-            .and_then(|rest| rest.strip_prefix(b":"))
-    })
+    tags.split(|&b| b == b',')
+        .find_map(|t| t.strip_prefix(key).and_then(|rest| rest.strip_prefix(b":")))
 }
 
 /// Whether `name` is a cluster's request time (`[prefix.]cluster.upstream_rq_time`, not its
@@ -163,6 +162,39 @@ struct PodSink {
     latencies: hdrhistogram::Histogram<u32>,
     /// Last datagram of any kind (unix ms).
     last_ms: Option<u64>,
+    /// Set while the pod's scrapes find it sending: its latencies then go straight into its
+    /// window after each receive batch, instead of waiting for its next scrape.
+    direct: Option<Direct>,
+    /// Per-bucket counts, reused.
+    scratch: Vec<u64>,
+}
+
+/// Where a sending pod's latencies go.
+struct Direct {
+    key: Arc<WindowKey>,
+    edges_ms: Vec<f64>,
+}
+
+impl PodSink {
+    /// The latencies recorded since the last call, per bucket of `edges_ms` (plus `+Inf`),
+    /// into `self.scratch`; the histogram starts again empty.
+    fn drain(&mut self, edges_ms: &[f64]) {
+        let h = &self.latencies;
+        self.scratch.clear();
+        let mut below = 0u64;
+        for &edge in edges_ms {
+            // Values are whole ms: `v <= edge` is `v <= floor(edge)`.
+            let upto = if edge < 0.0 {
+                0
+            } else {
+                h.count_between(0, edge.floor() as u64)
+            };
+            self.scratch.push(upto.saturating_sub(below));
+            below = below.max(upto);
+        }
+        self.scratch.push(h.len().saturating_sub(below));
+        self.latencies.reset();
+    }
 }
 
 /// Where the latency of a pod's window came from at its last scrape.
@@ -195,9 +227,12 @@ impl Tally {
 }
 
 /// The pods' latencies, shared by the listener and the scrape tasks.
+///
+/// Lock order: `pods`, then the windows; nothing takes the windows' lock and then this one.
 #[derive(Default)]
 pub struct Sinks {
     pods: Mutex<HashMap<IpAddr, PodSink>>,
+    windows: Option<Arc<Mutex<Windows>>>,
 }
 
 /// A target's place in [`Sinks`]; leaving it removes the target.
@@ -233,6 +268,14 @@ fn cluster_tag(inbound: &Inbound) -> &'static [u8] {
 }
 
 impl Sinks {
+    /// Sinks whose sending pods' latencies go into `windows` as they arrive.
+    pub fn new(windows: Arc<Mutex<Windows>>) -> Self {
+        Sinks {
+            pods: Mutex::default(),
+            windows: Some(windows),
+        }
+    }
+
     /// Take the datagrams of the pod at `ip` whose inbound cluster is `inbound`.
     pub fn register(self: &Arc<Self>, ip: IpAddr, inbound: Arc<Inbound>) -> Registration {
         let mut pods = lock(&self.pods);
@@ -245,6 +288,8 @@ impl Sinks {
                 latencies: hdrhistogram::Histogram::new_with_bounds(1, MAX_MS, 3)
                     .expect("static bounds are valid"),
                 last_ms: None,
+                direct: None,
+                scratch: Vec::new(),
             });
         Registration {
             sinks: Arc::clone(self),
@@ -268,6 +313,29 @@ impl Sinks {
         let mut pods = lock(&self.pods);
         for (d, source) in datagrams {
             Self::ingest_locked(&mut pods, d, source, now_ms, tally);
+        }
+        self.fold_direct(&mut pods, now_ms);
+    }
+
+    /// Fold the sending pods' new latencies into their windows (those that exist: a target
+    /// being removed does not bring its window back).
+    fn fold_direct(&self, pods: &mut HashMap<IpAddr, PodSink>, now_ms: u64) {
+        let Some(windows) = &self.windows else {
+            return;
+        };
+        let mut windows = lock(windows);
+        for pod in pods.values_mut() {
+            if pod.latencies.is_empty() {
+                continue;
+            }
+            let Some(direct) = pod.direct.take() else {
+                continue;
+            };
+            pod.drain(&direct.edges_ms);
+            if let Some(w) = windows.get_mut(&direct.key) {
+                w.record_latency(&pod.scratch, &direct.edges_ms, now_ms);
+            }
+            pod.direct = Some(direct);
         }
     }
 
@@ -324,10 +392,18 @@ impl Sinks {
         Outcome::Latency
     }
 
-    /// The latencies of the pod at `ip` since the last take, per bucket of `edges_ms` (plus
-    /// `+Inf`), if its sidecar is sending (anything within [`FRESH_MS`] of `now_ms`). The
-    /// pod's histogram starts again empty.
-    pub fn take(&self, ip: IpAddr, edges_ms: &[f64], now_ms: u64) -> Option<Vec<u64>> {
+    /// At a scrape of the pod at `ip` (window `key`, histogram edges `edges_ms`): if its
+    /// sidecar is sending (anything within [`FRESH_MS`] of `now_ms`), its latencies since
+    /// they last went anywhere, per bucket of `edges_ms` plus `+Inf`, and from now on they go
+    /// straight into the window as they arrive (when the sinks have the windows). `None`
+    /// when it is not sending: its latencies then come from the scrape.
+    pub fn settle(
+        &self,
+        ip: IpAddr,
+        key: &Arc<WindowKey>,
+        edges_ms: &[f64],
+        now_ms: u64,
+    ) -> Option<Vec<u64>> {
         let mut pods = lock(&self.pods);
         let pod = pods.get_mut(&ip)?;
         let fresh = pod
@@ -335,24 +411,22 @@ impl Sinks {
             .is_some_and(|t| now_ms.saturating_sub(t) <= FRESH_MS);
         if !fresh || pod.owners > 1 || edges_ms.is_empty() {
             pod.latencies.reset();
+            pod.direct = None;
             return None;
         }
-        let h = &pod.latencies;
-        let mut out = Vec::with_capacity(edges_ms.len() + 1);
-        let mut below = 0u64;
-        for &edge in edges_ms {
-            // Values are whole ms: `v <= edge` is `v <= floor(edge)`.
-            let upto = if edge < 0.0 {
-                0
-            } else {
-                h.count_between(0, edge.floor() as u64)
-            };
-            out.push(upto.saturating_sub(below));
-            below = below.max(upto);
+        pod.drain(edges_ms);
+        if self.windows.is_some() {
+            match &mut pod.direct {
+                Some(d) if d.edges_ms == edges_ms && Arc::ptr_eq(&d.key, key) => {}
+                _ => {
+                    pod.direct = Some(Direct {
+                        key: Arc::clone(key),
+                        edges_ms: edges_ms.to_vec(),
+                    });
+                }
+            }
         }
-        out.push(h.len().saturating_sub(below));
-        pod.latencies.reset();
-        Some(out)
+        Some(pod.scratch.clone())
     }
 }
 
@@ -416,14 +490,33 @@ pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<tokio::net:
     tokio::net::UdpSocket::from_std(socket)
 }
 
-/// Receive until `shutdown` turns true.
+/// Receive until `shutdown` turns true, in `recvmmsg` batches where there are (glibc Linux).
 pub async fn serve(
+    socket: tokio::net::UdpSocket,
+    sinks: Arc<Sinks>,
+    metrics: StatsdMetrics,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_with(sys::Batch::new(), socket, sinks, metrics, shutdown).await;
+}
+
+/// The same with one `recv_from` per datagram: the ingest bench's baseline.
+pub async fn serve_unbatched(
+    socket: tokio::net::UdpSocket,
+    sinks: Arc<Sinks>,
+    metrics: StatsdMetrics,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_with(portable::Batch::new(), socket, sinks, metrics, shutdown).await;
+}
+
+async fn serve_with(
+    mut batch: impl Receive,
     socket: tokio::net::UdpSocket,
     sinks: Arc<Sinks>,
     metrics: StatsdMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut batch = sys::Batch::new();
     let mut drops_seen = 0u32;
     loop {
         tokio::select! {
@@ -464,6 +557,17 @@ pub async fn serve(
     }
 }
 
+/// A way to receive datagrams into buffers allocated once.
+trait Receive {
+    /// Receive what is waiting (non-blocking): how many datagrams.
+    fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize>;
+    /// The kernel's drops on this socket so far, when known.
+    fn drops(&self) -> Option<u32>;
+    fn truncated(&self, i: usize) -> bool;
+    /// Datagram `i` of the last call and its source address.
+    fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>);
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 mod sys {
@@ -493,7 +597,10 @@ mod sys {
         };
         let asked = libc::c_int::try_from(recv_buffer).unwrap_or(libc::c_int::MAX);
         if set(libc::SO_RCVBUF, asked) != 0 {
-            tracing::warn!(bytes = recv_buffer, "could not set the statsd receive buffer");
+            tracing::warn!(
+                bytes = recv_buffer,
+                "could not set the statsd receive buffer"
+            );
         }
         if set(libc::SO_RXQ_OVFL, 1) != 0 {
             tracing::warn!("SO_RXQ_OVFL not available: statsd overruns are not counted");
@@ -512,7 +619,11 @@ mod sys {
         } == 0;
         if ok {
             // Linux reports twice the usable size (it counts its bookkeeping).
-            tracing::info!(asked = recv_buffer, granted = got / 2, "statsd receive buffer");
+            tracing::info!(
+                asked = recv_buffer,
+                granted = got / 2,
+                "statsd receive buffer"
+            );
         }
     }
 
@@ -522,18 +633,18 @@ mod sys {
         names: Vec<libc::sockaddr_storage>,
         control: Vec<[u64; CONTROL_BYTES / 8]>,
         msgs: Vec<libc::mmsghdr>,
-        received: usize,
         drops: Option<u32>,
     }
 
     // SAFETY: the raw pointers in `iov` and `msgs` point into the batch's own heap buffers,
-    // which move with it and are only used by the task that owns it.
+    // are rewritten before every call, and only the task that owns the batch uses them.
     unsafe impl Send for Batch {}
 
     impl Batch {
         pub fn new() -> Self {
             // SAFETY: all-zero is a valid value of these plain C structs.
             let zeroed_msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
             let zeroed_name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
             Batch {
                 bufs: vec![0; BATCH * DATAGRAM_BYTES],
@@ -547,13 +658,14 @@ mod sys {
                 names: vec![zeroed_name; BATCH],
                 control: vec![[0; CONTROL_BYTES / 8]; BATCH],
                 msgs: vec![zeroed_msg; BATCH],
-                received: 0,
                 drops: None,
             }
         }
+    }
 
-        /// One `recvmmsg` call, non-blocking: how many datagrams it read.
-        pub fn recv(&mut self, socket: &impl AsRawFd) -> std::io::Result<usize> {
+    impl super::Receive for Batch {
+        /// One `recvmmsg` call, non-blocking.
+        fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize> {
             let bufs = self.bufs.as_mut_ptr();
             for i in 0..BATCH {
                 self.iov[i] = libc::iovec {
@@ -582,71 +694,77 @@ mod sys {
                 )
             };
             if n < 0 {
-                self.received = 0;
                 return Err(std::io::Error::last_os_error());
             }
-            self.received = n as usize;
-            self.drops = (0..self.received).rev().find_map(|i| self.overflow(i));
-            Ok(self.received)
+            let n = n as usize;
+            self.drops = (0..n).rev().find_map(|i| overflow(&self.msgs[i]));
+            Ok(n)
         }
 
-        /// The kernel's count of drops on this socket so far, from message `i`'s control data.
-        fn overflow(&self, i: usize) -> Option<u32> {
-            let h = &self.msgs[i].msg_hdr;
-            // SAFETY: the header's control pointer and length describe `control[i]`, filled
-            // by the kernel; CMSG_* walk only within it.
-            unsafe {
-                let mut c = libc::CMSG_FIRSTHDR(h);
-                while !c.is_null() {
-                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
-                        return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
-                    }
-                    c = libc::CMSG_NXTHDR(h, c);
-                }
-            }
-            None
-        }
-
-        pub fn drops(&self) -> Option<u32> {
+        fn drops(&self) -> Option<u32> {
             self.drops
         }
 
-        pub fn truncated(&self, i: usize) -> bool {
+        fn truncated(&self, i: usize) -> bool {
             self.msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
         }
 
-        /// Datagram `i` of the last call and its source address.
-        pub fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
+        fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
             let len = (self.msgs[i].msg_len as usize).min(DATAGRAM_BYTES);
             let data = &self.bufs[i * DATAGRAM_BYTES..i * DATAGRAM_BYTES + len];
-            let name = &self.names[i];
-            let ip = match i32::from(name.ss_family) {
-                libc::AF_INET => {
-                    // SAFETY: the family says it is a sockaddr_in.
-                    let a: &libc::sockaddr_in = unsafe { &*std::ptr::from_ref(name).cast() };
-                    Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))))
-                }
-                libc::AF_INET6 => {
-                    // SAFETY: the family says it is a sockaddr_in6.
-                    let a: &libc::sockaddr_in6 = unsafe { &*std::ptr::from_ref(name).cast() };
-                    Some(IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)))
-                }
-                _ => None,
-            };
-            (data, ip)
+            (data, source(&self.names[i]))
         }
+    }
+
+    /// The source address in a `sockaddr_storage` the kernel filled.
+    fn source(name: &libc::sockaddr_storage) -> Option<IpAddr> {
+        match i32::from(name.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says it is a sockaddr_in.
+                let a: &libc::sockaddr_in = unsafe { &*std::ptr::from_ref(name).cast() };
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says it is a sockaddr_in6.
+                let a: &libc::sockaddr_in6 = unsafe { &*std::ptr::from_ref(name).cast() };
+                Some(IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The kernel's count of drops on this socket so far, from a message's control data.
+    fn overflow(m: &libc::mmsghdr) -> Option<u32> {
+        let h = &m.msg_hdr;
+        // SAFETY: the header's control pointer and length describe the message's control
+        // buffer, filled by the kernel; CMSG_* walk only within it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
+        None
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 mod sys {
-    //! Portable fallback: one `recv_from` per datagram, up to [`BATCH`] per wake-up.
+    pub use super::portable::Batch;
+
+    pub fn tune(_socket: &std::net::UdpSocket, _recv_buffer: usize) {}
+}
+
+mod portable {
+    //! One `recv_from` per datagram, up to [`BATCH`] per wake-up: where `recvmmsg` is not
+    //! available, and the ingest bench's baseline.
 
     use std::net::IpAddr;
 
     use super::{BATCH, DATAGRAM_BYTES};
-
-    pub fn tune(_socket: &std::net::UdpSocket, _recv_buffer: usize) {}
 
     pub struct Batch {
         bufs: Vec<u8>,
@@ -660,8 +778,10 @@ mod sys {
                 meta: Vec::with_capacity(BATCH),
             }
         }
+    }
 
-        pub fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize> {
+    impl super::Receive for Batch {
+        fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize> {
             self.meta.clear();
             while self.meta.len() < BATCH {
                 let at = self.meta.len() * DATAGRAM_BYTES;
@@ -674,15 +794,15 @@ mod sys {
             Ok(self.meta.len())
         }
 
-        pub fn drops(&self) -> Option<u32> {
+        fn drops(&self) -> Option<u32> {
             None
         }
 
-        pub fn truncated(&self, _i: usize) -> bool {
+        fn truncated(&self, _i: usize) -> bool {
             false
         }
 
-        pub fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
+        fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
             let (len, ip) = self.meta[i];
             (&self.bufs[i * DATAGRAM_BYTES..i * DATAGRAM_BYTES + len], ip)
         }
@@ -708,16 +828,32 @@ mod tests {
         assert_eq!(l.value, 12.0);
         assert_eq!(l.kind, b"ms");
         assert!(!l.sampled);
-        assert_eq!(tag(l.tags, b"envoy.cluster_name"), Some(&b"cds_ingress_m_v_http_9898"[..]));
+        assert_eq!(
+            tag(l.tags, b"envoy.cluster_name"),
+            Some(&b"cds_ingress_m_v_http_9898"[..])
+        );
         assert_eq!(tag(l.tags, POD_IP_TAG), Some(&b"10.0.0.7"[..]));
         // Istio's cluster names hold `|`: the tags run to the end of the line.
-        let l = parse_line(b"envoy.cluster.upstream_rq_time:2|ms|#cluster_name:inbound|9898||").unwrap();
+        let l = parse_line(b"envoy.cluster.upstream_rq_time:2|ms|#cluster_name:inbound|9898||")
+            .unwrap();
         assert_eq!(tag(l.tags, b"cluster_name"), Some(&b"inbound|9898||"[..]));
         let l = parse_line(b"a.b:1.5|h|@0.25").unwrap();
         assert!(l.sampled && l.tags.is_empty());
         assert!(parse_line(b"plain:3|c").is_some());
-        for bad in [&b"no colon"[..], b"x:|ms", b"x:abc|ms", b"x:1", b":1|ms", b"x:1|", b"x:NaN|ms"] {
-            assert!(parse_line(bad).is_none(), "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"no colon"[..],
+            b"x:|ms",
+            b"x:abc|ms",
+            b"x:1",
+            b":1|ms",
+            b"x:1|",
+            b"x:NaN|ms",
+        ] {
+            assert!(
+                parse_line(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(is_request_time(b"envoy.cluster.upstream_rq_time"));
         assert!(is_request_time(b"cluster.upstream_rq_time"));
@@ -745,18 +881,69 @@ mod tests {
             sinks.ingest(d, Some(lo), 1_000, &mut tally);
         }
         // By source address, without the tag.
-        sinks.ingest(b"envoy.cluster.upstream_rq_time:1|ms|#envoy.cluster_name:cds_ingress_m_v_http_9898", Some(pod), 1_000, &mut tally);
+        sinks.ingest(
+            b"envoy.cluster.upstream_rq_time:1|ms|#envoy.cluster_name:cds_ingress_m_v_http_9898",
+            Some(pod),
+            1_000,
+            &mut tally,
+        );
         assert_eq!(tally.get(Outcome::Latency), 4);
         assert_eq!(tally.get(Outcome::Other), 2);
         assert_eq!(tally.get(Outcome::UnknownPod), 1);
         assert_eq!(tally.get(Outcome::Malformed), 1);
         assert_eq!(tally.get(Outcome::Sampled), 1);
         let edges = [1.0, 5.0, 25.0, 500.0];
-        assert_eq!(sinks.take(pod, &edges, 2_000), Some(vec![1, 1, 0, 1, 1]));
+        let key = Arc::new(WindowKey {
+            namespace: "test".into(),
+            workload: "podinfo".into(),
+            role: crate::window::Role::Canary,
+        });
+        assert_eq!(
+            sinks.settle(pod, &key, &edges, 2_000),
+            Some(vec![1, 1, 0, 1, 1])
+        );
         // Taken: the next second starts empty; still fresh.
-        assert_eq!(sinks.take(pod, &edges, 3_000), Some(vec![0; 5]));
+        assert_eq!(sinks.settle(pod, &key, &edges, 3_000), Some(vec![0; 5]));
         // Silent for longer than FRESH_MS: back to the scrape.
-        assert_eq!(sinks.take(pod, &edges, 1_000 + FRESH_MS + 1), None);
+        assert_eq!(sinks.settle(pod, &key, &edges, 1_000 + FRESH_MS + 1), None);
+    }
+
+    #[test]
+    fn a_sending_pods_latencies_reach_its_window_as_they_arrive() {
+        let windows = Arc::new(Mutex::new(Windows::new(
+            crate::window::WindowConfig::default(),
+        )));
+        let sinks = Arc::new(Sinks::new(Arc::clone(&windows)));
+        let pod: IpAddr = "10.0.0.7".parse().unwrap();
+        let _r = sinks.register(pod, app_mesh());
+        let key = Arc::new(WindowKey {
+            namespace: "test".into(),
+            workload: "podinfo".into(),
+            role: crate::window::Role::Canary,
+        });
+        lock(&windows).entry(&key);
+        let line: &[u8] =
+            b"envoy.cluster.upstream_rq_time:30|ms|#envoy.cluster_name:cds_ingress_m_v_http_9898";
+        let mut tally = Tally::default();
+        // Before a scrape says it is sending, latencies wait for the scrape.
+        sinks.ingest_batch([(line, Some(pod))].into_iter(), 1_000, &mut tally);
+        let count = |w: &Arc<Mutex<Windows>>| lock(w).get(&key).unwrap().totals().latency_count();
+        assert_eq!(count(&windows), 0);
+        let edges = [5.0, 50.0];
+        assert_eq!(sinks.settle(pod, &key, &edges, 1_500), Some(vec![0, 1, 0]));
+        // Then each batch goes straight in, without marking the window fresh.
+        sinks.ingest_batch(
+            [(line, Some(pod)), (line, Some(pod))].into_iter(),
+            1_600,
+            &mut tally,
+        );
+        assert_eq!(count(&windows), 2);
+        assert_eq!(lock(&windows).get(&key).unwrap().last_update_ms(), None);
+        assert_eq!(sinks.settle(pod, &key, &edges, 2_000), Some(vec![0, 0, 0]));
+        // A removed window is not brought back.
+        lock(&windows).remove(&key);
+        sinks.ingest_batch([(line, Some(pod))].into_iter(), 2_100, &mut tally);
+        assert!(lock(&windows).get(&key).is_none());
     }
 
     #[test]
@@ -766,13 +953,22 @@ mod tests {
         let a = sinks.register(ip, app_mesh());
         let b = sinks.register(ip, app_mesh());
         let mut tally = Tally::default();
-        let line = b"envoy.cluster.upstream_rq_time:3|ms|#envoy.cluster_name:cds_ingress_m_v_http_9898";
+        let line =
+            b"envoy.cluster.upstream_rq_time:3|ms|#envoy.cluster_name:cds_ingress_m_v_http_9898";
         sinks.ingest(line, Some(ip), 1_000, &mut tally);
         assert_eq!(tally.get(Outcome::Ambiguous), 1);
-        assert_eq!(sinks.take(ip, &[1.0], 1_000), None);
+        let key = Arc::new(WindowKey {
+            namespace: "test".into(),
+            workload: "podinfo".into(),
+            role: crate::window::Role::Canary,
+        });
+        assert_eq!(sinks.settle(ip, &key, &[1.0], 1_000), None);
         drop(b);
         sinks.ingest(line, Some(ip), 1_000, &mut tally);
-        assert_eq!(sinks.take(ip, &[1.0, 5.0], 1_000), Some(vec![0, 1, 0]));
+        assert_eq!(
+            sinks.settle(ip, &key, &[1.0, 5.0], 1_000),
+            Some(vec![0, 1, 0])
+        );
         drop(a);
         assert!(lock(&sinks.pods).is_empty());
     }

@@ -150,7 +150,10 @@ mod tests {
             latency_source: crate::statsd::Source::Statsd,
         };
         let text = render(&[(key, s)], &[target], &[], 30);
-        assert!(text.contains("LATENCY") && text.contains(" statsd"), "{text}");
+        assert!(
+            text.contains("LATENCY") && text.contains(" statsd"),
+            "{text}"
+        );
         assert!(text.contains("test/podinfo/canary"));
         assert!(text.contains("54.00%"));
         assert!(text.contains("480.0ms"));

@@ -326,31 +326,38 @@ impl Window {
     pub fn record(&mut self, delta: &Delta, now_ms: u64) {
         self.touch(now_ms);
         if let Some(latency) = &delta.latency {
-            if self.edges_ms != delta.edges_ms {
-                // First histogram, or Envoy's buckets changed: older slots cannot be summed
-                // with the new layout, so latency restarts (requests are unaffected).
-                self.edges_ms.clone_from(&delta.edges_ms);
-                for slot in &mut self.ring {
-                    slot.buckets = vec![0; latency.len()];
-                }
-                self.totals.buckets = vec![0; latency.len()];
-            }
+            self.record_latency(latency, &delta.edges_ms, now_ms);
         }
         self.totals.requests = self.totals.requests.saturating_add(delta.requests);
         self.totals.errors = self.totals.errors.saturating_add(delta.errors);
-        if let Some(latency) = &delta.latency {
-            for (t, d) in self.totals.buckets.iter_mut().zip(latency) {
-                *t = t.saturating_add(*d);
-            }
-        }
         let slot = self.slot_mut(now_ms);
         slot.since_ms = slot.since_ms.min(delta.since_ms);
         slot.requests = slot.requests.saturating_add(delta.requests);
         slot.errors = slot.errors.saturating_add(delta.errors);
-        if let Some(latency) = &delta.latency {
-            for (b, d) in slot.buckets.iter_mut().zip(latency) {
-                *b = b.saturating_add(*d);
+    }
+
+    /// Fold per-bucket latency counts (over `edges_ms` plus `+Inf`) into the slot of
+    /// `now_ms`, without marking the window fresh: per-request latency from a statsd sink
+    /// arrives between scrapes, and only scrapes say a pod is alive.
+    pub fn record_latency(&mut self, latency: &[u64], edges_ms: &[f64], now_ms: u64) {
+        if self.edges_ms != edges_ms {
+            // First histogram, or Envoy's buckets changed: older slots cannot be summed
+            // with the new layout, so latency restarts (requests are unaffected).
+            self.edges_ms = edges_ms.to_vec();
+            for slot in &mut self.ring {
+                slot.buckets = vec![0; latency.len()];
             }
+            self.totals.buckets = vec![0; latency.len()];
+        }
+        for (t, d) in self.totals.buckets.iter_mut().zip(latency) {
+            *t = t.saturating_add(*d);
+        }
+        let slot = self.slot_mut(now_ms);
+        if slot.buckets.len() != latency.len() {
+            slot.buckets = vec![0; latency.len()];
+        }
+        for (b, d) in slot.buckets.iter_mut().zip(latency) {
+            *b = b.saturating_add(*d);
         }
     }
 
@@ -609,6 +616,11 @@ impl Windows {
 
     pub fn get(&self, key: &WindowKey) -> Option<&Window> {
         self.by_key.get(key)
+    }
+
+    /// The window for `key` if it exists (never creates one).
+    pub fn get_mut(&mut self, key: &WindowKey) -> Option<&mut Window> {
+        self.by_key.get_mut(key)
     }
 
     /// Drop the window of a workload role that has no targets left.

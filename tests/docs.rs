@@ -220,24 +220,23 @@ fn dockerfile_and_manifests_agree() {
     );
     assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
-    let ports: Vec<u64> = c["ports"]
+    let ports: Vec<String> = c["ports"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["containerPort"].as_u64().unwrap())
+        .map(|p| {
+            let port = p["containerPort"].as_u64().unwrap();
+            match p["protocol"].as_str() {
+                Some("UDP") => format!("{port}/udp"),
+                _ => port.to_string(),
+            }
+        })
         .collect();
     let exposed = dockerfile
         .lines()
         .find_map(|l| l.strip_prefix("EXPOSE "))
         .unwrap();
-    assert_eq!(
-        exposed,
-        ports
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    assert_eq!(exposed, ports.join(" "));
     // The image ships the profile the resource benchmark measures.
     assert!(dockerfile.contains("cargo build --profile dist --locked --bin meshcanary"));
     assert!(dockerfile.contains("/src/target/dist/meshcanary /usr/local/bin/meshcanary"));

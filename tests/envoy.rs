@@ -366,16 +366,21 @@ async fn per_request_latency_arrives_through_the_dogstatsd_sink() {
     );
     eventually(
         Duration::from_secs(5),
-        "20 latencies from the sink in the window",
-        || summary(&agent, Role::Canary).latency_count == 20,
+        "20 latencies from the sink and 20 requests from the scrape in the window",
+        || {
+            let s = summary(&agent, Role::Canary);
+            s.latency_count == 20 && s.requests == 20
+        },
     )
     .await;
     // The scraped histogram cannot have moved: the stats flush is 60 s away.
     assert!(started.elapsed() < Duration::from_secs(10));
     let s = summary(&agent, Role::Canary);
     let p99 = s.p99_ms.expect("p99 with 20 observations");
-    assert!(p99 > 100.0 && p99 <= 250.0, "p99 {p99} ms outside (100, 250]");
-    assert_eq!(s.requests, 20);
+    assert!(
+        p99 > 100.0 && p99 <= 250.0,
+        "p99 {p99} ms outside (100, 250]"
+    );
 
     // A line for a pod this agent does not scrape is counted and dropped.
     let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -388,9 +393,23 @@ async fn per_request_latency_arrives_through_the_dogstatsd_sink() {
             && support::counter(m, r#"meshcanary_statsd_lines_total{outcome="malformed"}"#) >= 1.0
     })
     .await;
-    assert!(support::counter(&metrics, r#"meshcanary_statsd_lines_total{outcome="latency"}"#) >= 20.0);
-    assert!(support::counter(&metrics, r#"meshcanary_statsd_lines_total{outcome="other"}"#) > 0.0, "the egress/external lines and the flush's counters");
-    assert!(metrics.contains(r#"meshcanary_statsd_overruns_total 0"#), "{metrics}");
+    assert!(
+        support::counter(
+            &metrics,
+            r#"meshcanary_statsd_lines_total{outcome="latency"}"#
+        ) >= 20.0
+    );
+    assert!(
+        support::counter(
+            &metrics,
+            r#"meshcanary_statsd_lines_total{outcome="other"}"#
+        ) > 0.0,
+        "the egress/external lines and the flush's counters"
+    );
+    assert!(
+        metrics.contains(r#"meshcanary_statsd_overruns_total 0"#),
+        "{metrics}"
+    );
     let source = |role: &str, source: &str| {
         metrics.lines().any(|l| {
             l.starts_with("meshcanary_target_latency_source{")
