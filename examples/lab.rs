@@ -14,6 +14,8 @@
 //!
 //! With `--router gateway-api` the lab is Istio's and the Gateway API's shape instead of App
 //! Mesh's: Istio-shaped sidecars, an HTTPRoute the gateway follows (see `tests/support/lab.rs`).
+//! With `--statsd` the sidecars send per-request latency to their node's agent through
+//! Envoy's DogStatsD sink.
 //!
 //! `lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--statsd] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
 

@@ -22,6 +22,7 @@
 # `--router gateway-api` runs the same walkthrough on the lab's Istio and Gateway API shape:
 # Istio-shaped sidecars (istio-proxy, stats on :15090, Istio's names), an HTTPRoute attached
 # to the gateway's Gateway, the controllers with `--router gateway-api`.
+# `--statsd` turns the sidecars' DogStatsD sinks on: per-request latency into the agents.
 # Extra arguments go to the lab, e.g. `scripts/demo.sh --scenario lab/ci.yaml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

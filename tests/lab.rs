@@ -174,6 +174,9 @@ async fn istio_and_the_gateway_api() {
     options.window = Duration::from_secs(30);
     options.prometheus = false;
     options.router = meshcanary::router::RouterKind::GatewayApi;
+    // And with the sidecars' DogStatsD sinks on: Istio's tags name the inbound cluster
+    // `inbound|9898||`, `|` and all.
+    options.statsd = true;
     let mut lab = Lab::start(options).await;
     walkthrough(&mut lab).await;
     let routes: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
@@ -211,6 +214,18 @@ async fn istio_and_the_gateway_api() {
             0.0
         );
         assert!(metric(&url, "meshcanary_scrapes_total{tier=\"fast\"}").await > 10.0);
+        // Each node's sidecar sent its requests' latency to its agent, and every line was
+        // understood (while pods of one role come and go, two can share the role's one
+        // address here, so `ambiguous` and `unknown_pod` lines are possible).
+        assert!(
+            metric(&url, "meshcanary_statsd_lines_total{outcome=\"latency\"}").await > 10.0,
+            "{}",
+            agent.node
+        );
+        for outcome in ["malformed", "sampled"] {
+            let name = format!("meshcanary_statsd_lines_total{{outcome=\"{outcome}\"}}");
+            assert_eq!(metric(&url, &name).await, 0.0, "{outcome}");
+        }
     }
 }
 
