@@ -281,7 +281,7 @@ impl TargetMetrics {
         );
         r.register(
             "meshcanary_target_latency_source",
-            "1 for where this sidecar's latency comes from: statsd (per request, from its DogStatsD sink) or scrape (Envoy's histograms, moving at each stats flush). A sidecar falls back to the scrape when its sink has been silent for 12 s.",
+            "1 for where this sidecar's latency comes from: statsd (per request, from its DogStatsD sink) or scrape (Envoy's histograms, moving at each stats flush). A sidecar falls back to the scrape when its sink has been silent for 12 s, or sends no request times of its inbound cluster while its scrapes count 10 requests.",
             &["namespace", "workload", "role", "target", "source"],
             &m.latency_source,
         );
@@ -662,7 +662,8 @@ impl StatsdFeed {
     /// stay (once the overlap with the sink is skipped).
     fn swap_in(&mut self, sinks: &crate::statsd::Sinks, delta: Option<&mut Delta>, now_ms: u64) {
         use crate::statsd::Source;
-        let taken = sinks.settle(self.ip, &self.key, &self.edges_ms, now_ms);
+        let requests = delta.as_ref().map_or(0, |d| d.requests);
+        let taken = sinks.settle(self.ip, &self.key, &self.edges_ms, requests, now_ms);
         let was = self.source;
         self.source = if taken.is_some() {
             Source::Statsd

@@ -38,6 +38,11 @@ pub const DEFAULT_PORT: u16 = 8125;
 /// every counter and gauge at each stats flush (5 s by default) even while idle, so two
 /// flushes and some slack; longer, and a sidecar that stops sending loses more latency.
 pub const FRESH_MS: u64 = 12_000;
+/// A sidecar that sends, but whose scrapes count this many requests with no request time of
+/// its inbound cluster arriving for [`SILENT_LATENCY_MS`], is not sending what the agent
+/// needs (a stats tag config without the cluster name, say): back to the scrape.
+pub const UNSEEN_REQUESTS: u64 = 10;
+const SILENT_LATENCY_MS: u64 = 2_000;
 /// The DogStatsD tag that names the pod's address when the source address cannot (sidecars
 /// that all send from one address, as on loopback).
 pub const POD_IP_TAG: &[u8] = b"meshcanary.pod_ip";
@@ -162,6 +167,10 @@ struct PodSink {
     latencies: hdrhistogram::Histogram<u32>,
     /// Last datagram of any kind (unix ms).
     last_ms: Option<u64>,
+    /// Last inbound request time recorded (unix ms).
+    last_latency_ms: Option<u64>,
+    /// Requests the scrapes counted while no request time came (see [`UNSEEN_REQUESTS`]).
+    unseen: u64,
     /// Set while the pod's scrapes find it sending: its latencies then go straight into its
     /// window after each receive batch, instead of waiting for its next scrape.
     direct: Option<Direct>,
@@ -288,6 +297,8 @@ impl Sinks {
                 latencies: hdrhistogram::Histogram::new_with_bounds(1, MAX_MS, 3)
                     .expect("static bounds are valid"),
                 last_ms: None,
+                last_latency_ms: None,
+                unseen: 0,
                 direct: None,
                 scratch: Vec::new(),
             });
@@ -389,11 +400,13 @@ impl Sinks {
             (l.value.ceil() as u64).min(MAX_MS)
         };
         pod.latencies.saturating_record(ms);
+        pod.last_latency_ms = Some(now_ms);
         Outcome::Latency
     }
 
-    /// At a scrape of the pod at `ip` (window `key`, histogram edges `edges_ms`): if its
-    /// sidecar is sending (anything within [`FRESH_MS`] of `now_ms`), its latencies since
+    /// At a scrape of the pod at `ip` (window `key`, histogram edges `edges_ms`) that counted
+    /// `requests` new requests: if its sidecar is sending (anything within [`FRESH_MS`] of
+    /// `now_ms`, and request times while it serves requests), its latencies since
     /// they last went anywhere, per bucket of `edges_ms` plus `+Inf`, and from now on they go
     /// straight into the window as they arrive (when the sinks have the windows). `None`
     /// when it is not sending: its latencies then come from the scrape.
@@ -402,13 +415,23 @@ impl Sinks {
         ip: IpAddr,
         key: &Arc<WindowKey>,
         edges_ms: &[f64],
+        requests: u64,
         now_ms: u64,
     ) -> Option<Vec<u64>> {
         let mut pods = lock(&self.pods);
         let pod = pods.get_mut(&ip)?;
+        let latency_recent = pod
+            .last_latency_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) <= SILENT_LATENCY_MS);
+        pod.unseen = if latency_recent {
+            0
+        } else {
+            pod.unseen.saturating_add(requests)
+        };
         let fresh = pod
             .last_ms
-            .is_some_and(|t| now_ms.saturating_sub(t) <= FRESH_MS);
+            .is_some_and(|t| now_ms.saturating_sub(t) <= FRESH_MS)
+            && pod.unseen < UNSEEN_REQUESTS;
         if !fresh || pod.owners > 1 || edges_ms.is_empty() {
             pod.latencies.reset();
             pod.direct = None;
@@ -899,13 +922,21 @@ mod tests {
             role: crate::window::Role::Canary,
         });
         assert_eq!(
-            sinks.settle(pod, &key, &edges, 2_000),
+            sinks.settle(pod, &key, &edges, 4, 2_000),
             Some(vec![1, 1, 0, 1, 1])
         );
         // Taken: the next second starts empty; still fresh.
-        assert_eq!(sinks.settle(pod, &key, &edges, 3_000), Some(vec![0; 5]));
+        assert_eq!(sinks.settle(pod, &key, &edges, 0, 3_000), Some(vec![0; 5]));
+        // Sending, but no request times while the scrape counts requests: back to the
+        // scrape once UNSEEN_REQUESTS go by.
+        sinks.ingest(b"envoy.server.uptime:9|g", Some(pod), 8_000, &mut tally);
+        assert!(sinks.settle(pod, &key, &edges, 9, 8_000).is_some());
+        assert_eq!(sinks.settle(pod, &key, &edges, 1, 8_100), None);
+        // A request time again: back on the sink.
+        sinks.ingest(datagrams[0], Some(lo), 8_200, &mut tally);
+        assert!(sinks.settle(pod, &key, &edges, 5, 8_300).is_some());
         // Silent for longer than FRESH_MS: back to the scrape.
-        assert_eq!(sinks.settle(pod, &key, &edges, 1_000 + FRESH_MS + 1), None);
+        assert_eq!(sinks.settle(pod, &key, &edges, 0, 8_200 + FRESH_MS + 1), None);
     }
 
     #[test]
@@ -930,7 +961,7 @@ mod tests {
         let count = |w: &Arc<Mutex<Windows>>| lock(w).get(&key).unwrap().totals().latency_count();
         assert_eq!(count(&windows), 0);
         let edges = [5.0, 50.0];
-        assert_eq!(sinks.settle(pod, &key, &edges, 1_500), Some(vec![0, 1, 0]));
+        assert_eq!(sinks.settle(pod, &key, &edges, 1, 1_500), Some(vec![0, 1, 0]));
         // Then each batch goes straight in, without marking the window fresh.
         sinks.ingest_batch(
             [(line, Some(pod)), (line, Some(pod))].into_iter(),
@@ -939,7 +970,7 @@ mod tests {
         );
         assert_eq!(count(&windows), 2);
         assert_eq!(lock(&windows).get(&key).unwrap().last_update_ms(), None);
-        assert_eq!(sinks.settle(pod, &key, &edges, 2_000), Some(vec![0, 0, 0]));
+        assert_eq!(sinks.settle(pod, &key, &edges, 2, 2_000), Some(vec![0, 0, 0]));
         // A removed window is not brought back.
         lock(&windows).remove(&key);
         sinks.ingest_batch([(line, Some(pod))].into_iter(), 2_100, &mut tally);
@@ -962,11 +993,11 @@ mod tests {
             workload: "podinfo".into(),
             role: crate::window::Role::Canary,
         });
-        assert_eq!(sinks.settle(ip, &key, &[1.0], 1_000), None);
+        assert_eq!(sinks.settle(ip, &key, &[1.0], 1, 1_000), None);
         drop(b);
         sinks.ingest(line, Some(ip), 1_000, &mut tally);
         assert_eq!(
-            sinks.settle(ip, &key, &[1.0, 5.0], 1_000),
+            sinks.settle(ip, &key, &[1.0, 5.0], 1, 1_000),
             Some(vec![0, 1, 0])
         );
         drop(a);
