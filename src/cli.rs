@@ -605,7 +605,7 @@ pub fn limits_table() -> String {
             n => format!("{n} bytes"),
         }
     }
-    let rows: [(&str, String, &str); 12] = [
+    let rows: [(&str, String, &str); 14] = [
         ("fast-tier body", bytes(crate::agent::FAST_BODY_LIMIT), "`body_too_large`: its filtered answer is a few KB, so a bigger one is a sidecar ignoring `filter=`"),
         ("read buffer of a scrape connection", bytes(crate::scrape::READ_BUF_BYTES), "a bigger body is read in more reads (the buffer would otherwise stay that large while the connection idles)"),
         ("histogram buckets read per pod", crate::window::inbound::MAX_EDGES.to_string(), "the pod's latency is not read (requests and errors still are)"),
@@ -617,6 +617,8 @@ pub fn limits_table() -> String {
         ("accept backlog of the HTTP ports", crate::telemetry::LISTEN_BACKLOG.to_string(), "the kernel holds further handshakes"),
         ("remote-write batch", format!("{} compressed", bytes(crate::remote_write::MAX_BATCH_BYTES)), "the batch closes (`--remote-write-batch-samples` closes it earlier)"),
         ("remote-write error answer read", bytes(crate::remote_write::send::MAX_ERROR_BODY), "the rest is not read"),
+        ("statsd datagram read", bytes(crate::statsd::DATAGRAM_BYTES), "the rest is cut (`meshcanary_statsd_truncated_total`); a cut last line counts as malformed"),
+        ("statsd silence before a sidecar's latency falls back to the scrape", format!("{} s", crate::statsd::FRESH_MS / 1000), "or as soon as its scrapes count 10 requests with no request time in 2 s"),
         ("remote-write queue segment", bytes(crate::remote_write::queue::SEGMENT_BYTES as usize), "a new segment starts; the disk cap deletes whole segments"),
     ];
     let mut out = String::from("| limit | value | past it |\n|---|---|---|\n");
