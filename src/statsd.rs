@@ -266,16 +266,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The tag name of the inbound cluster in DogStatsD lines: Envoy's default tags are
-/// `envoy.cluster_name` (`envoy_cluster_name` in Prometheus), Istio's `cluster_name`.
-fn cluster_tag(inbound: &Inbound) -> &'static [u8] {
-    if inbound.labels.cluster == "envoy_cluster_name" {
-        b"envoy.cluster_name"
-    } else {
-        b"cluster_name"
-    }
-}
-
 impl Sinks {
     /// Sinks whose sending pods' latencies go into `windows` as they arrive.
     pub fn new(windows: Arc<Mutex<Windows>>) -> Self {
@@ -292,7 +282,7 @@ impl Sinks {
             .and_modify(|p| p.owners += 1)
             .or_insert_with(|| PodSink {
                 owners: 1,
-                cluster_tag: cluster_tag(&inbound),
+                cluster_tag: inbound.labels.statsd_cluster.as_bytes(),
                 inbound,
                 latencies: hdrhistogram::Histogram::new_with_bounds(1, MAX_MS, 3)
                     .expect("static bounds are valid"),
@@ -936,7 +926,10 @@ mod tests {
         sinks.ingest(datagrams[0], Some(lo), 8_200, &mut tally);
         assert!(sinks.settle(pod, &key, &edges, 5, 8_300).is_some());
         // Silent for longer than FRESH_MS: back to the scrape.
-        assert_eq!(sinks.settle(pod, &key, &edges, 0, 8_200 + FRESH_MS + 1), None);
+        assert_eq!(
+            sinks.settle(pod, &key, &edges, 0, 8_200 + FRESH_MS + 1),
+            None
+        );
     }
 
     #[test]
@@ -961,7 +954,10 @@ mod tests {
         let count = |w: &Arc<Mutex<Windows>>| lock(w).get(&key).unwrap().totals().latency_count();
         assert_eq!(count(&windows), 0);
         let edges = [5.0, 50.0];
-        assert_eq!(sinks.settle(pod, &key, &edges, 1, 1_500), Some(vec![0, 1, 0]));
+        assert_eq!(
+            sinks.settle(pod, &key, &edges, 1, 1_500),
+            Some(vec![0, 1, 0])
+        );
         // Then each batch goes straight in, without marking the window fresh.
         sinks.ingest_batch(
             [(line, Some(pod)), (line, Some(pod))].into_iter(),
@@ -970,7 +966,10 @@ mod tests {
         );
         assert_eq!(count(&windows), 2);
         assert_eq!(lock(&windows).get(&key).unwrap().last_update_ms(), None);
-        assert_eq!(sinks.settle(pod, &key, &edges, 2, 2_000), Some(vec![0, 0, 0]));
+        assert_eq!(
+            sinks.settle(pod, &key, &edges, 2, 2_000),
+            Some(vec![0, 0, 0])
+        );
         // A removed window is not brought back.
         lock(&windows).remove(&key);
         sinks.ingest_batch([(line, Some(pod))].into_iter(), 2_100, &mut tally);

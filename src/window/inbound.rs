@@ -33,6 +33,8 @@ pub const MEMBERSHIP_METRIC: &str = "envoy_cluster_membership_total";
 pub struct InboundLabels {
     pub cluster: &'static str,
     pub code: &'static str,
+    /// The cluster's tag in the sidecar's DogStatsD lines (Envoy writes its tags with dots).
+    pub statsd_cluster: &'static str,
 }
 
 impl InboundLabels {
@@ -40,11 +42,13 @@ impl InboundLabels {
     pub const ENVOY: InboundLabels = InboundLabels {
         cluster: "envoy_cluster_name",
         code: "envoy_response_code",
+        statsd_cluster: "envoy.cluster_name",
     };
     /// Istio's bootstrap tags.
     pub const ISTIO: InboundLabels = InboundLabels {
         cluster: "cluster_name",
         code: "response_code",
+        statsd_cluster: "cluster_name",
     };
 }
 
