@@ -15,9 +15,10 @@
 //! With `--router gateway-api` the lab is Istio's and the Gateway API's shape instead of App
 //! Mesh's: Istio-shaped sidecars, an HTTPRoute the gateway follows (see `tests/support/lab.rs`).
 //! With `--statsd` the sidecars send per-request latency to their node's agent through
-//! Envoy's DogStatsD sink.
+//! Envoy's DogStatsD sink. `--envoy-flush` sets the sidecars' stats flush (when their
+//! Prometheus histograms move): 1 s by default here, Envoy's own default is 5 s.
 //!
-//! `lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--statsd] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
+//! `lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--statsd] [--envoy-flush 1s] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -58,13 +59,14 @@ async fn main() {
             "--dir" => options.dir = Some(value().into()),
             "--window" => options.window = secs(&value()),
             "--statsd" => options.statsd = true,
+            "--envoy-flush" => options.envoy_flush = value(),
             "--router" => {
                 options.router = value()
                     .parse()
                     .unwrap_or_else(|e| panic!("--router: {e}"));
             }
             other => panic!(
-                "unknown argument {other:?}; usage: lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--statsd] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]"
+                "unknown argument {other:?}; usage: lab [--scenario FILE [--runs N] [--results FILE]] [--router app-mesh|gateway-api] [--statsd] [--envoy-flush 1s] [--meshcanary PATH] [--net 127.0.0] [--dir DIR] [--window 30s]"
             ),
         }
     }
