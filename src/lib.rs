@@ -4,10 +4,7 @@
 //! [`discover`] -> [`scrape`] -> [`parse`] -> [`window`], wired by [`agent`], observed through
 //! [`telemetry`] and [`watch`]. [`config`] holds the small value parsers and [`cli`] the
 //! command line.
-// No unsafe code, except the statsd listener's batched receive (`statsd::sys`): `recvmmsg`
-// reads 64 datagrams per system call where `recv_from` reads one, which the ingest bench
-// measures (`benches/statsd.rs`, figures in docs/architecture.md).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod analysis;

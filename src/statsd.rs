@@ -15,9 +15,9 @@
 //! only as a sign of life), a malformed line, a sampled histogram (`|@rate`). A pod whose
 //! sidecar sent nothing for [`FRESH_MS`] falls back to the scrape, per pod.
 //!
-//! Bounded and fast: one socket, batched receives (`recvmmsg`, 64 datagrams per call) into
+//! Bounded and fast: one socket, drained in batches of up to 64 datagrams per wake-up into
 //! buffers allocated once, no allocation per datagram, one lock per batch. The kernel's
-//! drops (a full socket buffer) are read with every batch (`SO_RXQ_OVFL`) and counted.
+//! drops (a full socket buffer) are read every second from `/proc/net/udp` and counted.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -494,8 +494,8 @@ impl StatsdMetrics {
             &[],
             &m.datagrams,
         );
-        r.register("meshcanary_statsd_overruns", "Datagrams the kernel dropped because the statsd socket's receive buffer was full (SO_RXQ_OVFL): raise --statsd-recv-buffer (and net.core.rmem_max) or give the agent more CPU.", &[], &m.overruns);
-        r.register("meshcanary_statsd_truncated", "Datagrams longer than the read buffer; their last line may be cut (and then counted malformed).", &[], &m.truncated);
+        r.register("meshcanary_statsd_overruns", "Datagrams the kernel dropped because the statsd socket's receive buffer was full (the socket's drops in /proc/net/udp, read every second): raise --statsd-recv-buffer (and net.core.rmem_max) or give the agent more CPU.", &[], &m.overruns);
+        r.register("meshcanary_statsd_truncated", "Datagrams that filled the 4 KiB read buffer, so were probably longer: their last line may be cut (and then counted malformed).", &[], &m.truncated);
         m
     }
 
@@ -519,50 +519,56 @@ impl StatsdMetrics {
 /// ### Errors
 /// Binding the address.
 pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<tokio::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Err(error) = socket.set_recv_buffer_size(recv_buffer) {
+        tracing::warn!(%error, bytes = recv_buffer, "could not set the statsd receive buffer");
+    }
+    if let Ok(granted) = socket.recv_buffer_size() {
+        // Linux reports twice the usable size (it counts its bookkeeping).
+        tracing::info!(
+            asked = recv_buffer,
+            granted = granted / 2,
+            "statsd receive buffer"
+        );
+    }
     socket.set_nonblocking(true)?;
-    sys::tune(&socket, recv_buffer);
-    tokio::net::UdpSocket::from_std(socket)
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
 }
 
-/// Receive until `shutdown` turns true, in `recvmmsg` batches where there are (glibc Linux).
+/// Receive until `shutdown` turns true.
 pub async fn serve(
-    socket: tokio::net::UdpSocket,
-    sinks: Arc<Sinks>,
-    metrics: StatsdMetrics,
-    shutdown: watch::Receiver<bool>,
-) {
-    serve_with(sys::Batch::new(), socket, sinks, metrics, shutdown).await;
-}
-
-/// The same with one `recv_from` per datagram: the ingest bench's baseline.
-pub async fn serve_unbatched(
-    socket: tokio::net::UdpSocket,
-    sinks: Arc<Sinks>,
-    metrics: StatsdMetrics,
-    shutdown: watch::Receiver<bool>,
-) {
-    serve_with(portable::Batch::new(), socket, sinks, metrics, shutdown).await;
-}
-
-async fn serve_with(
-    mut batch: impl Receive,
     socket: tokio::net::UdpSocket,
     sinks: Arc<Sinks>,
     metrics: StatsdMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut drops_seen = 0u32;
+    let mut batch = Batch::new();
+    let mut drops_seen = 0;
+    let mut drops_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             ready = socket.readable() => if let Err(error) = ready {
                 tracing::warn!(%error, "statsd socket failed; per-request latency stops (the scrape's histograms take over)");
                 return;
             },
+            _ = drops_tick.tick() => {
+                if let Some(drops) = kernel_drops(&socket) {
+                    if drops > drops_seen {
+                        metrics.overruns.inc_by(drops - drops_seen);
+                    }
+                    drops_seen = drops;
+                }
+                continue;
+            }
             _ = shutdown.changed() => return,
         }
         loop {
-            let n = match socket.try_io(tokio::io::Interest::READABLE, || batch.recv(&socket)) {
+            let n = match batch.recv(&socket) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(error) => {
@@ -579,12 +585,6 @@ async fn serve_with(
             }
             sinks.ingest_batch((0..n).map(|i| batch.datagram(i)), now_ms, &mut tally);
             metrics.add(&tally);
-            if let Some(drops) = batch.drops() {
-                if drops > drops_seen {
-                    metrics.overruns.inc_by(u64::from(drops - drops_seen));
-                    drops_seen = drops;
-                }
-            }
             if n < BATCH {
                 break;
             }
@@ -592,256 +592,74 @@ async fn serve_with(
     }
 }
 
-/// A way to receive datagrams into buffers allocated once.
-trait Receive {
-    /// Receive what is waiting (non-blocking): how many datagrams.
-    fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize>;
-    /// The kernel's drops on this socket so far, when known.
-    fn drops(&self) -> Option<u32>;
-    fn truncated(&self, i: usize) -> bool;
+/// Datagrams received in one wake-up, into buffers allocated once.
+struct Batch {
+    bufs: Vec<u8>,
+    meta: Vec<(usize, Option<IpAddr>)>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            bufs: vec![0; BATCH * DATAGRAM_BYTES],
+            meta: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Receive what is waiting, up to [`BATCH`] datagrams (non-blocking); how many.
+    fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize> {
+        self.meta.clear();
+        while self.meta.len() < BATCH {
+            let at = self.meta.len() * DATAGRAM_BYTES;
+            match socket.try_recv_from(&mut self.bufs[at..at + DATAGRAM_BYTES]) {
+                Ok((n, from)) => self.meta.push((n, Some(from.ip()))),
+                Err(e) if self.meta.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(self.meta.len())
+    }
+
+    /// A datagram that filled its buffer was probably longer (the rest is cut).
+    fn truncated(&self, i: usize) -> bool {
+        self.meta[i].0 == DATAGRAM_BYTES
+    }
+
     /// Datagram `i` of the last call and its source address.
-    fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>);
+    fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
+        let (len, ip) = self.meta[i];
+        (&self.bufs[i * DATAGRAM_BYTES..i * DATAGRAM_BYTES + len], ip)
+    }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-mod sys {
-    //! `recvmmsg` with `SO_RXQ_OVFL`: up to [`BATCH`] datagrams and the kernel's drop count
-    //! per call, into buffers allocated once.
-
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    use std::os::fd::AsRawFd;
-
-    use super::{BATCH, DATAGRAM_BYTES};
-
-    const CONTROL_BYTES: usize = 64;
-
-    pub fn tune(socket: &std::net::UdpSocket, recv_buffer: usize) {
-        let fd = socket.as_raw_fd();
-        let set = |name: libc::c_int, value: libc::c_int| {
-            // SAFETY: a valid fd and a pointer to a c_int of the stated size.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    name,
-                    std::ptr::from_ref(&value).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            }
+/// The kernel's count of datagrams dropped on `socket` (its receive buffer was full), from
+/// the `drops` column of `/proc/net/udp` (or `udp6`) for the socket's inode; `None` where
+/// that is not available.
+fn kernel_drops(socket: &tokio::net::UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
+    let inode = link
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .to_owned();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
         };
-        let asked = libc::c_int::try_from(recv_buffer).unwrap_or(libc::c_int::MAX);
-        if set(libc::SO_RCVBUF, asked) != 0 {
-            tracing::warn!(
-                bytes = recv_buffer,
-                "could not set the statsd receive buffer"
-            );
-        }
-        if set(libc::SO_RXQ_OVFL, 1) != 0 {
-            tracing::warn!("SO_RXQ_OVFL not available: statsd overruns are not counted");
-        }
-        let mut got: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: a valid fd, and pointers to a c_int and its length.
-        let ok = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                std::ptr::from_mut(&mut got).cast(),
-                &raw mut len,
-            )
-        } == 0;
-        if ok {
-            // Linux reports twice the usable size (it counts its bookkeeping).
-            tracing::info!(
-                asked = recv_buffer,
-                granted = got / 2,
-                "statsd receive buffer"
-            );
+        if let Some(drops) = drops_of(&text, &inode) {
+            return Some(drops);
         }
     }
-
-    pub struct Batch {
-        bufs: Vec<u8>,
-        iov: Vec<libc::iovec>,
-        names: Vec<libc::sockaddr_storage>,
-        control: Vec<[u64; CONTROL_BYTES / 8]>,
-        msgs: Vec<libc::mmsghdr>,
-        drops: Option<u32>,
-    }
-
-    // SAFETY: the raw pointers in `iov` and `msgs` point into the batch's own heap buffers,
-    // are rewritten before every call, and only the task that owns the batch uses them.
-    unsafe impl Send for Batch {}
-
-    impl Batch {
-        pub fn new() -> Self {
-            // SAFETY: all-zero is a valid value of these plain C structs.
-            let zeroed_msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            let zeroed_name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            Batch {
-                bufs: vec![0; BATCH * DATAGRAM_BYTES],
-                iov: vec![
-                    libc::iovec {
-                        iov_base: std::ptr::null_mut(),
-                        iov_len: 0
-                    };
-                    BATCH
-                ],
-                names: vec![zeroed_name; BATCH],
-                control: vec![[0; CONTROL_BYTES / 8]; BATCH],
-                msgs: vec![zeroed_msg; BATCH],
-                drops: None,
-            }
-        }
-    }
-
-    impl super::Receive for Batch {
-        /// One `recvmmsg` call, non-blocking.
-        fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize> {
-            let bufs = self.bufs.as_mut_ptr();
-            for i in 0..BATCH {
-                self.iov[i] = libc::iovec {
-                    // SAFETY: within `bufs`, which holds BATCH * DATAGRAM_BYTES bytes.
-                    iov_base: unsafe { bufs.add(i * DATAGRAM_BYTES) }.cast(),
-                    iov_len: DATAGRAM_BYTES,
-                };
-                let h = &mut self.msgs[i].msg_hdr;
-                h.msg_name = std::ptr::from_mut(&mut self.names[i]).cast();
-                h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                h.msg_iov = std::ptr::from_mut(&mut self.iov[i]);
-                h.msg_iovlen = 1;
-                h.msg_control = self.control[i].as_mut_ptr().cast();
-                h.msg_controllen = CONTROL_BYTES as _;
-                h.msg_flags = 0;
-                self.msgs[i].msg_len = 0;
-            }
-            // SAFETY: every header points into buffers owned by `self` that outlive the call.
-            let n = unsafe {
-                libc::recvmmsg(
-                    socket.as_raw_fd(),
-                    self.msgs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                )
-            };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = n as usize;
-            self.drops = (0..n).rev().find_map(|i| overflow(&self.msgs[i]));
-            Ok(n)
-        }
-
-        fn drops(&self) -> Option<u32> {
-            self.drops
-        }
-
-        fn truncated(&self, i: usize) -> bool {
-            self.msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
-        }
-
-        fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
-            let len = (self.msgs[i].msg_len as usize).min(DATAGRAM_BYTES);
-            let data = &self.bufs[i * DATAGRAM_BYTES..i * DATAGRAM_BYTES + len];
-            (data, source(&self.names[i]))
-        }
-    }
-
-    /// The source address in a `sockaddr_storage` the kernel filled.
-    fn source(name: &libc::sockaddr_storage) -> Option<IpAddr> {
-        match i32::from(name.ss_family) {
-            libc::AF_INET => {
-                // SAFETY: the family says it is a sockaddr_in.
-                let a: &libc::sockaddr_in = unsafe { &*std::ptr::from_ref(name).cast() };
-                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the family says it is a sockaddr_in6.
-                let a: &libc::sockaddr_in6 = unsafe { &*std::ptr::from_ref(name).cast() };
-                Some(IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)))
-            }
-            _ => None,
-        }
-    }
-
-    /// The kernel's count of drops on this socket so far, from a message's control data.
-    fn overflow(m: &libc::mmsghdr) -> Option<u32> {
-        let h = &m.msg_hdr;
-        // SAFETY: the header's control pointer and length describe the message's control
-        // buffer, filled by the kernel; CMSG_* walk only within it.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(h);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
-                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
-                }
-                c = libc::CMSG_NXTHDR(h, c);
-            }
-        }
-        None
-    }
+    None
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-mod sys {
-    pub use super::portable::Batch;
-
-    pub fn tune(_socket: &std::net::UdpSocket, _recv_buffer: usize) {}
-}
-
-mod portable {
-    //! One `recv_from` per datagram, up to [`BATCH`] per wake-up: where `recvmmsg` is not
-    //! available, and the ingest bench's baseline.
-
-    use std::net::IpAddr;
-
-    use super::{BATCH, DATAGRAM_BYTES};
-
-    pub struct Batch {
-        bufs: Vec<u8>,
-        meta: Vec<(usize, Option<IpAddr>)>,
-    }
-
-    impl Batch {
-        pub fn new() -> Self {
-            Batch {
-                bufs: vec![0; BATCH * DATAGRAM_BYTES],
-                meta: Vec::with_capacity(BATCH),
-            }
-        }
-    }
-
-    impl super::Receive for Batch {
-        fn recv(&mut self, socket: &tokio::net::UdpSocket) -> std::io::Result<usize> {
-            self.meta.clear();
-            while self.meta.len() < BATCH {
-                let at = self.meta.len() * DATAGRAM_BYTES;
-                match socket.try_recv_from(&mut self.bufs[at..at + DATAGRAM_BYTES]) {
-                    Ok((n, from)) => self.meta.push((n, Some(from.ip()))),
-                    Err(e) if self.meta.is_empty() => return Err(e),
-                    Err(_) => break,
-                }
-            }
-            Ok(self.meta.len())
-        }
-
-        fn drops(&self) -> Option<u32> {
-            None
-        }
-
-        fn truncated(&self, _i: usize) -> bool {
-            false
-        }
-
-        fn datagram(&self, i: usize) -> (&[u8], Option<IpAddr>) {
-            let (len, ip) = self.meta[i];
-            (&self.bufs[i * DATAGRAM_BYTES..i * DATAGRAM_BYTES + len], ip)
-        }
-    }
+/// The `drops` (last) column of the row of `/proc/net/udp` whose inode (the tenth) is `inode`.
+fn drops_of(table: &str, inode: &str) -> Option<u64> {
+    table.lines().skip(1).find_map(|row| {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        (f.get(9) == Some(&inode)).then(|| f.last()?.parse().ok())?
+    })
 }
 
 #[cfg(test)]
@@ -996,6 +814,45 @@ mod tests {
         lock(&windows).remove(&key);
         sinks.ingest_batch([(line, Some(pod))].into_iter(), 2_100, &mut tally);
         assert!(lock(&windows).get(&key).is_none());
+    }
+
+    #[test]
+    fn drops_are_read_from_the_socket_table() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  412: 0100007F:1FBD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 91234 2 0000000000000000 17\n";
+        assert_eq!(drops_of(table, "91234"), Some(17));
+        assert_eq!(drops_of(table, "1"), None);
+    }
+
+    /// A receive buffer that overflows is counted, by `serve`, in the overruns metric.
+    #[tokio::test]
+    async fn overruns_are_counted_not_silent() {
+        let socket = bind("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
+        let addr = socket.local_addr().unwrap();
+        assert_eq!(kernel_drops(&socket), Some(0));
+        // Nobody reads yet: a few thousand datagrams overflow the small buffer.
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..3000 {
+            let _ = sender.send_to(b"envoy.server.uptime:1|g", addr);
+        }
+        let dropped = kernel_drops(&socket).unwrap();
+        assert!(dropped > 0, "{dropped}");
+        let metrics = StatsdMetrics::default();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(
+            socket,
+            Arc::new(Sinks::default()),
+            metrics.clone(),
+            stopped,
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while metrics.overruns.get() < dropped && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(metrics.overruns.get(), dropped);
+        assert!(metrics.datagrams.get() > 0);
+        let _ = stop.send(true);
+        task.await.unwrap();
     }
 
     #[test]
