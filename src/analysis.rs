@@ -27,6 +27,9 @@ pub type Judgements = Arc<Mutex<BTreeMap<WorkloadId, Judgement>>>;
 pub struct Analysis {
     states: HashMap<WorkloadId, JudgeState>,
     published: Option<Judgements>,
+    /// The largest [`Evidence::progress`](crate::judge::Evidence::progress) judged since
+    /// the last [`Analysis::take_progress`].
+    progress: f64,
 }
 
 impl Analysis {
@@ -70,8 +73,15 @@ impl Analysis {
                 evidence: Evidence::default(),
             },
         };
+        self.progress = self.progress.max(judgement.evidence.progress());
         self.publish(id, &judgement);
         (judgement, pair)
+    }
+
+    /// How close the closest workload came to a rollback since the last call (see
+    /// [`Evidence::progress`](crate::judge::Evidence::progress)), and start again from 0.
+    pub fn take_progress(&mut self) -> f64 {
+        std::mem::take(&mut self.progress)
     }
 
     /// Forget the workloads `keep` rejects (gone, or no longer analysed), and their

@@ -34,6 +34,12 @@ use kube::{Client, Resource as _, ResourceExt as _};
 use tokio::sync::watch;
 
 use crate::analysis::{Analysis, Judgements};
+
+/// While some rollback test has come this far towards its boundary (e-value over boundary),
+/// the controller looks again after [`LOOK_SOONER_SPLIT`]-th of a decision interval. Under a
+/// healthy canary e-values hover around 1, some hundredths of their boundaries at most.
+pub const LOOK_SOONER_PROGRESS: f64 = 0.01;
+pub const LOOK_SOONER_SPLIT: u32 = 4;
 use crate::annotations::{self, RolloutPolicy};
 use crate::judge::Judgement;
 use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, Status};
@@ -260,11 +266,23 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         let mut tick = tokio::time::interval(self.config.decision_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_leader = false;
+        // An extra look before the next tick while a rollback test is building up evidence.
+        let mut sooner: Option<tokio::time::Instant> = None;
         loop {
+            let extra = async {
+                match sooner {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = crate::shutdown::stopping(&mut shutdown) => break,
                 _ = tick.tick() => {}
+                () = extra => {
+                    self.metrics.sooner_ticks.inc();
+                }
             }
+            sooner = None;
             self.heartbeat.beat(crate::clock::unix_ms());
             if let Some(cfg) = &self.config.lease {
                 if lease.as_ref().is_some_and(|(_, task)| task.is_finished()) {
@@ -324,6 +342,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             let started = Instant::now();
             self.tick(&store, &leader).await;
             self.metrics.tick.observe(started.elapsed().as_secs_f64());
+            // The sequential tests are anytime-valid: looking more often costs them nothing,
+            // and while one of them is on its way a decision is due sooner than a tick.
+            if self.analysis.take_progress() >= LOOK_SOONER_PROGRESS {
+                sooner = Some(
+                    tokio::time::Instant::now() + self.config.decision_interval / LOOK_SOONER_SPLIT,
+                );
+            }
         }
         cache.abort();
         // Dropping the receiver makes the manager release the Lease: a graceful handover.

@@ -235,6 +235,21 @@ pub struct Evidence {
 }
 
 impl Evidence {
+    /// How far the nearest rollback test has come: the largest e-value over its boundary
+    /// (1 = rollback). A workload that is not analysed has all boundaries infinite: 0.
+    pub fn progress(&self) -> f64 {
+        let e = [
+            self.e_errors,
+            self.e_latency,
+            self.e_error_slo,
+            self.e_latency_slo,
+        ];
+        e.iter()
+            .zip(self.boundaries)
+            .map(|(e, b)| if b.is_finite() && b > 0.0 { e / b } else { 0.0 })
+            .fold(0.0, f64::max)
+    }
+
     /// Each sequential test's name, e-value and boundary (infinite for a test that does not
     /// run); `not_worse` (the early-promotion test) shares the error SLO's boundary.
     pub fn tests(&self) -> [(&'static str, f64, f64); 5] {
@@ -806,6 +821,19 @@ mod tests {
             success_rate: Some(1.0),
             p99_ms: Some(50.0),
         }
+    }
+
+    #[test]
+    fn progress_is_the_nearest_test_over_its_boundary() {
+        let ev = Evidence {
+            e_errors: 5.0,
+            e_latency: 200.0,
+            boundaries: [200.0, 400.0, 800.0, f64::INFINITY],
+            e_latency_slo: 1e9,
+            ..Evidence::default()
+        };
+        assert_eq!(ev.progress(), 0.5);
+        assert_eq!(Evidence::default().progress(), 0.0);
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub struct ControllerMetrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub weight_applied: Histogram,
     pub tick: Histogram,
+    pub sooner_ticks: Counter,
     pub leader: Gauge,
     pub errors: Family<OperationLabels, Counter>,
 }
@@ -65,6 +66,7 @@ impl ControllerMetrics {
             tick: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
             ]),
+            sooner_ticks: Counter::default(),
             leader: Gauge::default(),
             errors: Family::default(),
         };
@@ -129,6 +131,12 @@ impl ControllerMetrics {
             "Time of one decision tick of the leading controller: polling the agents, judging and reconciling every opted-in Deployment.",
             &[],
             &m.tick,
+        );
+        r.register(
+            "meshcanary_controller_sooner_ticks",
+            "Extra decision ticks a quarter interval after one where a rollback test had reached 1 % of its boundary (the anytime-valid tests pay nothing for the extra looks).",
+            &[],
+            &m.sooner_ticks,
         );
         r.register(
             "meshcanary_leader",
