@@ -393,6 +393,14 @@ fn weighted_mean_exp(logs: &[f64], weights: &[f64]) -> f64 {
     (max + (sum / weights.iter().sum::<f64>()).ln()).exp()
 }
 
+/// Totals holding only `buckets` (to reuse its bucket arithmetic).
+fn bucket_totals(buckets: &[u64]) -> Totals {
+    Totals {
+        buckets: buckets.to_vec(),
+        ..Totals::default()
+    }
+}
+
 /// `mean(exp(x))`, computed without overflow.
 fn mean_exp(logs: &[f64]) -> f64 {
     let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -408,6 +416,9 @@ fn mean_exp(logs: &[f64]) -> f64 {
 pub struct JudgeState {
     canary_prev: Totals,
     primary_prev: Totals,
+    /// The latency histograms as of the last time both arms' had moved (the two-arm latency
+    /// tests fold an interval only then: see `fold`).
+    latency_prev: Option<(Vec<u64>, Vec<u64>)>,
     canary_total: Totals,
     primary_total: Totals,
     started: bool,
@@ -438,6 +449,7 @@ impl JudgeState {
         JudgeState {
             canary_prev: Totals::default(),
             primary_prev: Totals::default(),
+            latency_prev: None,
             canary_total: Totals::default(),
             primary_total: Totals::default(),
             started: false,
@@ -487,6 +499,7 @@ impl JudgeState {
             self.started = true;
             self.canary_prev = obs.canary.clone();
             self.primary_prev = obs.primary.clone();
+            self.latency_prev = Some((obs.canary.buckets.clone(), obs.primary.buckets.clone()));
             return;
         }
         let d = |now: u64, prev: u64| now.saturating_sub(prev);
@@ -508,28 +521,58 @@ impl JudgeState {
         add(&mut self.primary_total.errors, p_err);
 
         // Latency: only when both histograms have the same layout as at the start.
-        let same = c.buckets.len() == cp.buckets.len() && p.buckets.len() == pp.buckets.len();
-        if same && c.buckets.len() == obs.edges_ms.len() + 1 {
-            let c_n = d(c.latency_count(), cp.latency_count());
-            let p_n = d(p.latency_count(), pp.latency_count());
-            if c_n.saturating_add(p_n) > 0 {
-                let rho = c_n as f64 / (c_n as f64 + p_n as f64);
-                for (test, k) in self
-                    .latency
-                    .iter_mut()
-                    .zip(latency_test_edges(obs.edges_ms))
-                {
-                    let c_slow = d(c.slower_than(k), cp.slower_than(k));
-                    let p_slow = d(p.slower_than(k), pp.slower_than(k));
-                    test.update(c_slow, p_slow, rho);
-                }
-            }
+        let layout = obs.edges_ms.len() + 1;
+        let same = c.buckets.len() == layout && p.buckets.len() == layout;
+        if same && cp.buckets.len() == layout {
             if let Some((k, test)) = &mut self.latency_slo {
+                let c_n = d(c.latency_count(), cp.latency_count());
                 test.update(d(c.slower_than(*k), cp.slower_than(*k)), c_n);
             }
         }
+        if same {
+            self.fold_latency(c, p, obs.edges_ms);
+        } else {
+            self.latency_prev = None;
+        }
         self.canary_prev = c.clone();
         self.primary_prev = p.clone();
+    }
+
+    /// The two-arm latency tests. Envoy moves each sidecar's histogram at its own stats
+    /// flush (every 5 s by default, at a phase of its own), so in one interval often only
+    /// one arm's latencies moved, and such an interval has no share to test against. The
+    /// tests therefore fold the latencies since the last time both arms had moved, once both
+    /// have: the canary's share of them is then that of the requests they came from.
+    fn fold_latency(&mut self, c: &Totals, p: &Totals, edges_ms: &[f64]) {
+        let baseline = match &self.latency_prev {
+            Some((cp, pp)) => cp.len() != c.buckets.len() || pp.len() != p.buckets.len(),
+            None => true,
+        };
+        if baseline {
+            self.latency_prev = Some((c.buckets.clone(), p.buckets.clone()));
+            return;
+        }
+        let Some((cp, pp)) = &self.latency_prev else {
+            return;
+        };
+        let (cp, pp) = (bucket_totals(cp), bucket_totals(pp));
+        let c_n = c.latency_count().saturating_sub(cp.latency_count());
+        let p_n = p.latency_count().saturating_sub(pp.latency_count());
+        if c.latency_count() < cp.latency_count() || p.latency_count() < pp.latency_count() {
+            // A restarted source: a new baseline.
+            self.latency_prev = Some((c.buckets.clone(), p.buckets.clone()));
+            return;
+        }
+        if c_n == 0 || p_n == 0 {
+            return; // wait for both arms
+        }
+        let rho = c_n as f64 / (c_n as f64 + p_n as f64);
+        for (test, k) in self.latency.iter_mut().zip(latency_test_edges(edges_ms)) {
+            let c_slow = c.slower_than(k).saturating_sub(cp.slower_than(k));
+            let p_slow = p.slower_than(k).saturating_sub(pp.slower_than(k));
+            test.update(c_slow, p_slow, rho);
+        }
+        self.latency_prev = Some((c.buckets.clone(), p.buckets.clone()));
     }
 
     /// Per test: its boundary `1 / (alpha * share)`. Without a latency maximum the latency
@@ -821,6 +864,41 @@ mod tests {
             success_rate: Some(1.0),
             p99_ms: Some(50.0),
         }
+    }
+
+    /// Each sidecar flushes its histogram at its own phase: intervals where only one arm's
+    /// latencies moved are held until the other's move too, then tested together.
+    #[test]
+    fn latencies_of_arms_that_flush_at_different_times_are_tested_together() {
+        let policy = Policy::default();
+        let mut j = JudgeState::new(&policy);
+        let n = EDGES.len() + 1;
+        let hist = |fast: u64, slow: u64| {
+            let mut b = vec![0; n];
+            b[0] = fast;
+            b[n - 2] = slow; // slower than every edge the tests use but the last
+            Totals {
+                requests: fast + slow,
+                buckets: b,
+                ..Totals::default()
+            }
+        };
+        let (c0, p0) = (hist(0, 0), hist(0, 0));
+        j.judge(&obs(&c0, &p0, healthy_window()), &policy);
+        let e0 = j.evidence(&policy).e_latency;
+        // The canary's flush: only its latencies moved.
+        let c1 = hist(0, 5);
+        j.judge(&obs(&c1, &p0, healthy_window()), &policy);
+        assert_eq!(j.evidence(&policy).e_latency, e0, "nothing to test yet");
+        // The primary's flush two ticks later: both moved since the last test.
+        j.judge(&obs(&c1, &p0, healthy_window()), &policy);
+        let p1 = hist(95, 0);
+        j.judge(&obs(&c1, &p1, healthy_window()), &policy);
+        assert!(
+            j.evidence(&policy).e_latency > 10.0 * e0,
+            "5 slow canary requests against 95 fast primary ones: {}",
+            j.evidence(&policy).e_latency
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Traffic is the reference walkthrough's: 20 rps in total with Poisson arrivals per second,
 //! a fixed canary share per scenario, primary 5xx 0.1 %, latencies log-normal (median 25 ms,
 //! sigma 0.6, so p99 about 100 ms) drawn through Envoy's default buckets. Counters reach the
-//! judge every second; histograms only every 5 s, as Envoy flushes them. A fault starts with
+//! judge every second; histograms only every 5 s, as Envoy flushes them, each arm's sidecar
+//! at its own phase (two seconds apart). A fault starts with
 //! the analysis. Each run is a 10-minute rollout at that share.
 //!
 //! Methods, all fed the same seconds:
@@ -106,6 +107,8 @@ const WINDOW_S: usize = 30;
 const INTERVAL_S: usize = 30;
 const THRESHOLD: u32 = 5;
 const FLUSH_S: usize = 5;
+/// The canary's sidecar flushes at this second of the period, the primary's at 0.
+const CANARY_PHASE: usize = 2;
 const LAG_S: usize = 20;
 
 /// One second of one arm: requests, errors and per-bucket latency counts.
@@ -377,7 +380,7 @@ fn window(canary: &[Second], t: usize, min_requests: u64) -> WindowValues {
     let recent = &canary[t.saturating_sub(WINDOW_S)..t];
     let requests: u64 = recent.iter().map(|s| s.requests).sum();
     let errors: u64 = recent.iter().map(|s| s.errors).sum();
-    let flushed = t - t % FLUSH_S;
+    let flushed = t.saturating_sub((t + CANARY_PHASE) % FLUSH_S);
     let mut buckets = [0u64; ENVOY_EDGES_MS.len() + 1];
     for s in &canary[flushed.saturating_sub(WINDOW_S)..flushed] {
         for (b, c) in buckets.iter_mut().zip(&s.buckets) {
@@ -430,22 +433,25 @@ fn observation<'a>(
     }
 }
 
-/// One arm's totals as the judge reads them, with histogram counts held back until
-/// `flush_s` seconds have passed (Envoy's stats flush; 1 for per-request latency).
+/// One arm's totals as the judge reads them, with histogram counts held back until its
+/// sidecar's stats flush (every `flush_s` seconds, at second `phase` of the period; 1 for
+/// per-request latency). Each Envoy flushes on its own timer, so the arms' phases differ.
 struct Feed {
     flush_s: usize,
+    phase: usize,
     totals: Totals,
     pending: Second,
 }
 
 impl Feed {
-    fn new(flush_s: usize) -> Self {
+    fn new(flush_s: usize, phase: usize) -> Self {
         let totals = Totals {
             buckets: vec![0; ENVOY_EDGES_MS.len() + 1],
             ..Totals::default()
         };
         Feed {
             flush_s,
+            phase,
             totals,
             pending: Second::default(),
         }
@@ -458,7 +464,7 @@ impl Feed {
         for (acc, n) in self.pending.buckets.iter_mut().zip(&s.buckets) {
             *acc += n;
         }
-        if t.is_multiple_of(self.flush_s) {
+        if (t + self.phase).is_multiple_of(self.flush_s) {
             for (tot, n) in self.totals.buckets.iter_mut().zip(&self.pending.buckets) {
                 *tot += n;
             }
@@ -502,8 +508,8 @@ fn run(
         Fault::Errors(p) => p,
         _ => cfg.primary_error,
     };
-    let (mut c_flush, mut p_flush) = (Feed::new(FLUSH_S), Feed::new(FLUSH_S));
-    let (mut c_each, mut p_each) = (Feed::new(1), Feed::new(1));
+    let (mut c_flush, mut p_flush) = (Feed::new(FLUSH_S, CANARY_PHASE), Feed::new(FLUSH_S, 0));
+    let (mut c_each, mut p_each) = (Feed::new(1, 0), Feed::new(1, 0));
     let mut canary_seconds = Vec::with_capacity(cfg.duration_s);
     let mut ttr = [None; METHODS.len()];
     for (j, (c, p)) in [
