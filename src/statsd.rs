@@ -3,11 +3,12 @@
 //! Envoy moves its Prometheus histograms only at the stats flush (5 s by default), so scraped
 //! latency arrives in 5 s steps. Its statsd sinks send each histogram value the moment it is
 //! recorded: one `envoy.cluster.upstream_rq_time:12|ms|#envoy.cluster_name:...` line per
-//! request of each cluster. The agent listens for them on a node-local UDP port and keeps,
-//! per pod, an hdrhistogram of its inbound cluster's latencies since the pod's last scrape.
-//! The scrape then takes it (counted over the pod's own histogram edges) in place of the
-//! scraped histogram delta, so the pod's window gets each second's latencies with that
-//! second's counters. Counters always come from the scrape.
+//! request of each cluster. The agent listens for them on a node-local UDP port. At each
+//! scrape, a pod whose sidecar is sending gets the request times that waited for it (in a
+//! per-pod hdrhistogram) in place of the scraped histogram delta; from then on its request
+//! times are counted straight into its window's buckets (the pod's own histogram edges)
+//! and folded into the window after every receive batch, so the judge sees each request's
+//! latency within a batch of its end. Counters always come from the scrape.
 //!
 //! A datagram belongs to the pod whose address is in its `meshcanary.pod_ip` tag, or else
 //! to the pod at its source address (on a pod network the sidecar sends from the pod's IP).
@@ -32,7 +33,7 @@ use crate::telemetry::MetricRegistry;
 use crate::window::inbound::Inbound;
 use crate::window::{WindowKey, Windows};
 
-/// The port App Mesh's Envoy image and Istio's sinks send to by default.
+/// statsd's usual port, where App Mesh's Envoy image sends by default.
 pub const DEFAULT_PORT: u16 = 8125;
 /// A pod counts as sending while its sidecar sent anything within this long. Envoy sends
 /// every counter and gauge at each stats flush (5 s by default) even while idle, so two
@@ -46,7 +47,7 @@ const SILENT_LATENCY_MS: u64 = 2_000;
 /// The DogStatsD tag that names the pod's address when the source address cannot (sidecars
 /// that all send from one address, as on loopback).
 pub const POD_IP_TAG: &[u8] = b"meshcanary.pod_ip";
-/// Datagrams per receive call.
+/// Most datagrams received per wake-up (one lock, one fold of the windows).
 pub const BATCH: usize = 64;
 /// Largest datagram read; the rest of a longer one is cut (Envoy's are one line, well under
 /// 1 KiB, unless `max_bytes_per_datagram` batches lines, which stays under the MTU).
@@ -157,7 +158,7 @@ impl Outcome {
     ];
 }
 
-/// One pod's latencies since its last scrape.
+/// One pod's place in the sinks: where its request times go, and signs of its sidecar's life.
 struct PodSink {
     /// Targets at this address (more than one: ambiguous, nothing is recorded).
     owners: u32,
