@@ -86,8 +86,11 @@ pub struct RolloutPolicy {
     pub max_weight: u8,
     pub interval: Duration,
     pub threshold: u32,
-    /// Longest wait for a ready canary, and longest time at one step.
+    /// Longest time at one step without advancing.
     pub progress_deadline: Duration,
+    /// Longest wait for a ready canary: `progress_deadline` for an annotated Deployment, a
+    /// Canary's `progressDeadlineSeconds` (see [`crate::canary`]).
+    pub ready_deadline: Duration,
     /// Take over existing objects that have no controlling owner.
     pub adopt: bool,
     pub judge: Policy,
@@ -343,6 +346,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
         interval,
         threshold,
         progress_deadline,
+        ready_deadline: progress_deadline,
         adopt,
         judge: Policy {
             mode,

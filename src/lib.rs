@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod analysis;
 pub mod annotations;
+pub mod canary;
 pub mod cli;
 pub mod clock;
 pub mod config;

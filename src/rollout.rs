@@ -427,7 +427,9 @@ fn progressing(
                 format!("Advance {t} canary weight {}", tr.status.canary_weight),
             );
             tr.actions.push(Action::Decision(Decision::Advance));
-        } else if now_ms.saturating_sub(status.step_started_ms) > deadline_ms(policy) {
+        } else if now_ms.saturating_sub(status.step_started_ms)
+            > u64::try_from(policy.ready_deadline.as_millis()).unwrap_or(u64::MAX)
+        {
             fail(tr, t, format!("Canary deployment {t} not ready"), now_ms);
             return;
         }
