@@ -21,6 +21,9 @@ pub const PREFIX: &str = "meshcanary.io/";
 pub const ENABLED: &str = "meshcanary.io/enabled";
 /// Where the controller keeps a rollout's state (written by meshcanary, not by users).
 pub const STATUS: &str = "meshcanary.io/status";
+/// On a Deployment a Flagger Canary targets: the Canary meshcanary runs it for (written by
+/// meshcanary with the status; the agents count the Deployment in, as if opted in).
+pub const CANARY: &str = "meshcanary.io/canary";
 /// On the primary Deployment: the template hash it was copied from.
 pub const REVISION: &str = "meshcanary.io/revision";
 /// How long a canary may go without progress.
@@ -74,6 +77,7 @@ pub const KEYS: &[Key] = &[
     Key { name: DATA_PLANE, on: "Pod", default: "", expected: "app-mesh, istio or envoy", meaning: "The kind of Envoy sidecar, when it is not what the agent detects (an istio-proxy container is istio; the --envoy-container container is app-mesh). envoy: any other Envoy, scraped on meshcanary.io/envoy-admin-port with meshcanary.io/cluster-regex." },
     Key { name: CLUSTER_REGEX, on: "Pod", default: "", expected: "a regex", meaning: "For the envoy data plane: the regex selecting the inbound cluster by name (default: the agent's --cluster-regex)." },
     Key { name: STATUS, on: "Deployment", default: "", expected: "written by meshcanary", meaning: "The rollout's state (phase, weight, failed checks, revisions); do not edit." },
+    Key { name: CANARY, on: "Deployment", default: "", expected: "written by meshcanary", meaning: "The Flagger Canary meshcanary runs this Deployment for (docs/migrating-from-flagger.md); the agents scrape its pods as if it were opted in. Do not edit." },
     Key { name: REVISION, on: "Deployment (primary)", default: "", expected: "written by meshcanary", meaning: "The template hash the primary was copied from." },
 ];
 
@@ -198,6 +202,11 @@ impl fmt::Display for AnnotationError {
 /// Is the Deployment opted in? Anything but a clear `"true"` is no.
 pub fn enabled(annotations: &BTreeMap<String, String>) -> bool {
     annotations.get(ENABLED).is_some_and(|v| v == "true")
+}
+
+/// Does meshcanary run the Deployment, opted in itself or for a Flagger Canary?
+pub fn managed(annotations: &BTreeMap<String, String>) -> bool {
+    enabled(annotations) || annotations.contains_key(CANARY)
 }
 
 /// Parse every `meshcanary.io/` key of a Deployment into a policy.

@@ -399,6 +399,16 @@ pub struct ControllerArgs {
     /// gateway-api (HTTPRoute).
     #[arg(long, env = "MESHCANARY_ROUTER", default_value = "app-mesh")]
     pub router: crate::router::RouterKind,
+    /// Which Flagger Canaries (flagger.app/v1beta1) the controller runs: opted-in (those with
+    /// the annotation meshcanary.io/enabled: "true"; Flagger keeps the rest), all (no Flagger
+    /// in the cluster), or off (no Canary watch).
+    #[arg(
+        long,
+        env = "MESHCANARY_CANARIES",
+        value_enum,
+        default_value = "opted-in"
+    )]
+    pub canaries: crate::canary::Taking,
     /// How often each workload's objects (`NAME-primary`, Services, routing objects) are
     /// checked for owners and re-applied if they drifted.
     #[arg(long, env = "MESHCANARY_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
@@ -472,6 +482,7 @@ impl ControllerArgs {
                 }),
                 envoy_container: self.envoy_container,
                 router: self.router,
+                canaries: self.canaries,
                 identity: self.identity,
                 liveness_bound: crate::controller::ControllerConfig::liveness_bound_for(
                     self.decision_interval,

@@ -24,10 +24,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Client, Resource as _, ResourceExt as _};
@@ -41,6 +41,7 @@ use crate::analysis::{Analysis, Judgements};
 pub const LOOK_SOONER_PROGRESS: f64 = 0.01;
 pub const LOOK_SOONER_SPLIT: u32 = 4;
 use crate::annotations::{self, RolloutPolicy};
+use crate::canary::{self, CanaryWorkload, Taking};
 use crate::judge::Judgement;
 use crate::rollout::{self, Action, DeploymentState, Observed, Phase, Severity, Status};
 use crate::router::{Foreign, Router};
@@ -74,6 +75,8 @@ pub struct ControllerConfig {
     pub envoy_container: String,
     /// The router of a workload without `meshcanary.io/router`.
     pub router: crate::router::RouterKind,
+    /// Which Flagger Canaries it runs.
+    pub canaries: crate::canary::Taking,
     /// This agent's identity (pod or node name): Lease holder and Event reporter instance.
     pub identity: String,
     /// `/healthz` fails once the loop has not run for this long (the kubelet then restarts
@@ -144,6 +147,25 @@ fn api_error(
 ) -> impl FnOnce(kube::Error) -> ReconcileError {
     let what = what.into();
     move |source| ReconcileError::Api { op, what, source }
+}
+
+/// Who asks for a workload's rollout: its Events go there, and it owns what meshcanary
+/// creates for it.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The Deployment's own `meshcanary.io/*` annotations.
+    Annotations,
+    /// A Flagger Canary, already read.
+    Canary(&'a DynamicObject, &'a CanaryWorkload),
+}
+
+impl Source<'_> {
+    fn subject(&self, dep: &Deployment) -> ObjectReference {
+        match self {
+            Source::Annotations => dep.object_ref(&()),
+            Source::Canary(canary, _) => canary.object_ref(&canary::api_resource()),
+        }
+    }
 }
 
 /// The rollout controller of one agent.
@@ -255,6 +277,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 }
             }
         });
+        let canaries = (self.config.canaries != Taking::Off).then(|| self.watch_canaries());
         // Joined lazily and again whenever it stops: an apiserver that is down when the
         // pod starts, or a Lease task that fails later, must not end the controller.
         let mut lease: Option<(watch::Receiver<bool>, tokio::task::JoinHandle<_>)> = None;
@@ -340,7 +363,8 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             }
             let leader = leader.clone();
             let started = Instant::now();
-            self.tick(&store, &leader).await;
+            let canaries = canaries.as_ref().map(|(store, _)| store);
+            self.tick(&store, canaries, &leader).await;
             self.metrics.tick.observe(started.elapsed().as_secs_f64());
             // The sequential tests are anytime-valid: looking more often costs them nothing,
             // and while one of them is on its way a decision is due sooner than a tick.
@@ -351,6 +375,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             }
         }
         cache.abort();
+        if let Some((_, task)) = &canaries {
+            task.abort();
+        }
         // Dropping the receiver makes the manager release the Lease: a graceful handover.
         if let Some((rx, task)) = lease {
             drop(rx);
@@ -374,12 +401,66 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .await
     }
 
-    /// Reconcile every opted-in Deployment once.
-    async fn tick(&mut self, store: &Store<Deployment>, leader: &watch::Receiver<bool>) {
+    /// Keep a cache of Flagger Canaries. Without the CRD (no Flagger, and
+    /// `manifests/canary-crd/` not applied) the watch fails and retries with backoff; that
+    /// is said once at warn level, and every annotated Deployment runs as before.
+    fn watch_canaries(&self) -> (Store<DynamicObject>, tokio::task::JoinHandle<()>) {
+        let ar = canary::api_resource();
+        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        let store = writer.as_reader();
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .applied_objects();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut said = false;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Err(error) if !said => {
+                        tracing::warn!(%error, "Watching Flagger Canaries failed (is the canaries.flagger.app CRD installed? manifests/canary-crd/); retrying, Deployments run meanwhile");
+                        said = true;
+                    }
+                    Err(error) => tracing::debug!(%error, "Watching Flagger Canaries failed again"),
+                    Ok(_) => said = false,
+                }
+            }
+        });
+        (store, task)
+    }
+
+    /// Reconcile every opted-in Deployment and every Canary meshcanary runs once.
+    async fn tick(
+        &mut self,
+        store: &Store<Deployment>,
+        canaries: Option<&Store<DynamicObject>>,
+        leader: &watch::Receiver<bool>,
+    ) {
         let all = store.state();
+        // The Canaries meshcanary runs; `None` until their cache has synced (until then a
+        // Deployment marked for a Canary is neither run nor let go).
+        let canaries: Option<Vec<Arc<DynamicObject>>> = match canaries {
+            None => Some(Vec::new()),
+            Some(s) => s
+                .wait_until_ready()
+                .now_or_never()
+                .is_some_and(|r| r.is_ok())
+                .then(|| s.state()),
+        };
+        let canaries: Option<Vec<Arc<DynamicObject>>> = canaries.map(|cs| {
+            cs.into_iter()
+                .filter(|c| self.config.canaries.takes(c.annotations()))
+                .collect()
+        });
+        // The Deployments those Canaries target: (namespace, name).
+        let targeted: std::collections::HashSet<(String, String)> = canaries
+            .iter()
+            .flatten()
+            .map(|c| (c.namespace().unwrap_or_default(), canary_target(c)))
+            .collect();
         let analysis: Vec<WorkloadId> = all
             .iter()
-            .filter(|d| annotations::enabled(d.annotations()))
+            .filter(|d| annotations::managed(d.annotations()))
             .filter(|d| {
                 read_status(d)
                     .ok()
@@ -392,40 +473,47 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self.rechecks_left = RECHECKS_PER_TICK;
         let mut seen = Vec::new();
         for dep in &all {
+            let key = (dep.namespace().unwrap_or_default(), dep.name_any());
+            if targeted.contains(&key) && !annotations::enabled(dep.annotations()) {
+                // Run for its Canary, below.
+                continue;
+            }
             if !annotations::enabled(dep.annotations()) {
+                let marked = dep.annotations().contains_key(annotations::CANARY);
+                if marked && canaries.is_none() {
+                    continue;
+                }
                 if dep.annotations().contains_key(annotations::STATUS) {
                     // Opted out: if an analysis was running, its canary still has traffic.
                     let status = read_status(dep).ok().flatten();
-                    let why = format!("{} is no longer \"true\"", annotations::ENABLED);
-                    if let Err(error) = self.let_go(dep, status.as_ref(), &why, leader).await {
+                    let why = if marked {
+                        "no Canary that meshcanary runs targets it any more".to_owned()
+                    } else {
+                        format!("{} is no longer \"true\"", annotations::ENABLED)
+                    };
+                    let released = self
+                        .let_go(dep, Source::Annotations, status.as_ref(), &why, leader)
+                        .await;
+                    let released = match released {
+                        Ok(()) if marked => self.unmark(dep, leader).await,
+                        other => other,
+                    };
+                    if let Err(error) = released {
                         self.count_error(&error);
-                        tracing::warn!(namespace = %dep.namespace().unwrap_or_default(), workload = %dep.name_any(), %error, "Routing an opted-out canary's traffic to the primary failed; retrying at the next tick");
+                        tracing::warn!(namespace = %key.0, workload = %key.1, %error, "Routing an opted-out canary's traffic to the primary failed; retrying at the next tick");
                     }
                 }
                 continue;
             }
-            let id = WorkloadId::new(dep.namespace().unwrap_or_default(), dep.name_any());
+            let id = WorkloadId::new(key.0, key.1);
             seen.push(id.clone());
-            match self.reconcile(dep, store, leader).await {
-                Ok(()) => {
-                    self.failing.remove(&id);
-                }
-                Err(error) => {
-                    self.count_error(&error);
-                    // Once per distinct error, not once per tick.
-                    let message = error.to_string();
-                    let conflict = matches!(&error, ReconcileError::Api { source: kube::Error::Api(s), .. } if s.is_conflict());
-                    if conflict {
-                        // The cache was a moment behind the API; the next tick decides again.
-                        tracing::debug!(namespace = %id.namespace, workload = %id.name, %error, "Stale read; deciding again at the next tick");
-                    } else if self.failing.get(&id) != Some(&message) {
-                        tracing::warn!(namespace = %id.namespace, workload = %id.name, %error, "Reconcile failed; retrying at every tick");
-                        self.failing.insert(id.clone(), message);
-                    } else {
-                        tracing::debug!(namespace = %id.namespace, workload = %id.name, %error, "Reconcile failed again");
-                    }
-                }
-            }
+            let result = self
+                .reconcile(dep, Source::Annotations, store, leader)
+                .await;
+            self.reconciled(&id, result);
+        }
+        for canary in canaries.iter().flatten() {
+            self.run_canary(canary, store, &mut seen, leader).await;
         }
         self.analysis.retain(|id| seen.contains(id));
         self.invalid.retain(|k, _| seen.contains(k));
@@ -443,11 +531,159 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self.exported = seen;
     }
 
+    /// Run one Canary: read its spec, and reconcile its target Deployment as an annotated
+    /// one would be, with the Canary as the subject of Events and the owner of the objects.
+    /// A Canary that cannot run as written gets one Warning Event per distinct problem and
+    /// is left alone (a canary that had traffic is first routed back to the primary).
+    async fn run_canary(
+        &mut self,
+        canary: &DynamicObject,
+        store: &Store<Deployment>,
+        seen: &mut Vec<WorkloadId>,
+        leader: &watch::Receiver<bool>,
+    ) {
+        let namespace = canary.namespace().unwrap_or_default();
+        let name = canary.name_any();
+        let subject = canary.object_ref(&canary::api_resource());
+        let id = WorkloadId::new(&*namespace, canary_target(canary));
+        if seen.contains(&id) {
+            let problem = format!(
+                "Deployment {namespace}/{} is already run by meshcanary (its own {} annotation, or another Canary)",
+                id.name,
+                annotations::ENABLED
+            );
+            // Keyed by the Canary, not the Deployment someone else runs.
+            let key = WorkloadId::new(&*namespace, format!("canary/{name}"));
+            let message = format!("{problem}; meshcanary leaves Canary {name}.{namespace} alone");
+            self.warn_once(&subject, &key, "OwnershipConflict", problem, message)
+                .await;
+            seen.push(key);
+            return;
+        }
+        seen.push(id.clone());
+        let dep = store.get(&ObjectRef::new(&id.name).within(&namespace));
+        let labels = JudgeLabels::from(&id);
+        let read = canary::read(canary.annotations(), &canary.data["spec"]);
+        let result = match (&read, &dep) {
+            (Err(e), _) => {
+                self.metrics.rollout_invalid.get_or_create(&labels).set(1);
+                let released = match &dep {
+                    Some(dep) => {
+                        let status = read_status(dep).ok().flatten();
+                        let why = "its Canary is not one meshcanary runs as written";
+                        self.let_go(dep, Source::Annotations, status.as_ref(), why, leader)
+                            .await
+                    }
+                    None => Ok(()),
+                };
+                let message = format!("{e}; meshcanary leaves Canary {name}.{namespace} alone");
+                self.warn_once(&subject, &id, e.reason(), e.to_string(), message)
+                    .await;
+                released
+            }
+            (Ok(_), None) => {
+                self.metrics.rollout_invalid.get_or_create(&labels).set(1);
+                let problem = format!(
+                    "spec.targetRef: Deployment {namespace}/{} does not exist",
+                    id.name
+                );
+                let message = format!("{problem}; meshcanary waits for it");
+                self.warn_once(&subject, &id, "TargetNotFound", problem, message)
+                    .await;
+                Ok(())
+            }
+            // Suspended: nothing is done until it is resumed (Flagger's `suspend`).
+            (Ok(read), Some(_)) if read.suspend => Ok(()),
+            (Ok(read), Some(dep)) => {
+                self.reconcile(dep, Source::Canary(canary, read), store, leader)
+                    .await
+            }
+        };
+        self.reconciled(&id, result);
+    }
+
+    /// Log and count what a reconcile returned: each distinct error once, not once a tick.
+    fn reconciled(&mut self, id: &WorkloadId, result: Result<(), ReconcileError>) {
+        let error = match result {
+            Ok(()) => {
+                self.failing.remove(id);
+                return;
+            }
+            Err(error) => error,
+        };
+        self.count_error(&error);
+        let message = error.to_string();
+        let conflict = matches!(&error, ReconcileError::Api { source: kube::Error::Api(s), .. } if s.is_conflict());
+        if conflict {
+            // The cache was a moment behind the API; the next tick decides again.
+            tracing::debug!(namespace = %id.namespace, workload = %id.name, %error, "Stale read; deciding again at the next tick");
+        } else if self.failing.get(id) != Some(&message) {
+            tracing::warn!(namespace = %id.namespace, workload = %id.name, %error, "Reconcile failed; retrying at every tick");
+            self.failing.insert(id.clone(), message);
+        } else {
+            tracing::debug!(namespace = %id.namespace, workload = %id.name, %error, "Reconcile failed again");
+        }
+    }
+
+    /// Show the rollout on its Canary in Flagger's shape (`status`, through the status
+    /// subresource), when what the Canary shows differs.
+    async fn show_on_canary(
+        &self,
+        canary: &DynamicObject,
+        status: &Status,
+        leader: &watch::Receiver<bool>,
+    ) -> Result<(), ReconcileError> {
+        let desired = canary::flagger_status(status);
+        let current = &canary.data["status"];
+        let shown = desired
+            .as_object()
+            .is_some_and(|d| d.iter().all(|(k, v)| current.get(k) == Some(v)));
+        if shown {
+            return Ok(());
+        }
+        self.ensure_leader(leader)?;
+        let (namespace, name) = (canary.namespace().unwrap_or_default(), canary.name_any());
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &namespace, &canary::api_resource());
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": desired })),
+        )
+        .await
+        .map_err(api_error(
+            "writing the status of",
+            format!("Canary {namespace}/{name}"),
+        ))?;
+        Ok(())
+    }
+
+    /// Take a Deployment's Canary mark off once its canary has no traffic: the agents stop
+    /// scraping it.
+    async fn unmark(
+        &self,
+        dep: &Deployment,
+        leader: &watch::Receiver<bool>,
+    ) -> Result<(), ReconcileError> {
+        self.ensure_leader(leader)?;
+        let (namespace, name) = (dep.namespace().unwrap_or_default(), dep.name_any());
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {annotations::CANARY: null}}});
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(api_error(
+                "unmarking",
+                format!("Deployment {namespace}/{name}"),
+            ))?;
+        tracing::info!(namespace = %namespace, workload = %name, "No Canary meshcanary runs targets the Deployment any more; let go");
+        Ok(())
+    }
+
     /// A Warning Event for a configuration problem, once per distinct problem rather than
     /// once per tick.
     async fn warn_once(
         &mut self,
-        dep: &Deployment,
+        subject: &ObjectReference,
         id: &WorkloadId,
         reason: &'static str,
         problem: String,
@@ -457,13 +693,19 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             return;
         }
         tracing::warn!(%problem, reason, "{message}");
-        self.event(dep, Severity::Warning, reason, message).await;
+        self.event(subject, Severity::Warning, reason, message)
+            .await;
         self.invalid.insert(id.clone(), problem);
     }
 
     /// A Warning Event when sidecars of the workload export no stats of their inbound
     /// cluster (their requests are not counted), once per distinct set of pods.
-    async fn warn_no_inbound(&mut self, dep: &Deployment, id: &WorkloadId, pods: Vec<String>) {
+    async fn warn_no_inbound(
+        &mut self,
+        subject: &ObjectReference,
+        id: &WorkloadId,
+        pods: Vec<String>,
+    ) {
         if pods.is_empty() {
             if self.no_inbound.remove(id).is_some() {
                 tracing::info!(
@@ -480,7 +722,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             pods.join(", ")
         );
         tracing::warn!(reason = "NoInboundStats", "{message}");
-        self.event(dep, Severity::Warning, "NoInboundStats", message)
+        self.event(subject, Severity::Warning, "NoInboundStats", message)
             .await;
         self.no_inbound.insert(id.clone(), pods);
     }
@@ -495,6 +737,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     async fn let_go(
         &mut self,
         dep: &Deployment,
+        source: Source<'_>,
         status: Option<&Status>,
         why: &str,
         leader: &watch::Receiver<bool>,
@@ -527,8 +770,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             return Ok(());
         };
         if status != Some(&tr.status) {
-            self.write_status(dep, &tr.status, leader).await?;
+            self.write_status(dep, source, &tr.status, leader).await?;
         }
+        let subject = source.subject(dep);
         for action in tr.actions {
             self.ensure_leader(leader)?;
             match action {
@@ -539,7 +783,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     message,
                 } => {
                     tracing::warn!(namespace = %namespace, workload = %name, reason, "{message}");
-                    self.event(dep, severity, reason, message).await;
+                    self.event(&subject, severity, reason, message).await;
                 }
                 _ => {}
             }
@@ -597,6 +841,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     async fn reconcile(
         &mut self,
         dep: &Deployment,
+        source: Source<'_>,
         store: &Store<Deployment>,
         leader: &watch::Receiver<bool>,
     ) -> Result<(), ReconcileError> {
@@ -609,6 +854,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             workload: name.clone(),
         };
         let now_ms = crate::clock::unix_ms();
+        let subject = source.subject(dep);
         // The stored status is outside input too: one that does not parse or holds numbers
         // no step writes is reported and replaced by a fresh start, never computed with.
         let status = match read_status(dep).map_err(|e| e.to_string()).and_then(|s| {
@@ -624,32 +870,44 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 let message = format!(
                     "{problem}; meshcanary starts {name}.{namespace} over from the primary's revision"
                 );
-                self.warn_once(dep, &id, "InvalidStatus", problem, message)
+                self.warn_once(&subject, &id, "InvalidStatus", problem, message)
                     .await;
                 None
             }
         };
         // Configuration first: a problem is reported once and the workload left untouched,
         // except that a canary with traffic is first routed back to the primary.
-        let checked = annotations::parse(dep.annotations())
-            .map_err(|e| e.to_string())
-            .and_then(|policy| {
-                let routing = policy
-                    .routing
-                    .resolve(self.config.router)
-                    .map_err(|e| e.to_string())?;
-                Plan::new(dep, policy.port, &self.config.envoy_container)
-                    .map(|plan| (policy, plan.routed(routing)))
-                    .map_err(|e| format!("Deployment {namespace}/{name}: {e}"))
-            });
+        let policy = match source {
+            Source::Annotations => annotations::parse(dep.annotations()),
+            Source::Canary(_, read) => Ok(read.policy.clone()),
+        };
+        let checked = policy.map_err(|e| e.to_string()).and_then(|policy| {
+            let routing = policy
+                .routing
+                .resolve(self.config.router)
+                .map_err(|e| e.to_string())?;
+            Plan::new(dep, policy.port, &self.config.envoy_container)
+                .map(|plan| match source {
+                    Source::Annotations => plan,
+                    Source::Canary(canary, read) => plan.for_canary(canary, &read.port_name),
+                })
+                .map(|plan| (policy, plan.routed(routing)))
+                .map_err(|e| format!("Deployment {namespace}/{name}: {e}"))
+        });
         let (policy, plan) = match checked {
             Ok(ok) => ok,
             Err(problem) => {
                 self.metrics.rollout_invalid.get_or_create(&labels).set(1);
-                self.let_go(dep, status.as_ref(), "its configuration is invalid", leader)
-                    .await?;
+                self.let_go(
+                    dep,
+                    source,
+                    status.as_ref(),
+                    "its configuration is invalid",
+                    leader,
+                )
+                .await?;
                 let message = format!("{problem}; meshcanary leaves {name}.{namespace} untouched");
-                self.warn_once(dep, &id, "InvalidConfiguration", problem, message)
+                self.warn_once(&subject, &id, "InvalidConfiguration", problem, message)
                     .await;
                 return Ok(());
             }
@@ -710,7 +968,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                         format!("{problem}; meshcanary no longer re-applies them (delete them to let it recreate its own)")
                     };
                     tracing::warn!(objects = ?names, "{message}");
-                    self.event(dep, Severity::Warning, "OwnershipConflict", message)
+                    self.event(&subject, Severity::Warning, "OwnershipConflict", message)
                         .await;
                     self.conflicts.insert(id.clone(), problem);
                 }
@@ -737,7 +995,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                         "{problem}; meshcanary halts {name}.{namespace} until it is accepted (no analysis step while it is refused; progress-deadline still applies)"
                     );
                     tracing::warn!(reason = "RouteNotAccepted", "{message}");
-                    self.event(dep, Severity::Warning, "RouteNotAccepted", message)
+                    self.event(&subject, Severity::Warning, "RouteNotAccepted", message)
                         .await;
                     self.refused.insert(id.clone(), problem);
                 }
@@ -770,7 +1028,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             Some(s) if s.phase == Phase::Progressing && s.analysing => {
                 let started = s.step_started_ms;
                 let (j, canary, no_inbound) = self.judge(&id, &policy, now_ms, started);
-                self.warn_no_inbound(dep, &id, no_inbound).await;
+                self.warn_no_inbound(&subject, &id, no_inbound).await;
                 (Some(j), canary)
             }
             _ => (None, None),
@@ -787,7 +1045,10 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         };
         let tr = rollout::step(status.as_ref(), &observed, &policy, &who, now_ms);
         if status.as_ref() != Some(&tr.status) {
-            self.write_status(dep, &tr.status, leader).await?;
+            self.write_status(dep, source, &tr.status, leader).await?;
+        }
+        if let Source::Canary(canary, _) = source {
+            self.show_on_canary(canary, &tr.status, leader).await?;
         }
         self.export(&labels, &tr.status, &policy, analysed.as_ref());
         for action in tr.actions {
@@ -831,7 +1092,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                         Severity::Warning => tracing::warn!(reason, "{message}"),
                         Severity::Normal => tracing::info!(reason, "{message}"),
                     }
-                    self.event(dep, severity, reason, message).await;
+                    self.event(&subject, severity, reason, message).await;
                 }
             }
         }
@@ -916,21 +1177,27 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     }
 
     /// Write the status annotation, guarded by the resourceVersion the decision was made on.
+    /// A Canary's Deployment is marked with it ([`annotations::CANARY`]), so the agents
+    /// scrape its pods.
     async fn write_status(
         &self,
         dep: &Deployment,
+        source: Source<'_>,
         status: &Status,
         leader: &watch::Receiver<bool>,
     ) -> Result<(), ReconcileError> {
         self.ensure_leader(leader)?;
         let (namespace, name) = (dep.namespace().unwrap_or_default(), dep.name_any());
         let value = serde_json::to_string(status).unwrap_or_default();
-        let patch = serde_json::json!({
+        let mut patch = serde_json::json!({
             "metadata": {
                 "resourceVersion": dep.resource_version(),
                 "annotations": { annotations::STATUS: value },
             }
         });
+        if let Source::Canary(canary, _) = source {
+            patch["metadata"]["annotations"][annotations::CANARY] = canary.name_any().into();
+        }
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &namespace);
         api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -1097,11 +1364,18 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         Ok(())
     }
 
-    /// Publish an Event on the Deployment; a failure is logged and counted, never fatal.
-    async fn event(&self, dep: &Deployment, severity: Severity, reason: &str, message: String) {
+    /// Publish an Event on `subject` (the Deployment, or its Canary); a failure is logged
+    /// and counted, never fatal.
+    async fn event(
+        &self,
+        subject: &ObjectReference,
+        severity: Severity,
+        reason: &str,
+        message: String,
+    ) {
         if let Err(error) = self
             .events
-            .publish(&dep.object_ref(&()), severity, reason, &message)
+            .publish(subject, severity, reason, &message)
             .await
         {
             self.metrics
@@ -1114,6 +1388,15 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             tracing::warn!(%error, "Publishing an Event failed");
         }
     }
+}
+
+/// The Deployment a Canary targets, read leniently (a Canary whose spec does not parse is
+/// still known by it, else by its own name, as Flagger's usually are).
+fn canary_target(canary: &DynamicObject) -> String {
+    canary.data["spec"]["targetRef"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .map_or_else(|| canary.name_any(), str::to_owned)
 }
 
 /// The stored status, `Ok(None)` when there is none yet.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Service};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::Client;
+use kube::{Client, ResourceExt as _};
 use meshcanary::cli::ControllerProcessMetrics;
 use meshcanary::controller::{Controller, ControllerConfig, LeaseConfig};
 use meshcanary::rollout::{Phase, Status};
@@ -92,6 +92,7 @@ impl Agent {
             }),
             envoy_container: "envoy".into(),
             router: RouterKind::AppMesh,
+            canaries: meshcanary::canary::Taking::OptedIn,
             identity: identity.into(),
             liveness_bound: Duration::from_secs(2),
             resync: Duration::from_secs(2),
@@ -141,13 +142,18 @@ fn podinfo(ns: &str, image: &str, extra: &[(&str, &str)]) -> Deployment {
     for (k, v) in extra {
         annotations[*k] = serde_json::json!(v);
     }
+    deployment(ns, "podinfo", image, annotations)
+}
+
+/// A Deployment `name` in podinfo's shape (app label `name`, an Envoy sidecar).
+fn deployment(ns: &str, name: &str, image: &str, annotations: serde_json::Value) -> Deployment {
     serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "podinfo", "namespace": ns, "annotations": annotations},
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
         "spec": {
             "replicas": 2,
-            "selector": {"matchLabels": {"app": "podinfo"}},
+            "selector": {"matchLabels": {"app": name}},
             "template": {
-                "metadata": {"labels": {"app": "podinfo"}},
+                "metadata": {"labels": {"app": name}},
                 "spec": {"containers": [
                     {"name": "podinfo", "image": image, "ports": [{"containerPort": 9898}]},
                     {"name": "envoy", "image": "envoy:v1.40", "ports": [{"containerPort": 9901}]}
@@ -399,6 +405,22 @@ impl World {
             assert!(out.contains(created), "{out}");
         }
         cp.kubectl(&["apply", "-f", all]);
+        // Flagger's Canary CRD as meshcanary ships it for clusters without Flagger.
+        let out = cp.kubectl(&[
+            "apply",
+            "-k",
+            manifests.join("canary-crd").to_str().unwrap(),
+        ]);
+        assert!(
+            out.contains("customresourcedefinition.apiextensions.k8s.io/canaries.flagger.app"),
+            "{out}"
+        );
+        let api: Api<DynamicObject> =
+            Api::all_with(cp.client().await, &meshcanary::canary::api_resource());
+        support::eventually_async(Duration::from_secs(30), "Canaries served", || async {
+            api.list(&ListParams::default()).await.is_ok()
+        })
+        .await;
         World {
             cp,
             _kubelet: kubelet,
@@ -487,6 +509,11 @@ fn main() -> std::process::ExitCode {
         "Gateway API: meshcanary's own HTTPRoute attaches to the Service NAME",
         gateway_api_own_route,
         |w| gateway_api_own_route(&w.cp).await
+    );
+    scenario!(
+        "Flagger Canaries: opted in run as written, with Flagger's status; others untouched",
+        flagger_canary,
+        |w| flagger_canary(&w.cp).await
     );
     scenario!(
         "a new revision mid-analysis restarts it",
@@ -596,6 +623,9 @@ fn rbac(cp: &ControlPlane) {
             ("patch", "virtualnodes.appmesh.k8s.aws"),
             ("update", "httproutes.gateway.networking.k8s.io"),
             ("create", "events.events.k8s.io"),
+            ("list", "canaries.flagger.app"),
+            ("watch", "canaries.flagger.app"),
+            ("patch", "canaries.flagger.app/status"),
         ] {
             assert!(
                 cp.can_i("meshcanary-controller", verb, object, ns),
@@ -603,6 +633,11 @@ fn rbac(cp: &ControlPlane) {
             );
         }
         assert!(!cp.can_i("meshcanary-controller", "delete", "deployments.apps", ns));
+        // A Canary's spec is the user's: meshcanary writes only its status.
+        for verb in writes {
+            assert!(!cp.can_i("meshcanary-controller", verb, "canaries.flagger.app", ns));
+            assert!(!cp.can_i("meshcanary", verb, "canaries.flagger.app/status", ns));
+        }
         assert!(!cp.can_i("meshcanary-controller", "get", "secrets", ns));
     }
     assert!(!cp.can_i(
@@ -1236,6 +1271,212 @@ async fn gateway_api_own_route(cp: &ControlPlane) {
     }
     agent.stop().await;
     s.cleanup().await;
+}
+
+/// A Flagger Canary `name` targeting the Deployment `name`: the reference walkthrough's
+/// spec at a 1 s interval, threshold 3, with `extra` merged into `spec.analysis`.
+fn canary(ns: &str, name: &str, opted_in: bool, extra: serde_json::Value) -> DynamicObject {
+    let mut annotations = serde_json::json!({});
+    if opted_in {
+        annotations["meshcanary.io/enabled"] = "true".into();
+    }
+    let mut analysis = serde_json::json!({
+        "interval": "1s",
+        "threshold": 3,
+        "stepWeights": [2, 5, 10, 20, 30, 50],
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}, "interval": "1m"}],
+    });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        analysis[k] = v.clone();
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "flagger.app/v1beta1",
+        "kind": "Canary",
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+        "spec": {
+            "provider": "appmesh:v1beta2",
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "progressDeadlineSeconds": 60,
+            "service": {"port": 9898},
+            "analysis": analysis,
+        }
+    }))
+    .unwrap()
+}
+
+/// Events meshcanary published on the Canary `name`, in order.
+async fn canary_events(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().fields(&format!(
+        "involvedObject.name={name},involvedObject.kind=Canary"
+    ));
+    let mut list: Vec<Event> = api.list(&lp).await.map(|l| l.items).unwrap_or_default();
+    list.retain(|e| e.reporting_component.as_deref() == Some("meshcanary"));
+    list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    list.into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+/// Three Canaries in one namespace: one opted in runs the walkthrough (bootstrap owned by
+/// the Canary, promotion, Flagger's status and events on the Canary), one without the
+/// opt-in and one with a webhook (a field not honoured yet) are left untouched.
+async fn flagger_canary(cp: &ControlPlane) {
+    let ns = "flagger";
+    let s = Scenario::new(cp, ns).await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "a", false).await;
+    let canaries: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), ns, &meshcanary::canary::api_resource());
+    for name in ["podinfo", "quiet", "hooked"] {
+        s.create(&deployment(
+            ns,
+            name,
+            "podinfo:6.0.0",
+            serde_json::json!({}),
+        ))
+        .await;
+    }
+    let hook = serde_json::json!({"webhooks": [{"name": "load-test", "url": "http://127.0.0.1:1/", "timeout": "5s"}]});
+    for c in [
+        canary(ns, "quiet", false, serde_json::json!({})),
+        canary(ns, "hooked", true, hook),
+        canary(ns, "podinfo", true, serde_json::json!({})),
+    ] {
+        canaries.create(&PostParams::default(), &c).await.unwrap();
+    }
+    let phase = |c: &DynamicObject| c.data["status"]["phase"].as_str().map(str::to_owned);
+    support::eventually_async(Duration::from_secs(60), "podinfo Initialized", || async {
+        let c = canaries.get("podinfo").await.unwrap();
+        phase(&c).as_deref() == Some("Initialized")
+    })
+    .await;
+    let c = canaries.get("podinfo").await.unwrap();
+    let status = &c.data["status"];
+    assert_eq!(status["canaryWeight"], 0);
+    assert_eq!(status["conditions"][0]["type"], "Promoted");
+    assert_eq!(status["conditions"][0]["status"], "True");
+    // The Canary owns what meshcanary created, as with Flagger.
+    let primary = s.deployments().get("podinfo-primary").await.unwrap();
+    let owner = &primary.metadata.owner_references.unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Canary", c.metadata.uid.as_deref().unwrap())
+    );
+    let services: Api<Service> = Api::namespaced(s.client.clone(), ns);
+    let svc = services.get("podinfo-canary").await.unwrap();
+    assert_eq!(svc.spec.unwrap().ports.unwrap()[0].port, 9898);
+    // The target is marked, so the agents scrape it.
+    let dep = s.deployments().get("podinfo").await.unwrap();
+    assert_eq!(
+        dep.metadata
+            .annotations
+            .unwrap()
+            .get("meshcanary.io/canary")
+            .map(String::as_str),
+        Some("podinfo")
+    );
+
+    // A release runs as an annotated one does, told on the Canary.
+    s.set_image("podinfo:6.0.1").await;
+    let weights = s
+        .record_weights(Duration::from_secs(90), |w| {
+            w.last() == Some(&0) && w.len() > 1
+        })
+        .await;
+    assert_eq!(weights, [0, 2, 5, 10, 20, 30, 50, 0]);
+    support::eventually_async(Duration::from_secs(60), "podinfo Succeeded", || async {
+        let c = canaries.get("podinfo").await.unwrap();
+        phase(&c).as_deref() == Some("Succeeded")
+    })
+    .await;
+    let events: Vec<String> = canary_events(&s.client, ns, "podinfo")
+        .await
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    for expected in [
+        format!("Initialization done! podinfo.{ns}"),
+        format!("Starting canary analysis for podinfo.{ns}"),
+        format!("Advance podinfo.{ns} canary weight 50"),
+        format!("Promotion completed! Scaling down podinfo.{ns}"),
+    ] {
+        assert!(
+            events.contains(&expected),
+            "{expected:?} not in {events:#?}"
+        );
+    }
+    let table = cp.kubectl(&["get", "canaries", "-n", ns, "-o", "wide"]);
+    let header = table.lines().next().unwrap_or_default();
+    for column in [
+        "NAME",
+        "STATUS",
+        "WEIGHT",
+        "FAILEDCHECKS",
+        "INTERVAL",
+        "STEPWEIGHTS",
+        "LASTTRANSITIONTIME",
+    ] {
+        assert!(header.contains(column), "{table}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("podinfo ") && l.contains("Succeeded")),
+        "{table}"
+    );
+
+    // The webhook Canary: one Warning naming the field, nothing created.
+    let events = canary_events(&s.client, ns, "hooked").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].0, "UnsupportedField");
+    assert!(
+        events[0].1.contains("spec.analysis.webhooks"),
+        "{events:#?}"
+    );
+    // The Canary without the opt-in: nothing at all.
+    assert!(canary_events(&s.client, ns, "quiet").await.is_empty());
+    for name in ["quiet", "hooked"] {
+        let c = canaries.get(name).await.unwrap();
+        assert!(
+            c.data.get("status").is_none_or(serde_json::Value::is_null),
+            "{name}: {:?}",
+            c.data
+        );
+        assert!(s
+            .deployments()
+            .get_opt(&format!("{name}-primary"))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(s.replicas(name).await, Some(2), "{name} untouched");
+        let d = s.deployments().get(name).await.unwrap();
+        assert!(
+            !d.annotations()
+                .keys()
+                .any(|k| k.starts_with("meshcanary.io/")),
+            "{name}: {:?}",
+            d.annotations()
+        );
+    }
+
+    // Taking the opt-in off lets the Deployment go: the agents stop scraping it.
+    let patch = serde_json::json!({"metadata": {"annotations": {"meshcanary.io/enabled": null}}});
+    canaries
+        .patch("podinfo", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    support::eventually_async(Duration::from_secs(30), "podinfo unmarked", || async {
+        let d = s.deployments().get("podinfo").await.unwrap();
+        !d.annotations().contains_key("meshcanary.io/canary")
+    })
+    .await;
+    agent.stop().await;
+    for name in ["podinfo", "quiet", "hooked"] {
+        let _ = canaries.delete(name, &Default::default()).await;
+        let _ = s.deployments().delete(name, &Default::default()).await;
+    }
 }
 
 async fn new_revision(cp: &ControlPlane) {

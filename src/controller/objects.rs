@@ -33,6 +33,8 @@ pub struct Plan {
     pub name: String,
     pub namespace: String,
     pub port: u16,
+    /// The Services' port name (`http`, or a Canary's `service.portName`).
+    pub port_name: String,
     /// `NAME`'s selector labels: the canary pods.
     pub canary_labels: BTreeMap<String, String>,
     /// The same with every value equal to `NAME` turned into `NAME-primary`.
@@ -90,6 +92,7 @@ impl Plan {
             name,
             namespace,
             port,
+            port_name: "http".into(),
             canary_labels,
             primary_labels,
             owner,
@@ -103,6 +106,22 @@ impl Plan {
     pub fn routed(mut self, (router, route): (RouterKind, HttpRouteRef)) -> Self {
         self.router = router;
         self.http_route = route;
+        self
+    }
+
+    /// The same plan for a Flagger Canary: the Canary owns every object (as with Flagger,
+    /// so what Flagger created for it is already its own), and the Services' port has the
+    /// Canary's name.
+    #[must_use]
+    pub fn for_canary(mut self, canary: &kube::api::DynamicObject, port_name: &str) -> Self {
+        self.owner = json!({
+            "apiVersion": format!("{}/{}", crate::canary::GROUP, crate::canary::VERSION),
+            "kind": crate::canary::KIND,
+            "name": canary.metadata.name,
+            "uid": canary.metadata.uid,
+            "controller": true,
+        });
+        port_name.clone_into(&mut self.port_name);
         self
     }
 
@@ -156,7 +175,7 @@ impl Plan {
                 "metadata": self.meta(&name),
                 "spec": {
                     "selector": selector,
-                    "ports": [{"name": "http", "port": self.port, "targetPort": self.port, "protocol": "TCP"}],
+                    "ports": [{"name": self.port_name, "port": self.port, "targetPort": self.port, "protocol": "TCP"}],
                 }
             });
             (name, body)

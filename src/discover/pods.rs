@@ -176,11 +176,12 @@ pub fn targets(
     out
 }
 
-/// The opted-in Deployments (namespace, name) among `deployments`' metadata. Pure.
+/// The opted-in Deployments (namespace, name) among `deployments`' metadata, with those a
+/// Flagger Canary has meshcanary run ([`annotations::CANARY`]). Pure.
 pub fn opted_in<'a>(deployments: impl IntoIterator<Item = &'a ObjectMeta>) -> BTreeSet<WorkloadId> {
     deployments
         .into_iter()
-        .filter(|m| m.annotations.as_ref().is_some_and(annotations::enabled))
+        .filter(|m| m.annotations.as_ref().is_some_and(annotations::managed))
         .map(|m| {
             WorkloadId::new(
                 m.namespace.clone().unwrap_or_default(),

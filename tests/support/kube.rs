@@ -281,10 +281,13 @@ impl ControlPlane {
 
     /// Whether `account` (in namespace `meshcanary`) may `verb` `resource` in `namespace`,
     /// as `kubectl auth can-i --as=system:serviceaccount:meshcanary:ACCOUNT` answers it.
+    /// `resource` may name a subresource: `canaries.flagger.app/status`.
     pub fn can_i(&self, account: &str, verb: &str, resource: &str, namespace: &str) -> bool {
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
         let out = Command::new("kubectl")
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .args(["auth", "can-i", verb, resource, "-n", namespace])
+            .arg(format!("--subresource={subresource}"))
             .arg(format!("--as=system:serviceaccount:meshcanary:{account}"))
             .output()
             .expect("kubectl");
