@@ -159,6 +159,10 @@ async fn the_loop_across_two_nodes() {
         "Istio sidecars and a Gateway API HTTPRoute: the walkthrough again",
         istio_and_the_gateway_api().await
     );
+    check!(
+        "Flagger's Canary (lab/ci-canary.yaml) as written: promotion, then rollback",
+        flagger_canary().await
+    );
     eprintln!(
         "lab checks in {:.1} s:\n{}",
         started.elapsed().as_secs_f64(),
@@ -227,6 +231,49 @@ async fn istio_and_the_gateway_api() {
             assert_eq!(metric(&url, &name).await, 0.0, "{outcome}");
         }
     }
+}
+
+/// The walkthrough with its policy in Flagger's Canary (the reference one, its interval
+/// shortened to 2 s): the same promotion and rollback, told on the Canary in Flagger's
+/// status and events.
+async fn flagger_canary() {
+    let mut options = LabOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_meshcanary")));
+    options.window = Duration::from_secs(30);
+    options.prometheus = false;
+    let mut lab = Lab::start(options).await;
+    let results = run(&mut lab, "ci-canary.yaml").await;
+    assert_eq!(results.len(), 2);
+    steps_in_order(&results[0]);
+    let ttr = results[1].ttr_router.expect("the router reached weight 0");
+    let canaries: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        lab.client.clone(),
+        support::lab::NAMESPACE,
+        &meshcanary::canary::api_resource(),
+    );
+    let canary = canaries.get(support::lab::WORKLOAD).await.unwrap();
+    let status = &canary.data["status"];
+    assert_eq!(status["phase"], "Failed", "{status}");
+    assert_eq!(status["canaryWeight"], 0);
+    assert_eq!(status["conditions"][0]["status"], "False");
+    let table = lab.cp.kubectl(&["get", "canaries", "-n", support::lab::NAMESPACE]);
+    assert!(
+        table.lines().any(|l| l.starts_with("podinfo ") && l.contains("Failed")),
+        "{table}"
+    );
+    // Nothing of meshcanary's policy on the Deployment: the Canary said it all.
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(lab.client.clone(), support::lab::NAMESPACE);
+    let d = deployments.get(support::lab::WORKLOAD).await.unwrap();
+    let keys: Vec<&String> = d
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("meshcanary.io/"))
+        .collect();
+    assert_eq!(keys, ["meshcanary.io/canary", "meshcanary.io/status"]);
+    eprintln!("from the Canary: rolled back {ttr:.1} s after the fault started");
 }
 
 /// A dead canary is rolled back within `threshold` x `interval` of its death (the

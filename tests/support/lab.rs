@@ -184,6 +184,8 @@ pub struct Lab {
     /// The agents' remote-write receiver, if [`LabOptions::prometheus`].
     pub prometheus: Option<super::Prometheus>,
     pub dir: PathBuf,
+    /// A Flagger Canary says podinfo's policy: its Deployment has no meshcanary.io/ keys.
+    pub from_canary: bool,
     _tmp: Option<TempDir>,
 }
 
@@ -221,6 +223,8 @@ impl Lab {
             manifests.join("namespace.yaml").to_str().unwrap(),
         ]);
         cp.kubectl(&["apply", "-f", manifests.join("rbac.yaml").to_str().unwrap()]);
+        // A cluster without Flagger: meshcanary's copy of its Canary CRD.
+        cp.kubectl(&["apply", "-k", manifests.join("canary-crd").to_str().unwrap()]);
         let (primary_ip, canary_ip) = (ip(2), ip(3));
         let placement: Placement = {
             let (primary_ip, canary_ip) = (primary_ip.clone(), canary_ip.clone());
@@ -294,6 +298,7 @@ impl Lab {
             cp,
             dir,
             options,
+            from_canary: false,
             _tmp: tmp,
         };
         lab.start_agents().await;
@@ -527,12 +532,38 @@ impl Lab {
         c.spawn(&bin);
     }
 
-    /// Apply `podinfo` with `image` and the walkthrough's annotations plus `extra`.
+    /// Apply a Flagger Canary (as `kubectl apply` would, server-side), once its CRD is
+    /// served; from then on podinfo's Deployment carries no `meshcanary.io/` keys.
+    pub async fn apply_canary(&mut self, canary: &serde_json::Value) {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            NAMESPACE,
+            &meshcanary::canary::api_resource(),
+        );
+        let name = canary["metadata"]["name"].as_str().expect("a Canary name");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(error) = api
+            .patch(name, &PatchParams::apply("lab").force(), &Patch::Apply(canary))
+            .await
+        {
+            // The CRD takes a moment to be served.
+            assert!(Instant::now() < deadline, "applying the Canary: {error}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.from_canary = true;
+    }
+
+    /// Apply `podinfo` with `image` and the walkthrough's annotations plus `extra` (none
+    /// when a Canary says the policy).
     pub async fn deploy(&self, image: &str, annotations: &BTreeMap<String, String>) {
-        let mut a = serde_json::json!({
-            "meshcanary.io/enabled": "true",
-            "meshcanary.io/port": "9898",
-        });
+        let mut a = if self.from_canary {
+            serde_json::json!({})
+        } else {
+            serde_json::json!({
+                "meshcanary.io/enabled": "true",
+                "meshcanary.io/port": "9898",
+            })
+        };
         let istio = self.options.router == RouterKind::GatewayApi;
         if istio {
             // North-south: the route meshcanary creates attaches to the lab's Gateway.

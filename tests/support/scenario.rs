@@ -28,6 +28,14 @@
 //!       # stop-prometheus-seconds: 60      # the remote-write receiver
 //!     expect: rollback                   # or promotion
 //! ```
+//!
+//! Or the policy comes from a Flagger Canary, applied as written (no `policy:` then):
+//!
+//! ```yaml
+//! canary:
+//!   file: lab/canary/podinfo.yaml          # a Canary of podinfo in namespace test
+//!   analysis: {interval: 2s}               # optional: fields set over spec.analysis
+//! ```
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -48,12 +56,42 @@ pub struct Scenario {
     pub runs: usize,
     pub load: Load,
     /// `meshcanary.io/<key>: value` annotations.
+    #[serde(default)]
     pub policy: BTreeMap<String, serde_norway::Value>,
+    /// Or a Flagger Canary that says the policy.
+    #[serde(default)]
+    pub canary: Option<CanarySource>,
     pub rollouts: Vec<Rollout>,
 }
 
 fn one() -> usize {
     1
+}
+
+/// A Flagger Canary file (relative to the repository) and fields set over its
+/// `spec.analysis` (the CI run shortens the interval).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CanarySource {
+    pub file: String,
+    #[serde(default)]
+    pub analysis: BTreeMap<String, serde_norway::Value>,
+}
+
+impl CanarySource {
+    /// The Canary object to apply.
+    ///
+    /// ### Errors
+    /// The file cannot be read or is not YAML.
+    pub fn object(&self) -> Result<serde_json::Value, String> {
+        let path = super::repo().join(&self.file);
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut v: serde_json::Value = serde_norway::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for (k, value) in &self.analysis {
+            v["spec"]["analysis"][k] = serde_json::to_value(value).map_err(|e| e.to_string())?;
+        }
+        Ok(v)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -150,6 +188,9 @@ impl Scenario {
         let s: Scenario = serde_norway::from_str(text).map_err(|e| e.to_string())?;
         if s.rollouts.is_empty() {
             return Err("a scenario needs at least one rollout".into());
+        }
+        if s.canary.is_some() && !s.policy.is_empty() {
+            return Err("a scenario has a policy or a canary, not both".into());
         }
         for r in &s.rollouts {
             if let Some(f) = &r.fault {
@@ -310,6 +351,10 @@ pub async fn run(
     let mut events = EventLog::default();
     let limit = Duration::from_secs(300);
     if lab.status().await.is_none() {
+        if let Some(canary) = &scenario.canary {
+            let object = canary.object().unwrap_or_else(|e| panic!("{e}"));
+            lab.apply_canary(&object).await;
+        }
         lab.deploy("ghcr.io/stefanprodan/podinfo:6.0.0", &annotations)
             .await;
         wait_status(lab, &mut events, &mut print, Duration::from_secs(90), |s| {
