@@ -210,6 +210,14 @@ const FIELDS: &[(&str, Field)] = &[
     ("analysis.alerts", Field::Refused("alerts are not sent yet")),
 ];
 
+/// Every spec field this version knows (dotted paths, `[]` for list items), and whether it
+/// is honoured (else refused unless off), for the migration guide's check.
+pub fn known_fields() -> impl Iterator<Item = (&'static str, bool)> {
+    FIELDS
+        .iter()
+        .map(|(path, f)| (*path, matches!(f, Field::Honoured)))
+}
+
 /// A value that asks for nothing.
 fn is_off(v: &Value) -> bool {
     match v {

@@ -328,3 +328,22 @@ fn readme_links_resolve() {
     }
     assert!(n >= 6, "README links to {n} files");
 }
+
+/// The migration guide names every Canary field meshcanary knows, in one of its tables
+/// (honoured, honoured differently, not honoured), so a field added to `src/canary.rs`
+/// cannot be left out of it.
+#[test]
+fn the_flagger_guide_names_every_canary_field() {
+    let guide = read("docs/migrating-from-flagger.md");
+    for (path, _) in meshcanary::canary::known_fields() {
+        let last = path.rsplit('.').next().unwrap().trim_end_matches("[]");
+        let dotted = path.replace("[]", "");
+        assert!(
+            guide.contains(&format!("`{last}`"))
+                || guide.contains(&format!("`spec.{dotted}"))
+                || guide.contains(&format!(".{last}`"))
+                || guide.contains(&format!("`{last}.")),
+            "docs/migrating-from-flagger.md does not name the Canary field spec.{path}"
+        );
+    }
+}

@@ -255,9 +255,13 @@ async fn flagger_canary() {
     assert_eq!(status["phase"], "Failed", "{status}");
     assert_eq!(status["canaryWeight"], 0);
     assert_eq!(status["conditions"][0]["status"], "False");
-    let table = lab.cp.kubectl(&["get", "canaries", "-n", support::lab::NAMESPACE]);
+    let table = lab
+        .cp
+        .kubectl(&["get", "canaries", "-n", support::lab::NAMESPACE]);
     assert!(
-        table.lines().any(|l| l.starts_with("podinfo ") && l.contains("Failed")),
+        table
+            .lines()
+            .any(|l| l.starts_with("podinfo ") && l.contains("Failed")),
         "{table}"
     );
     // Nothing of meshcanary's policy on the Deployment: the Canary said it all.

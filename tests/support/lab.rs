@@ -224,7 +224,11 @@ impl Lab {
         ]);
         cp.kubectl(&["apply", "-f", manifests.join("rbac.yaml").to_str().unwrap()]);
         // A cluster without Flagger: meshcanary's copy of its Canary CRD.
-        cp.kubectl(&["apply", "-k", manifests.join("canary-crd").to_str().unwrap()]);
+        cp.kubectl(&[
+            "apply",
+            "-k",
+            manifests.join("canary-crd").to_str().unwrap(),
+        ]);
         let (primary_ip, canary_ip) = (ip(2), ip(3));
         let placement: Placement = {
             let (primary_ip, canary_ip) = (primary_ip.clone(), canary_ip.clone());
@@ -543,7 +547,11 @@ impl Lab {
         let name = canary["metadata"]["name"].as_str().expect("a Canary name");
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Err(error) = api
-            .patch(name, &PatchParams::apply("lab").force(), &Patch::Apply(canary))
+            .patch(
+                name,
+                &PatchParams::apply("lab").force(),
+                &Patch::Apply(canary),
+            )
             .await
         {
             // The CRD takes a moment to be served.

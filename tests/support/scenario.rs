@@ -85,8 +85,10 @@ impl CanarySource {
     /// The file cannot be read or is not YAML.
     pub fn object(&self) -> Result<serde_json::Value, String> {
         let path = super::repo().join(&self.file);
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut v: serde_json::Value = serde_norway::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut v: serde_json::Value =
+            serde_norway::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         for (k, value) in &self.analysis {
             v["spec"]["analysis"][k] = serde_json::to_value(value).map_err(|e| e.to_string())?;
         }
