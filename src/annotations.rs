@@ -99,6 +99,8 @@ pub struct RolloutPolicy {
     pub adopt: bool,
     pub judge: Policy,
     pub routing: Routing,
+    /// A Canary's webhooks (none for an annotated Deployment).
+    pub webhooks: Vec<crate::webhook::Webhook>,
 }
 
 /// The routing keys as written: the router (`None`: the controller's default) and, for the
@@ -366,6 +368,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
             advance_early,
         },
         routing,
+        webhooks: Vec::new(),
     })
 }
 

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::annotations::{self, RolloutPolicy};
 use crate::rollout::{Phase, Status};
+use crate::webhook::{HookKind, Webhook};
 
 pub const GROUP: &str = "flagger.app";
 pub const VERSION: &str = "v1beta1";
@@ -133,6 +134,8 @@ fn invalid(field: &str, value: &Value, expected: &str) -> CanaryError {
 enum Field {
     /// Read by [`read`].
     Honoured,
+    /// Read by [`read`], and its keys are the user's (a webhook's `metadata`).
+    Free,
     /// Refused unless it has its "off" value; the reason is said in the Event.
     Refused(&'static str),
 }
@@ -206,7 +209,15 @@ const FIELDS: &[(&str, Field)] = &[
     ("analysis.primaryReadyThreshold", Field::Refused("readiness is the Deployment's own")),
     ("analysis.canaryReadyThreshold", Field::Refused("readiness is the Deployment's own")),
     ("analysis.sessionAffinity", Field::Refused("session affinity is not implemented")),
-    ("analysis.webhooks", Field::Refused("webhooks are not called yet")),
+    ("analysis.webhooks", Field::Honoured),
+    ("analysis.webhooks[]", Field::Honoured),
+    ("analysis.webhooks[].name", Field::Honoured),
+    ("analysis.webhooks[].type", Field::Honoured),
+    ("analysis.webhooks[].url", Field::Honoured),
+    ("analysis.webhooks[].timeout", Field::Honoured),
+    ("analysis.webhooks[].retries", Field::Honoured),
+    ("analysis.webhooks[].metadata", Field::Free),
+    ("analysis.webhooks[].muteAlert", Field::Honoured),
     ("analysis.alerts", Field::Refused("alerts are not sent yet")),
 ];
 
@@ -215,7 +226,7 @@ const FIELDS: &[(&str, Field)] = &[
 pub fn known_fields() -> impl Iterator<Item = (&'static str, bool)> {
     FIELDS
         .iter()
-        .map(|(path, f)| (*path, matches!(f, Field::Honoured)))
+        .map(|(path, f)| (*path, !matches!(f, Field::Refused(_))))
 }
 
 /// A value that asks for nothing.
@@ -255,6 +266,7 @@ fn check_fields(path: &str, v: &Value) -> Result<(), CanaryError> {
     for (p, child) in children {
         match FIELDS.iter().find(|(name, _)| *name == p) {
             Some((_, Field::Honoured)) => check_fields(&p, child)?,
+            Some((_, Field::Free)) => {}
             Some((_, Field::Refused(why))) if !is_off(child) => {
                 return Err(unsupported(&format!("spec.{p}"), why));
             }
@@ -590,6 +602,21 @@ pub fn read(
         format!("{}ms", step_deadline.as_millis()),
     );
 
+    let webhooks = match &analysis["webhooks"] {
+        Value::Null => Vec::new(),
+        Value::Array(hooks) => hooks.iter().map(webhook).collect::<Result<Vec<_>, _>>()?,
+        other => return Err(invalid("spec.analysis.webhooks", other, "a list")),
+    };
+    for (i, h) in webhooks.iter().enumerate() {
+        if webhooks[..i].iter().any(|o| o.name == h.name) {
+            return Err(CanaryError::Invalid {
+                field: format!("spec.analysis.webhooks[{}].name", h.name),
+                value: format!("{:?}", h.name),
+                expected: "a name no other webhook of the Canary has".into(),
+            });
+        }
+    }
+
     let mut policy = annotations::parse(&map).map_err(|e| {
         let field = AS_ANNOTATION.iter().find(|(a, _)| *a == e.key).map_or_else(
             || format!("metadata.annotations[{}]", e.key),
@@ -602,11 +629,80 @@ pub fn read(
         }
     })?;
     policy.ready_deadline = ready_deadline;
+    policy.webhooks = webhooks;
     Ok(CanaryWorkload {
         target,
         policy,
         port_name,
         suspend: spec["suspend"].as_bool().unwrap_or(false),
+    })
+}
+
+/// One of `analysis.webhooks`, with Flagger's defaults (type `rollout`, timeout 10 s).
+fn webhook(v: &Value) -> Result<Webhook, CanaryError> {
+    let name = match v["name"].as_str() {
+        Some(n) if !n.is_empty() => n.to_owned(),
+        _ => {
+            return Err(invalid(
+                "spec.analysis.webhooks[].name",
+                &v["name"],
+                "a name",
+            ))
+        }
+    };
+    let field = |f: &str| format!("spec.analysis.webhooks[{name}].{f}");
+    let kind = match &v["type"] {
+        Value::Null => HookKind::Rollout,
+        Value::String(s) => HookKind::parse(s).ok_or_else(|| {
+            let kinds: Vec<&str> = HookKind::ALL.iter().map(|k| k.as_str()).collect();
+            invalid(
+                &field("type"),
+                &v["type"],
+                &format!("one of {}", kinds.join(", ")),
+            )
+        })?,
+        other => return Err(invalid(&field("type"), other, "a webhook type")),
+    };
+    let url = v["url"]
+        .as_str()
+        .and_then(|u| u.parse::<http::Uri>().ok())
+        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some())
+        .ok_or_else(|| invalid(&field("url"), &v["url"], "an http:// or https:// URL"))?;
+    let timeout = match &v["timeout"] {
+        Value::Null => crate::webhook::DEFAULT_TIMEOUT,
+        t => t
+            .as_str()
+            .and_then(|s| crate::config::parse_duration(s).ok())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| invalid(&field("timeout"), t, "a duration such as 10s"))?,
+    };
+    let retries = match &v["retries"] {
+        Value::Null => 0,
+        r => r
+            .as_u64()
+            .and_then(|r| u32::try_from(r).ok())
+            .filter(|r| *r <= 10)
+            .ok_or_else(|| invalid(&field("retries"), r, "a whole number from 0 to 10"))?,
+    };
+    let metadata = match &v["metadata"] {
+        Value::Null => BTreeMap::new(),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(invalid(&field(&format!("metadata.{k}")), other, "a string")),
+            })
+            .collect::<Result<_, _>>()?,
+        other => return Err(invalid(&field("metadata"), other, "a map of strings")),
+    };
+    Ok(Webhook {
+        name,
+        kind,
+        url,
+        timeout,
+        retries,
+        metadata,
+        mute_alert: v["muteAlert"].as_bool().unwrap_or(false),
     })
 }
 
@@ -624,7 +720,14 @@ fn valid_port_name(s: &str) -> bool {
 /// last analysed), `lastPromotedSpec` the one the primary runs.
 pub fn flagger_status(s: &Status) -> Value {
     let at = rfc3339(s.last_transition_ms);
+    let waiting = "Waiting for approval (a confirm webhook).";
     let (promoted, reason, message) = match s.phase {
+        Phase::Progressing
+            if s.gate
+                .is_some_and(|g| g != crate::webhook::HookKind::ConfirmTrafficIncrease) =>
+        {
+            ("Unknown", "Waiting", waiting)
+        }
         Phase::Initializing => (
             "Unknown",
             "Initializing",
@@ -657,7 +760,7 @@ pub fn flagger_status(s: &Status) -> Value {
         ),
     };
     json!({
-        "phase": s.phase.as_str(),
+        "phase": flagger_phase(s),
         "canaryWeight": s.canary_weight,
         "failedChecks": s.failed_checks,
         "iterations": 0,
@@ -673,6 +776,18 @@ pub fn flagger_status(s: &Status) -> Value {
             "lastTransitionTime": at,
         }],
     })
+}
+
+/// Flagger's phase: meshcanary's, or `Waiting` at the `confirm-rollout` gate and
+/// `WaitingPromotion` at the `confirm-promotion` gate.
+pub fn flagger_phase(s: &Status) -> &'static str {
+    match (s.phase, s.gate) {
+        (Phase::Progressing, Some(crate::webhook::HookKind::ConfirmRollout)) => "Waiting",
+        (Phase::Progressing, Some(crate::webhook::HookKind::ConfirmPromotion)) => {
+            "WaitingPromotion"
+        }
+        (phase, _) => phase.as_str(),
+    }
 }
 
 /// Unix milliseconds as RFC 3339 in UTC, to the second (as Kubernetes writes times).
@@ -763,9 +878,9 @@ mod tests {
     fn a_field_not_honoured_is_named_and_an_off_one_is_accepted() {
         let cases = [
             (
-                "/analysis/webhooks",
-                json!([{"name": "load-test", "url": "http://t/"}]),
-                "spec.analysis.webhooks",
+                "/analysis/alerts",
+                json!([{"name": "on-call", "severity": "error"}]),
+                "spec.analysis.alerts",
             ),
             ("/analysis/mirror", json!(true), "spec.analysis.mirror"),
             (
@@ -807,6 +922,55 @@ mod tests {
         off["analysis"]["mirror"] = json!(false);
         off["revertOnDeletion"] = json!(false);
         assert!(read(&opted_in(), &off).is_ok());
+    }
+
+    #[test]
+    fn webhooks_read_with_flaggers_defaults() {
+        let mut spec = walkthrough();
+        spec["analysis"]["webhooks"] = json!([
+            {"name": "load-test", "url": "http://flagger-loadtester.test/", "timeout": "5s",
+             "metadata": {"cmd": "hey -z 1m -q 10 -c 2 http://podinfo-canary.test:9898/"}},
+            {"name": "gate", "type": "confirm-promotion", "url": "https://gate.example/approve",
+             "retries": 2, "muteAlert": true},
+        ]);
+        let hooks = read(&opted_in(), &spec).unwrap().policy.webhooks;
+        assert_eq!(hooks.len(), 2);
+        assert_eq!(hooks[0].kind, HookKind::Rollout, "Flagger's default type");
+        assert_eq!(hooks[0].timeout, Duration::from_secs(5));
+        assert_eq!(
+            hooks[0].metadata["cmd"],
+            "hey -z 1m -q 10 -c 2 http://podinfo-canary.test:9898/"
+        );
+        assert_eq!(hooks[1].kind, HookKind::ConfirmPromotion);
+        assert_eq!(hooks[1].timeout, crate::webhook::DEFAULT_TIMEOUT);
+        assert_eq!((hooks[1].retries, hooks[1].mute_alert), (2, true));
+        for (hook, field) in [
+            (
+                json!({"name": "x", "type": "pre_rollout", "url": "http://a/"}),
+                "spec.analysis.webhooks[x].type",
+            ),
+            (
+                json!({"name": "x", "url": "ftp://a/"}),
+                "spec.analysis.webhooks[x].url",
+            ),
+            (
+                json!({"name": "x", "url": "http://a/", "timeout": "soon"}),
+                "spec.analysis.webhooks[x].timeout",
+            ),
+            (
+                json!({"name": "x", "url": "http://a/", "metadata": {"n": 1}}),
+                "spec.analysis.webhooks[x].metadata.n",
+            ),
+            (json!({"url": "http://a/"}), "spec.analysis.webhooks[].name"),
+        ] {
+            spec["analysis"]["webhooks"] = json!([hook]);
+            let e = read(&opted_in(), &spec).unwrap_err();
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+        spec["analysis"]["webhooks"] =
+            json!([{"name": "x", "url": "http://a/"}, {"name": "x", "url": "http://b/"}]);
+        let e = read(&opted_in(), &spec).unwrap_err();
+        assert!(e.to_string().contains("no other webhook"), "{e}");
     }
 
     #[test]
@@ -874,6 +1038,8 @@ mod tests {
             halted: false,
             last_failed_check_ms: 0,
             not_ready_since_ms: 0,
+            gate: None,
+            gate_since_ms: 0,
         };
         let v = flagger_status(&s);
         assert_eq!(v["phase"], "Failed");

@@ -17,6 +17,7 @@
 //! duration).
 
 pub mod events;
+pub mod hooks;
 pub mod metrics;
 pub mod objects;
 
@@ -200,6 +201,8 @@ pub struct Controller<R, W> {
     exported: Vec<WorkloadId>,
     /// Periodic re-checks still allowed in this tick ([`RECHECKS_PER_TICK`]).
     rechecks_left: usize,
+    /// Calls Canaries' webhooks and keeps their answers.
+    hooks: hooks::HookRunner,
     /// Beaten every loop iteration, for `/healthz`.
     heartbeat: crate::telemetry::Heartbeat,
     /// Set once the Deployment cache has synced, for `/readyz`.
@@ -215,7 +218,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         metrics: ControllerMetrics,
     ) -> Self {
         let events = events::Events::new(client.clone(), config.identity.clone());
+        let hooks = hooks::HookRunner::new(metrics.webhook_calls.clone());
         Controller {
+            hooks,
             client,
             router,
             windows,
@@ -523,6 +528,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         self.conflicts.retain(|k, _| seen.contains(k));
         self.refused.retain(|k, _| seen.contains(k));
         self.no_inbound.retain(|k, _| seen.contains(k));
+        self.hooks.retain(|k| seen.contains(k));
         for id in std::mem::take(&mut self.exported) {
             if !seen.contains(&id) {
                 self.forget(JudgeLabels::from(&id));
@@ -1038,6 +1044,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             primary,
             weight,
             judgement: judgement.clone(),
+            hooks: self.hooks.answers(&id),
         };
         let who = rollout::Workload {
             name: &name,
@@ -1051,6 +1058,48 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             self.show_on_canary(canary, &tr.status, leader).await?;
         }
         self.export(&labels, &tr.status, &policy, analysed.as_ref());
+        for (hook, kind, error) in self.hooks.new_failures(&id) {
+            let message = format!("Webhook {hook} ({kind}) of {name}.{namespace} failed: {error}");
+            tracing::warn!(reason = "WebhookFailed", "{message}");
+            self.event(&subject, Severity::Warning, "WebhookFailed", message)
+                .await;
+        }
+        let payload =
+            |hook: &crate::webhook::Webhook,
+             metadata: Option<std::collections::BTreeMap<String, String>>| {
+                crate::webhook::Payload {
+                    name: subject.name.clone().unwrap_or_default(),
+                    namespace: namespace.clone(),
+                    phase: canary::flagger_phase(&tr.status).to_owned(),
+                    checksum: tr.status.revision.clone(),
+                    metadata: metadata.unwrap_or_else(|| hook.metadata.clone()),
+                }
+            };
+        let mut calls = Vec::new();
+        let mut notes = Vec::new();
+        for action in &tr.actions {
+            match action {
+                Action::CallHook { name, after_ms } => {
+                    if let Some(hook) = policy.webhooks.iter().find(|h| &h.name == name) {
+                        calls.push((hook, payload(hook, None), *after_ms));
+                    }
+                }
+                Action::Event {
+                    severity, message, ..
+                } => {
+                    let warning = *severity == Severity::Warning;
+                    for hook in policy
+                        .webhooks
+                        .iter()
+                        .filter(|h| h.kind == crate::webhook::HookKind::Event)
+                    {
+                        let metadata = crate::webhook::event_metadata(message, warning, now_ms);
+                        notes.push((hook, payload(hook, Some(metadata))));
+                    }
+                }
+                _ => {}
+            }
+        }
         for action in tr.actions {
             self.ensure_leader(leader)?;
             match action {
@@ -1073,6 +1122,8 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 Action::ResetJudge => {
                     self.analysis.reset(&id, &policy.judge);
                 }
+                // Carried out below, once the leader check has passed for the others.
+                Action::CallHook { .. } => {}
                 Action::Decision(d) => {
                     self.metrics
                         .decisions
@@ -1095,6 +1146,13 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     self.event(&subject, severity, reason, message).await;
                 }
             }
+        }
+        self.ensure_leader(leader)?;
+        for (hook, payload, after_ms) in calls {
+            self.hooks.call(&id, hook, payload, after_ms, now_ms);
+        }
+        for (hook, payload) in notes {
+            self.hooks.notify(hook, payload);
         }
         Ok(())
     }

@@ -28,5 +28,6 @@ pub mod simulate;
 pub mod statsd;
 pub mod telemetry;
 pub mod watch;
+pub mod webhook;
 pub mod window;
 pub mod workload;

@@ -27,8 +27,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::annotations::RolloutPolicy;
 use crate::judge::{Judgement, Message, Verdict};
+use crate::webhook::{Answer, HookKind};
 
 /// Flagger's phase names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +96,11 @@ pub struct Status {
     /// (0: it is ready).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_ready_since_ms: u64,
+    /// The `confirm-*` webhooks the rollout waits at, and since when (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<HookKind>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gate_since_ms: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -165,6 +173,8 @@ pub struct Observed {
     pub weight: Option<u8>,
     /// The judge's view of the canary since the analysis began; `None` before it begins.
     pub judgement: Option<Judgement>,
+    /// The latest answer of each webhook, by name.
+    pub hooks: BTreeMap<String, Answer>,
 }
 
 /// Normal or Warning, as Kubernetes Events have it.
@@ -185,6 +195,12 @@ pub enum Action {
     SetWeight(u8),
     /// Forget the judge's evidence: an analysis begins.
     ResetJudge,
+    /// Make sure the webhook `name` has an answer from a call begun at or after `after_ms`:
+    /// call it once that time has come, unless such a call is under way or answered.
+    CallHook {
+        name: String,
+        after_ms: u64,
+    },
     /// A decision, for the decision metrics.
     Decision(Decision),
     Event {
@@ -250,13 +266,54 @@ impl Transition {
         self.status.halted = false;
     }
 
-    /// Progressing with `revision`, from weight 0 and no failed checks, not yet analysing.
-    fn begin_revision(&mut self, revision: &str, now_ms: u64) {
+    /// Progressing with `revision`, from weight 0 and no failed checks, not yet analysing;
+    /// at the `confirm-rollout` gate if the policy has one.
+    fn begin_revision(&mut self, policy: &RolloutPolicy, revision: &str, now_ms: u64) {
         self.enter(Phase::Progressing, now_ms);
         self.status.revision = revision.to_owned();
         self.status.canary_weight = 0;
         self.status.failed_checks = 0;
         self.status.analysing = false;
+        self.status.gate = None;
+        self.status.gate_since_ms = 0;
+        if has_hooks(policy, HookKind::ConfirmRollout) {
+            self.wait_at(HookKind::ConfirmRollout, now_ms);
+        }
+    }
+
+    fn wait_at(&mut self, gate: HookKind, now_ms: u64) {
+        self.status.gate = Some(gate);
+        self.status.gate_since_ms = now_ms;
+        self.status.halted = false;
+    }
+
+    /// Ask for an answer of every hook of `kind` begun at or after `since_ms`, again
+    /// `every_ms` after the last one while it is not a success (or, with `always`, in any
+    /// case).
+    fn ask(
+        &mut self,
+        policy: &RolloutPolicy,
+        obs: &Observed,
+        kind: HookKind,
+        since_ms: u64,
+        every_ms: u64,
+        always: bool,
+    ) {
+        for hook in policy.webhooks.iter().filter(|h| h.kind == kind) {
+            let last = obs
+                .hooks
+                .get(&hook.name)
+                .filter(|a| a.started_ms >= since_ms);
+            let after_ms = match last {
+                None => since_ms,
+                Some(a) if a.error.is_some() || always => a.started_ms.saturating_add(every_ms),
+                Some(_) => continue,
+            };
+            self.actions.push(Action::CallHook {
+                name: hook.name.clone(),
+                after_ms,
+            });
+        }
     }
 
     /// Keep the router and the canary's size where the status says they should be.
@@ -302,6 +359,8 @@ pub fn step(
                 halted: false,
                 last_failed_check_ms: 0,
                 not_ready_since_ms: 0,
+                gate: None,
+                gate_since_ms: 0,
             },
             actions: vec![Action::Bootstrap],
         };
@@ -333,13 +392,22 @@ pub fn step(
             if known {
                 tr.converge(obs, 0);
             } else {
-                tr.begin_revision(hash, now_ms);
-                tr.event(
-                    Severity::Normal,
-                    "Synced",
-                    format!("New revision detected! Scaling up {t}"),
-                );
-                tr.converge(obs, primary_replicas);
+                tr.begin_revision(policy, hash, now_ms);
+                if tr.status.gate.is_some() {
+                    tr.event(
+                        Severity::Normal,
+                        "Synced",
+                        format!("New revision detected! Waiting for approval of {t}"),
+                    );
+                    confirm_rollout(&mut tr, obs, policy, &t, primary_replicas, now_ms);
+                } else {
+                    tr.event(
+                        Severity::Normal,
+                        "Synced",
+                        format!("New revision detected! Scaling up {t}"),
+                    );
+                    tr.converge(obs, primary_replicas);
+                }
             }
         }
         Phase::Progressing => progressing(&mut tr, obs, policy, &t, primary_replicas, now_ms),
@@ -351,7 +419,7 @@ pub fn step(
             if !copied && obs.canary.template_hash != status.revision {
                 // The template changed after the analysis (a failed copy retried, a new
                 // leader): copying now would promote an unanalysed revision. Analyse it.
-                tr.begin_revision(&obs.canary.template_hash, now_ms);
+                tr.begin_revision(policy, &obs.canary.template_hash, now_ms);
                 tr.event(
                     Severity::Normal,
                     "Synced",
@@ -387,6 +455,13 @@ pub fn step(
             }
         }
     }
+    // After a promotion or a rollback: the `post-rollout` hooks, once.
+    let ended = matches!(tr.status.phase, Phase::Succeeded | Phase::Failed);
+    if ended && tr.status.phase != status.phase {
+        tr.status.gate = None;
+        tr.status.gate_since_ms = 0;
+        tr.ask(policy, obs, HookKind::PostRollout, now_ms, 0, false);
+    }
     tr
 }
 
@@ -400,17 +475,77 @@ fn progressing(
 ) {
     let status = tr.status.clone();
     if obs.canary.template_hash != status.revision {
-        tr.begin_revision(&obs.canary.template_hash, now_ms);
+        tr.begin_revision(policy, &obs.canary.template_hash, now_ms);
         tr.event(
             Severity::Normal,
             "Synced",
             format!("New revision detected! Restarting analysis for {t}"),
         );
-        tr.converge(obs, primary_replicas);
+        let replicas = if tr.status.gate.is_some() {
+            0
+        } else {
+            primary_replicas
+        };
+        tr.converge(obs, replicas);
+        return;
+    }
+    // A `rollback` hook that answers 2xx ends the rollout, analysing or waiting.
+    let poll = gate_poll_ms(policy);
+    tr.ask(
+        policy,
+        obs,
+        HookKind::Rollback,
+        status.last_transition_ms,
+        poll,
+        true,
+    );
+    if let Some(name) = passed_one(policy, obs, HookKind::Rollback, status.last_transition_ms) {
+        let why = format!("Rolling back {t} manual webhook invoked: {name}");
+        fail(tr, t, why, now_ms);
+        return;
+    }
+    if status.gate == Some(HookKind::ConfirmRollout) {
+        confirm_rollout(tr, obs, policy, t, primary_replicas, now_ms);
         return;
     }
     if !status.analysing {
         if obs.canary.ready && obs.canary.replicas > 0 {
+            // Before any traffic: the `pre-rollout` hooks (an acceptance test).
+            let since = status.step_started_ms;
+            tr.ask(
+                policy,
+                obs,
+                HookKind::PreRollout,
+                since,
+                interval_ms(policy),
+                false,
+            );
+            match hooks_state(policy, obs, HookKind::PreRollout, since) {
+                Hooks::Passed => {}
+                Hooks::Waiting => {
+                    tr.converge(obs, primary_replicas);
+                    return;
+                }
+                Hooks::Failed { name, why } => {
+                    let why =
+                        format!("Halt {t} advancement pre-rollout check {name} failed: {why}");
+                    if !failed_check(tr, policy, t, why, now_ms) {
+                        tr.converge(obs, primary_replicas);
+                    }
+                    return;
+                }
+            }
+            for hook in policy
+                .webhooks
+                .iter()
+                .filter(|h| h.kind == HookKind::PreRollout)
+            {
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    format!("Pre-rollout check {} passed", hook.name),
+                );
+            }
             tr.status.analysing = true;
             tr.status.canary_weight = policy.step_weights[0];
             tr.status.step_started_ms = now_ms;
@@ -436,7 +571,9 @@ fn progressing(
         tr.converge(obs, primary_replicas);
         return;
     }
-    if now_ms.saturating_sub(status.step_started_ms) > deadline_ms(policy) {
+    // Waiting for a person at a `confirm-*` gate is not a canary without progress.
+    let waiting = status.gate.is_some();
+    if !waiting && now_ms.saturating_sub(status.step_started_ms) > deadline_ms(policy) {
         let why = format!(
             "Rolling back {t} progress deadline exceeded: no progress at canary weight {} for {}",
             status.canary_weight,
@@ -470,6 +607,24 @@ fn progressing(
         return;
     }
     tr.status.not_ready_since_ms = 0;
+    // The `rollout` hooks (a load test), once per step and at least once per interval; a
+    // failure is a failed check, and a step advances only past answers from within it.
+    let step = status.step_started_ms;
+    tr.ask(
+        policy,
+        obs,
+        HookKind::Rollout,
+        step,
+        interval_ms(policy),
+        true,
+    );
+    let hooks = hooks_state(policy, obs, HookKind::Rollout, step);
+    if let Hooks::Failed { name, why } = &hooks {
+        let why = format!("Halt {t} advancement external check {name} failed: {why}");
+        if failed_check(tr, policy, t, why, now_ms) {
+            return;
+        }
+    }
     let verdict = obs.judgement.as_ref().map(|j| &j.verdict);
     match verdict {
         None | Some(Verdict::NoData { .. }) => {
@@ -511,34 +666,203 @@ fn progressing(
         Some(Verdict::Pass { early }) => {
             let served = now_ms.saturating_sub(status.step_started_ms);
             let due = served >= policy.interval.as_millis() as u64;
-            if due || (*early && policy.judge.advance_early) {
-                match next_weight(policy, status.canary_weight) {
-                    Some(w) => {
-                        tr.status.canary_weight = w;
-                        tr.status.step_started_ms = now_ms;
-                        tr.status.halted = false;
-                        tr.event(
-                            Severity::Normal,
-                            "Synced",
-                            format!("Advance {t} canary weight {w}"),
-                        );
-                        tr.actions.push(Action::Decision(Decision::Advance));
-                    }
-                    None => {
-                        let (name, namespace) = t.split_once('.').unwrap_or((t, ""));
-                        tr.enter(Phase::Promoting, now_ms);
-                        tr.event(
-                            Severity::Normal,
-                            "Synced",
-                            format!("Copying {t} template spec to {name}-primary.{namespace}"),
-                        );
-                        tr.actions.push(Action::Promote);
+            if (due || (*early && policy.judge.advance_early)) && hooks == Hooks::Passed {
+                let next = next_weight(policy, status.canary_weight);
+                // Each advance, and the promotion, may wait at its `confirm-*` gate; the
+                // analysis (and the rollout hooks) go on meanwhile, as in Flagger.
+                let gate = match next {
+                    Some(_) => HookKind::ConfirmTrafficIncrease,
+                    None => HookKind::ConfirmPromotion,
+                };
+                if gated(tr, obs, policy, t, gate, now_ms) {
+                    match next {
+                        Some(w) => {
+                            tr.status.canary_weight = w;
+                            tr.status.step_started_ms = now_ms;
+                            tr.status.halted = false;
+                            tr.event(
+                                Severity::Normal,
+                                "Synced",
+                                format!("Advance {t} canary weight {w}"),
+                            );
+                            tr.actions.push(Action::Decision(Decision::Advance));
+                        }
+                        None => {
+                            let (name, namespace) = t.split_once('.').unwrap_or((t, ""));
+                            tr.enter(Phase::Promoting, now_ms);
+                            tr.event(
+                                Severity::Normal,
+                                "Synced",
+                                format!("Copying {t} template spec to {name}-primary.{namespace}"),
+                            );
+                            tr.actions.push(Action::Promote);
+                        }
                     }
                 }
             }
         }
     }
     tr.converge(obs, primary_replicas);
+}
+
+/// Whether the step past the `gate` may be taken now: there is no hook of the kind, or
+/// every one has answered 2xx since the rollout came to the gate. Otherwise the rollout
+/// waits there (one Event), asking again every [`gate_poll_ms`].
+fn gated(
+    tr: &mut Transition,
+    obs: &Observed,
+    policy: &RolloutPolicy,
+    t: &str,
+    gate: HookKind,
+    now_ms: u64,
+) -> bool {
+    if !has_hooks(policy, gate) {
+        return true;
+    }
+    if tr.status.gate != Some(gate) {
+        tr.wait_at(gate, now_ms);
+    }
+    let since = tr.status.gate_since_ms;
+    tr.ask(policy, obs, gate, since, gate_poll_ms(policy), false);
+    match hooks_state(policy, obs, gate, since) {
+        Hooks::Passed => {
+            tr.status.gate = None;
+            tr.status.gate_since_ms = 0;
+            tr.event(
+                Severity::Normal,
+                "Synced",
+                format!("{} check passed for {t}", capitalised(gate)),
+            );
+            true
+        }
+        state => {
+            if !tr.status.halted {
+                tr.status.halted = true;
+                let names: Vec<&str> = policy
+                    .webhooks
+                    .iter()
+                    .filter(|h| h.kind == gate)
+                    .map(|h| h.name.as_str())
+                    .collect();
+                let what = match gate {
+                    HookKind::ConfirmRollout => "approval",
+                    HookKind::ConfirmPromotion => "promotion approval",
+                    _ => "traffic increase approval",
+                };
+                let mut message = format!(
+                    "Halt {t} advancement waiting for {what} {}",
+                    names.join(", ")
+                );
+                if let Hooks::Failed { name, why } = state {
+                    message.push_str(&format!(" ({name} {why})"));
+                }
+                tr.event(Severity::Normal, "Synced", message);
+                tr.actions.push(Action::Decision(Decision::Halt));
+            }
+            false
+        }
+    }
+}
+
+/// At the `confirm-rollout` gate: the canary stays at 0 replicas until it passes; then the
+/// canary is scaled up and its readiness clock starts.
+fn confirm_rollout(
+    tr: &mut Transition,
+    obs: &Observed,
+    policy: &RolloutPolicy,
+    t: &str,
+    primary_replicas: i32,
+    now_ms: u64,
+) {
+    if gated(tr, obs, policy, t, HookKind::ConfirmRollout, now_ms) {
+        tr.status.step_started_ms = now_ms;
+        tr.event(
+            Severity::Normal,
+            "Synced",
+            format!("New revision detected! Scaling up {t}"),
+        );
+        tr.converge(obs, primary_replicas);
+    } else {
+        tr.converge(obs, 0);
+    }
+}
+
+/// `Confirm-rollout` and the like, as Flagger starts its messages.
+fn capitalised(kind: HookKind) -> String {
+    let s = kind.as_str();
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+        .unwrap_or_default()
+}
+
+/// Where the hooks of one kind stand, counting answers to calls begun at or after a time.
+#[derive(Debug, PartialEq, Eq)]
+enum Hooks {
+    /// Every one answered 2xx (or there is none).
+    Passed,
+    /// Some have not answered yet; none failed.
+    Waiting,
+    /// This one did not answer 2xx.
+    Failed { name: String, why: String },
+}
+
+fn has_hooks(policy: &RolloutPolicy, kind: HookKind) -> bool {
+    policy.webhooks.iter().any(|h| h.kind == kind)
+}
+
+fn hooks_state(policy: &RolloutPolicy, obs: &Observed, kind: HookKind, since_ms: u64) -> Hooks {
+    let mut state = Hooks::Passed;
+    for hook in policy.webhooks.iter().filter(|h| h.kind == kind) {
+        match obs
+            .hooks
+            .get(&hook.name)
+            .filter(|a| a.started_ms >= since_ms)
+        {
+            Some(Answer {
+                error: Some(why), ..
+            }) => {
+                return Hooks::Failed {
+                    name: hook.name.clone(),
+                    why: why.clone(),
+                }
+            }
+            Some(_) => {}
+            None => state = Hooks::Waiting,
+        }
+    }
+    state
+}
+
+/// The first hook of `kind` that answered 2xx to a call begun at or after `since_ms`.
+fn passed_one(
+    policy: &RolloutPolicy,
+    obs: &Observed,
+    kind: HookKind,
+    since_ms: u64,
+) -> Option<String> {
+    policy
+        .webhooks
+        .iter()
+        .filter(|h| h.kind == kind)
+        .find(|h| {
+            obs.hooks
+                .get(&h.name)
+                .is_some_and(|a| a.started_ms >= since_ms && a.error.is_none())
+        })
+        .map(|h| h.name.clone())
+}
+
+fn interval_ms(policy: &RolloutPolicy) -> u64 {
+    u64::try_from(policy.interval.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How often a gate (or a `rollback` hook) is asked again: every interval, at most 5 s
+/// apart, so a person who opens a gate is not kept waiting for a one-minute interval.
+pub const GATE_POLL_MAX_MS: u64 = 5_000;
+
+fn gate_poll_ms(policy: &RolloutPolicy) -> u64 {
+    interval_ms(policy).min(GATE_POLL_MAX_MS)
 }
 
 /// Count a failed check (with its Warning) unless one was counted within this interval;
@@ -650,8 +974,6 @@ pub fn next_weight(policy: &RolloutPolicy, current: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::judge::{Evidence, FailedCheck, Test};
 
@@ -692,6 +1014,10 @@ mod tests {
         failing_promotes: usize,
         /// Every template the primary has run.
         primary_ran: Vec<String>,
+        /// What each webhook answers when called (`None`: 2xx); a hook not here hangs.
+        answers: BTreeMap<String, Option<String>>,
+        /// Every webhook call, in order.
+        called: Vec<String>,
     }
 
     impl World {
@@ -708,12 +1034,15 @@ mod tests {
                     primary: None,
                     weight: None,
                     judgement: None,
+                    hooks: BTreeMap::new(),
                 },
                 events: vec![],
                 weights: vec![],
                 now_ms: 1_000_000,
                 failing_promotes: 0,
                 primary_ran: vec![],
+                answers: BTreeMap::new(),
+                called: vec![],
             }
         }
 
@@ -746,6 +1075,26 @@ mod tests {
                     }
                     Action::Event { message, .. } => self.events.push(message.clone()),
                     Action::ResetJudge | Action::Decision(_) => {}
+                    Action::CallHook { name, after_ms } => {
+                        let fresh = self
+                            .obs
+                            .hooks
+                            .get(name)
+                            .is_some_and(|a| a.started_ms >= *after_ms);
+                        if self.now_ms < *after_ms || fresh {
+                            continue;
+                        }
+                        self.called.push(name.clone());
+                        if let Some(error) = self.answers.get(name) {
+                            self.obs.hooks.insert(
+                                name.clone(),
+                                Answer {
+                                    started_ms: self.now_ms,
+                                    error: error.clone(),
+                                },
+                            );
+                        }
+                    }
                 }
             }
             tr.actions
@@ -777,6 +1126,205 @@ mod tests {
                 self.status, self.events
             );
         }
+    }
+
+    /// The policy with one webhook of each `(name, type)`.
+    fn hooked(hooks: &[(&str, HookKind)]) -> RolloutPolicy {
+        let mut p = policy();
+        p.webhooks = hooks
+            .iter()
+            .map(|(name, kind)| crate::webhook::Webhook {
+                name: (*name).to_owned(),
+                kind: *kind,
+                url: "http://127.0.0.1:1/".parse().unwrap(),
+                timeout: crate::webhook::DEFAULT_TIMEOUT,
+                retries: 0,
+                metadata: BTreeMap::new(),
+                mute_alert: false,
+            })
+            .collect();
+        p
+    }
+
+    fn step_ticks(w: &mut World, p: &RolloutPolicy, ticks: usize) {
+        for _ in 0..ticks {
+            w.tick(p);
+            w.now_ms += 1000;
+        }
+    }
+
+    #[test]
+    fn a_closed_confirm_rollout_gate_keeps_the_canary_at_zero_until_it_opens() {
+        let p = hooked(&[("gate", HookKind::ConfirmRollout)]);
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers
+            .insert("gate".into(), Some("answered HTTP 403".into()));
+        step_ticks(&mut w, &p, 30);
+        let s = w.status.clone().unwrap();
+        assert_eq!(
+            (s.phase, s.gate),
+            (Phase::Progressing, Some(HookKind::ConfirmRollout))
+        );
+        assert_eq!(crate::canary::flagger_phase(&s), "Waiting");
+        assert_eq!(w.obs.canary.replicas, 0, "not scaled up");
+        assert!(w.weights.iter().all(|x| *x == 0), "{:?}", w.weights);
+        // Asked again every 5 s (the poll), not every tick; one Event, not one per answer.
+        assert_eq!(w.called.len(), 6, "{:?}", w.called);
+        let waits = w
+            .events
+            .iter()
+            .filter(|e| e.contains("waiting for approval gate"))
+            .count();
+        assert_eq!(waits, 1, "{:#?}", w.events);
+        // Waiting for a person is not a stuck step: far past the deadline, still waiting.
+        w.now_ms += p.progress_deadline.as_millis() as u64 * 2;
+        step_ticks(&mut w, &p, 2);
+        assert_eq!(w.phase(), Phase::Progressing);
+        w.answers.insert("gate".into(), None);
+        w.run_until(&p, Phase::Succeeded, 200);
+        assert!(w
+            .events
+            .contains(&"Confirm-rollout check passed for podinfo.test".to_owned()));
+        assert_eq!(w.weights, vec![2, 5, 10, 20, 30, 50, 0]);
+    }
+
+    #[test]
+    fn a_failing_pre_rollout_hook_fails_checks_before_any_traffic_and_rolls_back() {
+        let p = hooked(&[("acceptance", HookKind::PreRollout)]);
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers.insert(
+            "acceptance".into(),
+            Some("answered HTTP 500: \"no\"".into()),
+        );
+        w.run_until(&p, Phase::Failed, 60);
+        assert!(
+            w.weights.iter().all(|x| *x == 0),
+            "no traffic: {:?}",
+            w.weights
+        );
+        let s = w.status.clone().unwrap();
+        assert_eq!(s.failed_checks, 2);
+        assert!(
+            w.events.contains(&"Halt podinfo.test advancement pre-rollout check acceptance failed: answered HTTP 500: \"no\"".to_owned()),
+            "{:#?}",
+            w.events
+        );
+        // Retried once per interval (10 s), as the failed checks are counted.
+        assert_eq!(w.called.len(), 2, "{:?}", w.called);
+        // And a passing one lets the analysis start.
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers.insert("acceptance".into(), None);
+        w.run_until(&p, Phase::Succeeded, 200);
+        let at = |m: &str| w.events.iter().position(|e| e == m).unwrap();
+        assert!(
+            at("Pre-rollout check acceptance passed")
+                < at("Starting canary analysis for podinfo.test")
+        );
+    }
+
+    #[test]
+    fn rollout_hooks_run_every_step_and_a_failure_is_a_failed_check() {
+        let p = hooked(&[("load-test", HookKind::Rollout)]);
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers.insert("load-test".into(), None);
+        w.run_until(&p, Phase::Succeeded, 200);
+        assert_eq!(w.weights, vec![2, 5, 10, 20, 30, 50, 0]);
+        // At least once in each of the six steps (each one interval long).
+        assert!(w.called.len() >= 6, "{:?}", w.called);
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers
+            .insert("load-test".into(), Some("no answer within 10s".into()));
+        w.run_until(&p, Phase::Failed, 60);
+        assert_eq!(
+            w.weights.iter().max(),
+            Some(&2),
+            "never advanced: {:?}",
+            w.weights
+        );
+        assert!(w.events.iter().any(|e| e == "Halt podinfo.test advancement external check load-test failed: no answer within 10s"), "{:#?}", w.events);
+    }
+
+    #[test]
+    fn traffic_increase_and_promotion_gates_hold_the_step_while_the_analysis_goes_on() {
+        let p = hooked(&[
+            ("more", HookKind::ConfirmTrafficIncrease),
+            ("promote", HookKind::ConfirmPromotion),
+        ]);
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers
+            .insert("more".into(), Some("answered HTTP 403".into()));
+        w.answers
+            .insert("promote".into(), Some("answered HTTP 403".into()));
+        step_ticks(&mut w, &p, 60);
+        assert_eq!(w.status.as_ref().unwrap().canary_weight, 2);
+        assert_eq!(
+            w.status.as_ref().unwrap().gate,
+            Some(HookKind::ConfirmTrafficIncrease)
+        );
+        // A failing window still counts and rolls back at a gate.
+        let mut failing = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        failing.answers = w.answers.clone();
+        step_ticks(&mut failing, &p, 20);
+        failing.obs.judgement = judged(Verdict::Failed(FailedCheck::SuccessRate {
+            value: 0.5,
+            min: 0.99,
+        }));
+        failing.run_until(&p, Phase::Failed, 60);
+        // Open the traffic gate: up to the last step, then held at the promotion gate.
+        w.answers.insert("more".into(), None);
+        step_ticks(&mut w, &p, 120);
+        let s = w.status.clone().unwrap();
+        assert_eq!(
+            (s.canary_weight, s.gate),
+            (50, Some(HookKind::ConfirmPromotion))
+        );
+        assert_eq!(crate::canary::flagger_phase(&s), "WaitingPromotion");
+        w.answers.insert("promote".into(), None);
+        w.run_until(&p, Phase::Succeeded, 60);
+        assert!(
+            w.events.iter().any(|e| e.starts_with(
+                "Halt podinfo.test advancement waiting for promotion approval promote"
+            )),
+            "{:#?}",
+            w.events
+        );
+    }
+
+    #[test]
+    fn a_rollback_hook_that_answers_rolls_back_and_post_rollout_hooks_run_once_after() {
+        let p = hooked(&[
+            ("abort", HookKind::Rollback),
+            ("notify", HookKind::PostRollout),
+        ]);
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers
+            .insert("abort".into(), Some("answered HTTP 403".into()));
+        w.answers.insert(
+            "notify".into(),
+            Some("unreachable: connection refused".into()),
+        );
+        step_ticks(&mut w, &p, 25);
+        assert_eq!(w.phase(), Phase::Progressing);
+        assert!(w.called.iter().all(|c| c == "abort"), "{:?}", w.called);
+        w.answers.insert("abort".into(), None);
+        w.run_until(&p, Phase::Failed, 10);
+        assert!(
+            w.events
+                .contains(&"Rolling back podinfo.test manual webhook invoked: abort".to_owned()),
+            "{:#?}",
+            w.events
+        );
+        step_ticks(&mut w, &p, 20);
+        let notified = w.called.iter().filter(|c| *c == "notify").count();
+        assert_eq!(notified, 1, "once, failure or not: {:?}", w.called);
+        // And after a promotion.
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers
+            .insert("abort".into(), Some("answered HTTP 403".into()));
+        w.answers.insert("notify".into(), None);
+        w.run_until(&p, Phase::Succeeded, 200);
+        step_ticks(&mut w, &p, 20);
+        assert_eq!(w.called.iter().filter(|c| *c == "notify").count(), 1);
     }
 
     #[test]
@@ -1220,6 +1768,8 @@ mod tests {
             halted: false,
             last_failed_check_ms: 0,
             not_ready_since_ms: 0,
+            gate: None,
+            gate_since_ms: 0,
         };
         assert_eq!(s.validate(now), Err(StatusError::Weight(250)));
         s.canary_weight = 5;

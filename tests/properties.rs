@@ -206,6 +206,7 @@ proptest! {
             primary: Some(DeploymentState { replicas: 1, ready: true, settled: true, template_hash: "v1".into() }),
             weight,
             judgement: None,
+            hooks: BTreeMap::new(),
         };
         let who = rollout::Workload { name: "podinfo", namespace: "test" };
         let tr = rollout::step(Some(&status), &obs, &policy, &who, NOW);

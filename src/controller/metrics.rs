@@ -30,6 +30,12 @@ pub struct OperationLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug)]
 pub struct ControllerMetrics {
     pub rollout_weight: Family<JudgeLabels, Gauge>,
@@ -47,6 +53,7 @@ pub struct ControllerMetrics {
     pub sooner_ticks: Counter,
     pub leader: Gauge,
     pub errors: Family<OperationLabels, Counter>,
+    pub webhook_calls: Family<WebhookLabels, Counter>,
 }
 
 impl ControllerMetrics {
@@ -69,6 +76,7 @@ impl ControllerMetrics {
             sooner_ticks: Counter::default(),
             leader: Gauge::default(),
             errors: Family::default(),
+            webhook_calls: Family::default(),
         };
         r.register(
             "meshcanary_rollout_canary_weight",
@@ -144,6 +152,7 @@ impl ControllerMetrics {
             &[],
             &m.leader,
         );
+        r.register("meshcanary_webhook_calls", "Calls of Canaries' webhooks by type (confirm-rollout, pre-rollout, rollout, confirm-traffic-increase, confirm-promotion, post-rollout, rollback, event) and result (ok, status: not HTTP 200-202, timeout, unreachable); each retry is a call.", &["kind", "result"], &m.webhook_calls);
         r.register("meshcanary_controller_errors", "Kubernetes API operations of the controller that failed, by operation and reason; retried at the next tick.", &["operation", "reason"], &m.errors);
         m
     }

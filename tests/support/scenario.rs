@@ -207,6 +207,30 @@ impl Scenario {
         Ok(s)
     }
 
+    /// The longest a rollout may take before it counts as stuck: five minutes, or eight
+    /// intervals and two minutes when the steps are longer (the reference Canary's 1m).
+    pub fn rollout_limit(&self) -> Duration {
+        let interval = match &self.canary {
+            Some(c) => c
+                .object()
+                .ok()
+                .and_then(|o| {
+                    o["spec"]["analysis"]["interval"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| "1m".into()),
+            None => self
+                .annotations()
+                .get("meshcanary.io/interval")
+                .cloned()
+                .unwrap_or_else(|| "30s".into()),
+        };
+        let interval =
+            meshcanary::config::parse_duration(&interval).unwrap_or(Duration::from_secs(60));
+        (interval * 8 + Duration::from_secs(120)).max(Duration::from_secs(300))
+    }
+
     pub fn annotations(&self) -> BTreeMap<String, String> {
         self.policy
             .iter()
@@ -351,7 +375,7 @@ pub async fn run(
 ) -> Vec<RolloutResult> {
     let annotations = scenario.annotations();
     let mut events = EventLog::default();
-    let limit = Duration::from_secs(300);
+    let limit = scenario.rollout_limit();
     if lab.status().await.is_none() {
         if let Some(canary) = &scenario.canary {
             let object = canary.object().unwrap_or_else(|e| panic!("{e}"));
