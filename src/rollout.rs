@@ -726,36 +726,31 @@ fn gated(
     tr.ask(policy, obs, gate, since, gate_poll_ms(policy), false);
     match hooks_state(policy, obs, gate, since) {
         Hooks::Passed => {
+            // Told for the gates people open; a traffic gate only once it had said no.
+            if gate != HookKind::ConfirmTrafficIncrease || tr.status.halted {
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    format!("{} check passed for {t}", capitalised(gate)),
+                );
+            }
             tr.status.gate = None;
             tr.status.gate_since_ms = 0;
-            tr.event(
-                Severity::Normal,
-                "Synced",
-                format!("{} check passed for {t}", capitalised(gate)),
-            );
+            tr.status.halted = false;
             true
         }
-        state => {
+        Hooks::Waiting => false,
+        Hooks::Failed { name, why } => {
+            // Said once per gate, when it first answers no: a gate that answers yes at
+            // once is not worth an Event.
             if !tr.status.halted {
                 tr.status.halted = true;
-                let names: Vec<&str> = policy
-                    .webhooks
-                    .iter()
-                    .filter(|h| h.kind == gate)
-                    .map(|h| h.name.as_str())
-                    .collect();
                 let what = match gate {
                     HookKind::ConfirmRollout => "approval",
                     HookKind::ConfirmPromotion => "promotion approval",
                     _ => "traffic increase approval",
                 };
-                let mut message = format!(
-                    "Halt {t} advancement waiting for {what} {}",
-                    names.join(", ")
-                );
-                if let Hooks::Failed { name, why } = state {
-                    message.push_str(&format!(" ({name} {why})"));
-                }
+                let message = format!("Halt {t} advancement waiting for {what} {name} ({why})");
                 tr.event(Severity::Normal, "Synced", message);
                 tr.actions.push(Action::Decision(Decision::Halt));
             }

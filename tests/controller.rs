@@ -516,6 +516,11 @@ fn main() -> std::process::ExitCode {
         |w| flagger_canary(&w.cp).await
     );
     scenario!(
+        "Flagger webhooks: every type's success and failure path, Flagger's payloads",
+        flagger_webhooks,
+        |w| flagger_webhooks(&w.cp).await
+    );
+    scenario!(
         "a new revision mid-analysis restarts it",
         new_revision,
         |w| new_revision(&w.cp).await
@@ -1320,7 +1325,7 @@ async fn canary_events(client: &Client, ns: &str, name: &str) -> Vec<(String, St
 
 /// Three Canaries in one namespace: one opted in runs the walkthrough (bootstrap owned by
 /// the Canary, promotion, Flagger's status and events on the Canary), one without the
-/// opt-in and one with a webhook (a field not honoured yet) are left untouched.
+/// opt-in and one asking for traffic mirroring (a field not honoured) are left untouched.
 async fn flagger_canary(cp: &ControlPlane) {
     let ns = "flagger";
     let s = Scenario::new(cp, ns).await;
@@ -1329,7 +1334,7 @@ async fn flagger_canary(cp: &ControlPlane) {
     let agent = Agent::start(cp, windows, "a", false).await;
     let canaries: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), ns, &meshcanary::canary::api_resource());
-    for name in ["podinfo", "quiet", "hooked"] {
+    for name in ["podinfo", "quiet", "mirrored"] {
         s.create(&deployment(
             ns,
             name,
@@ -1338,10 +1343,10 @@ async fn flagger_canary(cp: &ControlPlane) {
         ))
         .await;
     }
-    let hook = serde_json::json!({"webhooks": [{"name": "load-test", "url": "http://127.0.0.1:1/", "timeout": "5s"}]});
+    let mirror = serde_json::json!({"mirror": true, "mirrorWeight": 100});
     for c in [
         canary(ns, "quiet", false, serde_json::json!({})),
-        canary(ns, "hooked", true, hook),
+        canary(ns, "mirrored", true, mirror),
         canary(ns, "podinfo", true, serde_json::json!({})),
     ] {
         canaries.create(&PostParams::default(), &c).await.unwrap();
@@ -1427,17 +1432,14 @@ async fn flagger_canary(cp: &ControlPlane) {
         "{table}"
     );
 
-    // The webhook Canary: one Warning naming the field, nothing created.
-    let events = canary_events(&s.client, ns, "hooked").await;
+    // The mirroring Canary: one Warning naming the field, nothing created.
+    let events = canary_events(&s.client, ns, "mirrored").await;
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0].0, "UnsupportedField");
-    assert!(
-        events[0].1.contains("spec.analysis.webhooks"),
-        "{events:#?}"
-    );
+    assert!(events[0].1.contains("spec.analysis.mirror "), "{events:#?}");
     // The Canary without the opt-in: nothing at all.
     assert!(canary_events(&s.client, ns, "quiet").await.is_empty());
-    for name in ["quiet", "hooked"] {
+    for name in ["quiet", "mirrored"] {
         let c = canaries.get(name).await.unwrap();
         assert!(
             c.data.get("status").is_none_or(serde_json::Value::is_null),
@@ -1473,10 +1475,223 @@ async fn flagger_canary(cp: &ControlPlane) {
     })
     .await;
     agent.stop().await;
-    for name in ["podinfo", "quiet", "hooked"] {
+    for name in ["podinfo", "quiet", "mirrored"] {
         let _ = canaries.delete(name, &Default::default()).await;
         let _ = s.deployments().delete(name, &Default::default()).await;
     }
+}
+
+/// Every webhook type against a local receiver, each in its success and failure path, with
+/// Flagger's payloads: gates that hold the rollout until they answer 200, pre-rollout and
+/// rollout hooks whose failures (an error status, a hook that hangs past its timeout) are
+/// failed checks that roll back, a rollback hook, post-rollout and event hooks whose
+/// failures cost the rollout nothing.
+async fn flagger_webhooks(cp: &ControlPlane) {
+    use support::receiver::{Receiver, Reply};
+    let ns = "hooks";
+    let s = Scenario::new(cp, ns).await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows, "a", false).await;
+    let rx = Receiver::start().await;
+    let kinds = [
+        "confirm-rollout",
+        "pre-rollout",
+        "rollout",
+        "confirm-traffic-increase",
+        "confirm-promotion",
+        "post-rollout",
+        "rollback",
+        "event",
+    ];
+    let hooks: Vec<serde_json::Value> = kinds
+        .iter()
+        .map(|k| {
+            serde_json::json!({"name": format!("{k}-hook"), "type": k, "url": rx.url(&format!("/{k}")),
+                               "timeout": "1s", "metadata": {"cmd": format!("run {k}")}})
+        })
+        .collect();
+    rx.reply("/confirm-rollout", Reply::Status(403));
+    rx.reply("/confirm-promotion", Reply::Status(403));
+    rx.reply("/rollback", Reply::Status(403));
+    let canaries: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), ns, &meshcanary::canary::api_resource());
+    s.create(&deployment(
+        ns,
+        "podinfo",
+        "podinfo:6.0.0",
+        serde_json::json!({}),
+    ))
+    .await;
+    canaries
+        .create(
+            &PostParams::default(),
+            &canary(
+                ns,
+                "podinfo",
+                true,
+                serde_json::json!({"threshold": 2, "webhooks": hooks}),
+            ),
+        )
+        .await
+        .unwrap();
+    // The Canary in phase `want` for a revision other than `before`'s.
+    let revision = |c: &DynamicObject| c.data["status"]["lastAppliedSpec"].clone();
+    let phase_after = |want: &'static str, before: serde_json::Value, within: u64| {
+        let canaries = canaries.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(within);
+            loop {
+                let c = canaries.get("podinfo").await.unwrap();
+                if c.data["status"]["phase"] == want && revision(&c) != before {
+                    return c;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "never {want}: {}",
+                    c.data["status"]
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let initialized = phase_after("Initialized", serde_json::Value::Null, 60).await;
+
+    // confirm-rollout closed: Waiting, the canary not scaled up.
+    s.set_image("podinfo:6.0.1").await;
+    phase_after("Waiting", revision(&initialized), 30).await;
+    support::eventually(Duration::from_secs(10), "the gate asked twice", || {
+        rx.count("/confirm-rollout") >= 2
+    })
+    .await;
+    assert_eq!(
+        s.replicas("podinfo").await,
+        Some(0),
+        "not scaled up behind a closed gate"
+    );
+    let asked = &rx.posts("/confirm-rollout")[0];
+    assert_eq!(asked["name"], "podinfo");
+    assert_eq!(asked["namespace"], ns);
+    assert_eq!(asked["phase"], "Waiting");
+    assert_eq!(asked["metadata"]["cmd"], "run confirm-rollout");
+    assert!(
+        asked["checksum"].as_str().is_some_and(|c| !c.is_empty()),
+        "{asked}"
+    );
+    // Opened: pre-rollout, rollout hooks and every traffic increase, up to the promotion
+    // gate, which holds at the last step.
+    rx.reply("/confirm-rollout", Reply::Status(200));
+    let held = phase_after("WaitingPromotion", revision(&initialized), 60).await;
+    assert_eq!(held.data["status"]["canaryWeight"], 50);
+    assert_eq!(s.weight().await, Some(50));
+    assert_eq!(rx.posts("/pre-rollout")[0]["phase"], "Progressing");
+    assert!(
+        rx.count("/rollout") >= 6,
+        "a rollout call per step: {}",
+        rx.count("/rollout")
+    );
+    assert!(rx.count("/confirm-traffic-increase") >= 5);
+    assert!(rx.count("/rollback") >= 1, "the rollback hook is polled");
+    rx.reply("/confirm-promotion", Reply::Status(200));
+    let promoted = phase_after("Succeeded", revision(&initialized), 60).await;
+    support::eventually(Duration::from_secs(10), "post-rollout called", || {
+        rx.count("/post-rollout") == 1
+    })
+    .await;
+    assert_eq!(rx.posts("/post-rollout")[0]["phase"], "Succeeded");
+    let events = rx.posts("/event");
+    let told = |m: &str| events.iter().any(|e| e["metadata"]["eventMessage"] == m);
+    assert!(
+        told("Promotion completed! Scaling down podinfo.hooks"),
+        "{events:#?}"
+    );
+    let e = &events[0];
+    assert_eq!(e["metadata"]["eventType"], "Normal");
+    assert!(
+        e["metadata"]["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.parse::<u64>().is_ok()),
+        "{e}"
+    );
+
+    // A failing pre-rollout hook: failed checks, no traffic, rolled back; post-rollout told.
+    rx.reply("/pre-rollout", Reply::Status(500));
+    s.set_image("podinfo:6.0.2").await;
+    let failed = phase_after("Failed", revision(&promoted), 60).await;
+    assert_eq!(failed.data["status"]["failedChecks"], 2);
+    let messages: Vec<String> = canary_events(&s.client, ns, "podinfo")
+        .await
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.starts_with("Halt podinfo.hooks advancement pre-rollout check pre-rollout-hook failed: answered HTTP 500")),
+        "{messages:#?}"
+    );
+    support::eventually(
+        Duration::from_secs(10),
+        "post-rollout told of the rollback",
+        || {
+            rx.posts("/post-rollout")
+                .last()
+                .is_some_and(|p| p["phase"] == "Failed")
+        },
+    )
+    .await;
+
+    // A rollout hook that hangs past its 1 s timeout: failed checks, rolled back, and a
+    // WebhookFailed Warning that says what happened.
+    rx.reply("/pre-rollout", Reply::Status(200));
+    rx.reply("/rollout", Reply::Hang);
+    s.set_image("podinfo:6.0.3").await;
+    let hung = phase_after("Failed", revision(&failed), 60).await;
+    let events = canary_events(&s.client, ns, "podinfo").await;
+    assert!(
+        events.iter().any(|(r, m)| r == "WebhookFailed"
+            && m == "Webhook rollout-hook (rollout) of podinfo.hooks failed: no answer within 1s"),
+        "{events:#?}"
+    );
+
+    // The rollback hook answering 200 mid-analysis rolls back; a closed traffic gate holds
+    // the first step until then; failing event and post-rollout hooks cost nothing.
+    rx.reply("/rollout", Reply::Status(200));
+    rx.reply("/confirm-traffic-increase", Reply::Status(403));
+    rx.reply("/event", Reply::Status(500));
+    rx.reply("/post-rollout", Reply::Status(500));
+    s.set_image("podinfo:6.0.4").await;
+    support::eventually_async(Duration::from_secs(30), "held at weight 2", || async {
+        let c = canaries.get("podinfo").await.unwrap();
+        c.data["status"]["canaryWeight"] == 2 && rx.count("/confirm-traffic-increase") >= 8
+    })
+    .await;
+    assert_eq!(s.weight().await, Some(2));
+    rx.reply("/rollback", Reply::Status(200));
+    phase_after("Failed", revision(&hung), 30).await;
+    let messages: Vec<String> = canary_events(&s.client, ns, "podinfo")
+        .await
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        messages.contains(
+            &"Rolling back podinfo.hooks manual webhook invoked: rollback-hook".to_owned()
+        ),
+        "{messages:#?}"
+    );
+    let m = agent.metrics.registry.encode();
+    for (kind, result) in [
+        ("event", "status"),
+        ("rollout", "timeout"),
+        ("pre-rollout", "status"),
+        ("confirm-rollout", "status"),
+        ("confirm-rollout", "ok"),
+    ] {
+        let line = format!("meshcanary_webhook_calls_total{{kind=\"{kind}\",result=\"{result}\"}}");
+        assert!(support::counter(&m, &line) >= 1.0, "{line}: {m}");
+    }
+    agent.stop().await;
+    let _ = canaries.delete("podinfo", &Default::default()).await;
+    s.cleanup().await;
 }
 
 async fn new_revision(cp: &ControlPlane) {

@@ -5,6 +5,7 @@
 
 pub mod kube;
 pub mod lab;
+pub mod receiver;
 pub mod scenario;
 pub mod testapp;
 
