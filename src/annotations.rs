@@ -101,6 +101,8 @@ pub struct RolloutPolicy {
     pub routing: Routing,
     /// A Canary's webhooks (none for an annotated Deployment).
     pub webhooks: Vec<crate::webhook::Webhook>,
+    /// A Canary's alerts (none for an annotated Deployment).
+    pub alerts: Vec<crate::alert::AlertRef>,
 }
 
 /// The routing keys as written: the router (`None`: the controller's default) and, for the
@@ -369,6 +371,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
         },
         routing,
         webhooks: Vec::new(),
+        alerts: Vec::new(),
     })
 }
 

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::alert::{AlertRef, Severity};
 use crate::annotations::{self, RolloutPolicy};
 use crate::rollout::{Phase, Status};
 use crate::webhook::{HookKind, Webhook};
@@ -218,7 +219,13 @@ const FIELDS: &[(&str, Field)] = &[
     ("analysis.webhooks[].retries", Field::Honoured),
     ("analysis.webhooks[].metadata", Field::Free),
     ("analysis.webhooks[].muteAlert", Field::Honoured),
-    ("analysis.alerts", Field::Refused("alerts are not sent yet")),
+    ("analysis.alerts", Field::Honoured),
+    ("analysis.alerts[]", Field::Honoured),
+    ("analysis.alerts[].name", Field::Honoured),
+    ("analysis.alerts[].severity", Field::Honoured),
+    ("analysis.alerts[].providerRef", Field::Honoured),
+    ("analysis.alerts[].providerRef.name", Field::Honoured),
+    ("analysis.alerts[].providerRef.namespace", Field::Honoured),
 ];
 
 /// Every spec field this version knows (dotted paths, `[]` for list items), and whether it
@@ -617,6 +624,12 @@ pub fn read(
         }
     }
 
+    let alerts = match &analysis["alerts"] {
+        Value::Null => Vec::new(),
+        Value::Array(list) => list.iter().map(alert).collect::<Result<Vec<_>, _>>()?,
+        other => return Err(invalid("spec.analysis.alerts", other, "a list")),
+    };
+
     let mut policy = annotations::parse(&map).map_err(|e| {
         let field = AS_ANNOTATION.iter().find(|(a, _)| *a == e.key).map_or_else(
             || format!("metadata.annotations[{}]", e.key),
@@ -630,6 +643,7 @@ pub fn read(
     })?;
     policy.ready_deadline = ready_deadline;
     policy.webhooks = webhooks;
+    policy.alerts = alerts;
     Ok(CanaryWorkload {
         target,
         policy,
@@ -703,6 +717,39 @@ fn webhook(v: &Value) -> Result<Webhook, CanaryError> {
         retries,
         metadata,
         mute_alert: v["muteAlert"].as_bool().unwrap_or(false),
+    })
+}
+
+/// One of `analysis.alerts`: Flagger's default severity is `info` (every alert).
+fn alert(v: &Value) -> Result<AlertRef, CanaryError> {
+    let name = match v["name"].as_str() {
+        Some(n) if !n.is_empty() => n.to_owned(),
+        _ => return Err(invalid("spec.analysis.alerts[].name", &v["name"], "a name")),
+    };
+    let field = |f: &str| format!("spec.analysis.alerts[{name}].{f}");
+    let severity = match &v["severity"] {
+        Value::Null => Severity::Info,
+        s => s
+            .as_str()
+            .and_then(Severity::parse)
+            .ok_or_else(|| invalid(&field("severity"), s, "info, warn or error"))?,
+    };
+    let provider = v["providerRef"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            invalid(
+                &field("providerRef.name"),
+                &v["providerRef"]["name"],
+                "the name of an AlertProvider",
+            )
+        })?
+        .to_owned();
+    Ok(AlertRef {
+        name,
+        severity,
+        provider_namespace: v["providerRef"]["namespace"].as_str().map(str::to_owned),
+        provider,
     })
 }
 
@@ -878,9 +925,9 @@ mod tests {
     fn a_field_not_honoured_is_named_and_an_off_one_is_accepted() {
         let cases = [
             (
-                "/analysis/alerts",
-                json!([{"name": "on-call", "severity": "error"}]),
-                "spec.analysis.alerts",
+                "/analysis/match",
+                json!([{"headers": {"x-canary": {"exact": "insider"}}}]),
+                "spec.analysis.match",
             ),
             ("/analysis/mirror", json!(true), "spec.analysis.mirror"),
             (
@@ -971,6 +1018,32 @@ mod tests {
             json!([{"name": "x", "url": "http://a/"}, {"name": "x", "url": "http://b/"}]);
         let e = read(&opted_in(), &spec).unwrap_err();
         assert!(e.to_string().contains("no other webhook"), "{e}");
+    }
+
+    #[test]
+    fn alerts_read_with_flaggers_default_severity() {
+        let mut spec = walkthrough();
+        spec["analysis"]["alerts"] = json!([
+            {"name": "on-call", "severity": "error", "providerRef": {"name": "pager", "namespace": "ops"}},
+            {"name": "team", "providerRef": {"name": "slack"}},
+        ]);
+        let alerts = read(&opted_in(), &spec).unwrap().policy.alerts;
+        assert_eq!(alerts[0].severity, Severity::Error);
+        assert_eq!(alerts[0].provider_namespace.as_deref(), Some("ops"));
+        assert_eq!(
+            (alerts[1].severity, alerts[1].provider.as_str()),
+            (Severity::Info, "slack")
+        );
+        spec["analysis"]["alerts"] =
+            json!([{"name": "x", "severity": "fatal", "providerRef": {"name": "p"}}]);
+        let e = read(&opted_in(), &spec).unwrap_err();
+        assert!(
+            e.to_string().contains("spec.analysis.alerts[x].severity"),
+            "{e}"
+        );
+        spec["analysis"]["alerts"] = json!([{"name": "x"}]);
+        let e = read(&opted_in(), &spec).unwrap_err();
+        assert!(e.to_string().contains("providerRef.name"), "{e}");
     }
 
     #[test]

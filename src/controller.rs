@@ -16,6 +16,7 @@
 //! Lease so a graceful stop hands over at once, while a crash hands over after the lease
 //! duration).
 
+pub mod alerts;
 pub mod events;
 pub mod hooks;
 pub mod metrics;
@@ -203,6 +204,8 @@ pub struct Controller<R, W> {
     rechecks_left: usize,
     /// Calls Canaries' webhooks and keeps their answers.
     hooks: hooks::HookRunner,
+    /// Sends Canaries' alerts.
+    alerts: alerts::AlertSender,
     /// Beaten every loop iteration, for `/healthz`.
     heartbeat: crate::telemetry::Heartbeat,
     /// Set once the Deployment cache has synced, for `/readyz`.
@@ -219,8 +222,10 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     ) -> Self {
         let events = events::Events::new(client.clone(), config.identity.clone());
         let hooks = hooks::HookRunner::new(metrics.webhook_calls.clone());
+        let alerts = alerts::AlertSender::new(client.clone(), metrics.alerts.clone());
         Controller {
             hooks,
+            alerts,
             client,
             router,
             windows,
@@ -1075,10 +1080,18 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     metadata: metadata.unwrap_or_else(|| hook.metadata.clone()),
                 }
             };
+        for problem in self.alerts.failures(&id) {
+            let message = format!("Sending an alert about {name}.{namespace} failed: {problem}");
+            tracing::warn!(reason = "AlertFailed", "{message}");
+            self.event(&subject, Severity::Warning, "AlertFailed", message)
+                .await;
+        }
         let mut calls = Vec::new();
         let mut notes = Vec::new();
+        let mut alerts = Vec::new();
         for action in &tr.actions {
             match action {
+                Action::Alert(alert) if !policy.alerts.is_empty() => alerts.push(alert.clone()),
                 Action::CallHook { name, after_ms } => {
                     if let Some(hook) = policy.webhooks.iter().find(|h| &h.name == name) {
                         calls.push((hook, payload(hook, None), *after_ms));
@@ -1123,7 +1136,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     self.analysis.reset(&id, &policy.judge);
                 }
                 // Carried out below, once the leader check has passed for the others.
-                Action::CallHook { .. } => {}
+                Action::CallHook { .. } | Action::Alert(_) => {}
                 Action::Decision(d) => {
                     self.metrics
                         .decisions
@@ -1153,6 +1166,10 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
         }
         for (hook, payload) in notes {
             self.hooks.notify(hook, payload);
+        }
+        let who = subject.name.clone().unwrap_or_default();
+        for alert in &alerts {
+            self.alerts.send(&id, &who, &policy.alerts, alert);
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod alert;
 pub mod analysis;
 pub mod annotations;
 pub mod canary;

@@ -195,6 +195,8 @@ pub enum Action {
     SetWeight(u8),
     /// Forget the judge's evidence: an analysis begins.
     ResetJudge,
+    /// Tell the Canary's alert providers (those whose severity it reaches).
+    Alert(crate::alert::Alert),
     /// Make sure the webhook `name` has an answer from a call begun at or after `after_ms`:
     /// call it once that time has come, unless such a call is under way or answered.
     CallHook {
@@ -269,6 +271,11 @@ impl Transition {
     /// Progressing with `revision`, from weight 0 and no failed checks, not yet analysing;
     /// at the `confirm-rollout` gate if the policy has one.
     fn begin_revision(&mut self, policy: &RolloutPolicy, revision: &str, now_ms: u64) {
+        self.alert(
+            crate::alert::Severity::Info,
+            "New revision detected, progressing canary analysis.",
+            vec![("Revision".into(), revision.to_owned())],
+        );
         self.enter(Phase::Progressing, now_ms);
         self.status.revision = revision.to_owned();
         self.status.canary_weight = 0;
@@ -279,6 +286,19 @@ impl Transition {
         if has_hooks(policy, HookKind::ConfirmRollout) {
             self.wait_at(HookKind::ConfirmRollout, now_ms);
         }
+    }
+
+    fn alert(
+        &mut self,
+        severity: crate::alert::Severity,
+        message: &str,
+        fields: Vec<(String, String)>,
+    ) {
+        self.actions.push(Action::Alert(crate::alert::Alert {
+            severity,
+            message: message.to_owned(),
+            fields,
+        }));
     }
 
     fn wait_at(&mut self, gate: HookKind, now_ms: u64) {
@@ -448,6 +468,11 @@ pub fn step(
                     "Synced",
                     format!("Promotion completed! Scaling down {t}"),
                 );
+                tr.alert(
+                    crate::alert::Severity::Info,
+                    "Canary analysis completed successfully, promotion finished.",
+                    vec![("Revision".into(), status.revision.clone())],
+                );
                 tr.actions.push(Action::Decision(Decision::Promote));
                 tr.converge(obs, 0);
             } else {
@@ -527,9 +552,10 @@ fn progressing(
                     return;
                 }
                 Hooks::Failed { name, why } => {
+                    let mute = muted(policy, &name);
                     let why =
                         format!("Halt {t} advancement pre-rollout check {name} failed: {why}");
-                    if !failed_check(tr, policy, t, why, now_ms) {
+                    if !failed_check_muted(tr, policy, t, why, now_ms, mute) {
                         tr.converge(obs, primary_replicas);
                     }
                     return;
@@ -620,8 +646,9 @@ fn progressing(
     );
     let hooks = hooks_state(policy, obs, HookKind::Rollout, step);
     if let Hooks::Failed { name, why } = &hooks {
+        let mute = muted(policy, name);
         let why = format!("Halt {t} advancement external check {name} failed: {why}");
-        if failed_check(tr, policy, t, why, now_ms) {
+        if failed_check_muted(tr, policy, t, why, now_ms, mute) {
             return;
         }
     }
@@ -751,6 +778,11 @@ fn gated(
                     _ => "traffic increase approval",
                 };
                 let message = format!("Halt {t} advancement waiting for {what} {name} ({why})");
+                tr.alert(
+                    crate::alert::Severity::Warn,
+                    &format!("Canary is waiting for {what}."),
+                    vec![("Gate".into(), format!("{name}: {why}"))],
+                );
                 tr.event(Severity::Normal, "Synced", message);
                 tr.actions.push(Action::Decision(Decision::Halt));
             }
@@ -800,6 +832,14 @@ enum Hooks {
     Waiting,
     /// This one did not answer 2xx.
     Failed { name: String, why: String },
+}
+
+/// The webhook's `muteAlert`.
+fn muted(policy: &RolloutPolicy, name: &str) -> bool {
+    policy
+        .webhooks
+        .iter()
+        .any(|h| h.name == name && h.mute_alert)
 }
 
 fn has_hooks(policy: &RolloutPolicy, kind: HookKind) -> bool {
@@ -867,12 +907,26 @@ fn gate_poll_ms(policy: &RolloutPolicy) -> u64 {
 /// for a whole interval is one failed check, not one per tick: else a single 5xx at a small
 /// share (one bad request in a 30 s window of 12) would fail `threshold` checks in as many
 /// seconds.
+///
+/// A counted check that does not roll back is a `warn` alert, unless `mute` (a webhook's
+/// `muteAlert`).
 fn failed_check(
     tr: &mut Transition,
     policy: &RolloutPolicy,
     t: &str,
     why: String,
     now_ms: u64,
+) -> bool {
+    failed_check_muted(tr, policy, t, why, now_ms, false)
+}
+
+fn failed_check_muted(
+    tr: &mut Transition,
+    policy: &RolloutPolicy,
+    t: &str,
+    why: String,
+    now_ms: u64,
+    mute: bool,
 ) -> bool {
     let counted = tr.status.failed_checks > 0
         && now_ms.saturating_sub(tr.status.last_failed_check_ms)
@@ -882,6 +936,16 @@ fn failed_check(
     }
     tr.status.failed_checks = tr.status.failed_checks.saturating_add(1);
     tr.status.last_failed_check_ms = now_ms;
+    if !mute && tr.status.failed_checks < policy.threshold {
+        tr.alert(
+            crate::alert::Severity::Warn,
+            &why,
+            vec![(
+                "Failed checks".into(),
+                format!("{} of {}", tr.status.failed_checks, policy.threshold),
+            )],
+        );
+    }
     tr.event(Severity::Warning, "Synced", why);
     tr.actions.push(Action::Decision(Decision::Halt));
     if tr.status.failed_checks >= policy.threshold {
@@ -946,6 +1010,11 @@ fn fail(tr: &mut Transition, t: &str, why: String, now_ms: u64) {
     tr.enter(Phase::Failed, now_ms);
     tr.status.canary_weight = 0;
     tr.status.analysing = false;
+    tr.alert(
+        crate::alert::Severity::Error,
+        "Canary analysis failed, Deployment scaled to zero.",
+        vec![("Reason".into(), why.clone())],
+    );
     tr.event(Severity::Warning, "Synced", why);
     tr.event(
         Severity::Warning,
@@ -1013,6 +1082,7 @@ mod tests {
         answers: BTreeMap<String, Option<String>>,
         /// Every webhook call, in order.
         called: Vec<String>,
+        alerts: Vec<crate::alert::Alert>,
     }
 
     impl World {
@@ -1038,6 +1108,7 @@ mod tests {
                 primary_ran: vec![],
                 answers: BTreeMap::new(),
                 called: vec![],
+                alerts: vec![],
             }
         }
 
@@ -1070,6 +1141,7 @@ mod tests {
                     }
                     Action::Event { message, .. } => self.events.push(message.clone()),
                     Action::ResetJudge | Action::Decision(_) => {}
+                    Action::Alert(a) => self.alerts.push(a.clone()),
                     Action::CallHook { name, after_ms } => {
                         let fresh = self
                             .obs
@@ -1320,6 +1392,59 @@ mod tests {
         w.run_until(&p, Phase::Succeeded, 200);
         step_ticks(&mut w, &p, 20);
         assert_eq!(w.called.iter().filter(|c| *c == "notify").count(), 1);
+    }
+
+    #[test]
+    fn alerts_tell_of_a_new_revision_each_halt_a_rollback_and_a_promotion() {
+        use crate::alert::Severity as A;
+        let p = policy();
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.run_until(&p, Phase::Succeeded, 200);
+        let told: Vec<(A, &str)> = w
+            .alerts
+            .iter()
+            .map(|a| (a.severity, a.message.as_str()))
+            .collect();
+        assert_eq!(
+            told,
+            [
+                (
+                    A::Info,
+                    "New revision detected, progressing canary analysis."
+                ),
+                (
+                    A::Info,
+                    "Canary analysis completed successfully, promotion finished."
+                ),
+            ]
+        );
+        let mut w = World::new_revision(
+            &p,
+            judged(Verdict::Failed(FailedCheck::SuccessRate {
+                value: 0.5,
+                min: 0.99,
+            })),
+        );
+        w.run_until(&p, Phase::Failed, 60);
+        let told: Vec<A> = w.alerts.iter().map(|a| a.severity).collect();
+        // threshold 2: one halt, then the rollback (its reason in a field).
+        assert_eq!(told, [A::Info, A::Warn, A::Error]);
+        let rollback = w.alerts.last().unwrap();
+        assert!(
+            rollback.fields[0]
+                .1
+                .starts_with("Rolling back podinfo.test failed checks threshold reached 2"),
+            "{rollback:?}"
+        );
+        // A webhook with muteAlert fails checks without a warn alert.
+        let mut p = hooked(&[("load-test", HookKind::Rollout)]);
+        p.webhooks[0].mute_alert = true;
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.answers
+            .insert("load-test".into(), Some("answered HTTP 500".into()));
+        w.run_until(&p, Phase::Failed, 60);
+        let told: Vec<A> = w.alerts.iter().map(|a| a.severity).collect();
+        assert_eq!(told, [A::Info, A::Error]);
     }
 
     #[test]

@@ -238,7 +238,25 @@ impl Caller {
     }
 
     async fn once(&self, hook: &Webhook, body: Bytes) -> Result<(), HookError> {
-        let request = http::Request::post(hook.url.clone())
+        self.post(hook.url.clone(), body, hook.timeout).await
+    }
+
+    /// POST `body` as JSON to `url` once (an alert).
+    ///
+    /// ### Errors
+    /// Not HTTP 200 to 202, no answer within `timeout`, or no connection.
+    pub async fn post_json(
+        &self,
+        url: http::Uri,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<(), HookError> {
+        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        self.post(url, body, timeout).await
+    }
+
+    async fn post(&self, url: http::Uri, body: Bytes, timeout: Duration) -> Result<(), HookError> {
+        let request = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(
                 http::header::USER_AGENT,
@@ -263,9 +281,9 @@ impl Caller {
                 .unwrap_or_default();
             Err(HookError::Status { status, body })
         };
-        tokio::time::timeout(hook.timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .unwrap_or(Err(HookError::Timeout(hook.timeout)))
+            .unwrap_or(Err(HookError::Timeout(timeout)))
     }
 }
 

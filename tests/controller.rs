@@ -415,12 +415,16 @@ impl World {
             out.contains("customresourcedefinition.apiextensions.k8s.io/canaries.flagger.app"),
             "{out}"
         );
-        let api: Api<DynamicObject> =
-            Api::all_with(cp.client().await, &meshcanary::canary::api_resource());
-        support::eventually_async(Duration::from_secs(30), "Canaries served", || async {
-            api.list(&ListParams::default()).await.is_ok()
-        })
-        .await;
+        for ar in [
+            meshcanary::canary::api_resource(),
+            meshcanary::controller::alerts::provider_resource(),
+        ] {
+            let api: Api<DynamicObject> = Api::all_with(cp.client().await, &ar);
+            support::eventually_async(Duration::from_secs(30), "Flagger's CRDs served", || async {
+                api.list(&ListParams::default()).await.is_ok()
+            })
+            .await;
+        }
         World {
             cp,
             _kubelet: kubelet,
@@ -519,6 +523,11 @@ fn main() -> std::process::ExitCode {
         "Flagger webhooks: every type's success and failure path, Flagger's payloads",
         flagger_webhooks,
         |w| flagger_webhooks(&w.cp).await
+    );
+    scenario!(
+        "Flagger alerts: Slack, Teams (Secret), Discord, generic; severities; a missing provider",
+        flagger_alerts,
+        |w| flagger_alerts(&w.cp).await
     );
     scenario!(
         "a new revision mid-analysis restarts it",
@@ -643,7 +652,20 @@ fn rbac(cp: &ControlPlane) {
             assert!(!cp.can_i("meshcanary-controller", verb, "canaries.flagger.app", ns));
             assert!(!cp.can_i("meshcanary", verb, "canaries.flagger.app/status", ns));
         }
-        assert!(!cp.can_i("meshcanary-controller", "get", "secrets", ns));
+        // Secrets: only the one an AlertProvider names, read by name; never listed.
+        assert!(cp.can_i("meshcanary-controller", "get", "secrets", ns));
+        for verb in ["list", "watch", "create", "patch", "update", "delete"] {
+            assert!(
+                !cp.can_i("meshcanary-controller", verb, "secrets", ns),
+                "{verb} secrets"
+            );
+        }
+        assert!(cp.can_i(
+            "meshcanary-controller",
+            "get",
+            "alertproviders.flagger.app",
+            ns
+        ));
     }
     assert!(!cp.can_i(
         "meshcanary",
@@ -1689,6 +1711,173 @@ async fn flagger_webhooks(cp: &ControlPlane) {
         let line = format!("meshcanary_webhook_calls_total{{kind=\"{kind}\",result=\"{result}\"}}");
         assert!(support::counter(&m, &line) >= 1.0, "{line}: {m}");
     }
+    agent.stop().await;
+    let _ = canaries.delete("podinfo", &Default::default()).await;
+    s.cleanup().await;
+}
+
+/// A Canary's alerts to AlertProviders of each type meshcanary posts to, at a local
+/// receiver: Slack (the address inline), Microsoft Teams (the address in a Secret),
+/// Discord (Slack's body at its `/slack` path) and generic JSON, one of them taking only
+/// errors; a provider that does not exist is a Warning, never a stuck rollout.
+async fn flagger_alerts(cp: &ControlPlane) {
+    use k8s_openapi::api::core::v1::Secret;
+    use meshcanary::controller::alerts::provider_resource;
+    use support::receiver::Receiver;
+    let ns = "alerts";
+    let s = Scenario::new(cp, ns).await;
+    let windows = Script::default();
+    windows.set(window(1.0));
+    let agent = Agent::start(cp, windows.clone(), "a", false).await;
+    let rx = Receiver::start().await;
+    let providers: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), ns, &provider_resource());
+    let provider = |name: &str, spec: serde_json::Value| -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "flagger.app/v1beta1", "kind": "AlertProvider",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec,
+        }))
+        .unwrap()
+    };
+    for p in [
+        provider(
+            "slack",
+            serde_json::json!({"type": "slack", "channel": "deploys", "username": "flagger", "address": rx.url("/slack-hook")}),
+        ),
+        provider(
+            "teams",
+            serde_json::json!({"type": "msteams", "secretRef": {"name": "teams-url"}}),
+        ),
+        provider(
+            "discord",
+            serde_json::json!({"type": "discord", "channel": "c", "address": rx.url("/discord")}),
+        ),
+        provider(
+            "pager",
+            serde_json::json!({"type": "generic", "address": rx.url("/pager")}),
+        ),
+    ] {
+        providers.create(&PostParams::default(), &p).await.unwrap();
+    }
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), ns);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "teams-url", "namespace": ns},
+        "stringData": {"address": rx.url("/teams")},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let alerts = serde_json::json!({"alerts": [
+        {"name": "team", "severity": "info", "providerRef": {"name": "slack"}},
+        {"name": "teams", "providerRef": {"name": "teams", "namespace": ns}},
+        {"name": "discord", "severity": "warn", "providerRef": {"name": "discord"}},
+        {"name": "on-call", "severity": "error", "providerRef": {"name": "pager"}},
+        {"name": "gone", "severity": "error", "providerRef": {"name": "no-such-provider"}},
+    ]});
+    let canaries: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), ns, &meshcanary::canary::api_resource());
+    s.create(&deployment(
+        ns,
+        "podinfo",
+        "podinfo:6.0.0",
+        serde_json::json!({}),
+    ))
+    .await;
+    canaries
+        .create(&PostParams::default(), &canary(ns, "podinfo", true, alerts))
+        .await
+        .unwrap();
+    s.phase_is(Phase::Initialized, Duration::from_secs(60))
+        .await;
+    s.set_image("podinfo:6.0.1").await;
+    s.phase_is(Phase::Succeeded, Duration::from_secs(60)).await;
+    support::eventually(Duration::from_secs(10), "the promotion told", || {
+        rx.count("/slack-hook") >= 2 && rx.count("/teams") >= 2
+    })
+    .await;
+    let slack = rx.posts("/slack-hook");
+    assert_eq!(slack[0]["channel"], "deploys");
+    assert_eq!(slack[0]["username"], "flagger");
+    assert_eq!(slack[0]["attachments"][0]["author_name"], "podinfo.alerts");
+    assert_eq!(
+        slack[0]["attachments"][0]["text"],
+        "New revision detected, progressing canary analysis."
+    );
+    assert_eq!(
+        slack[1]["attachments"][0]["text"],
+        "Canary analysis completed successfully, promotion finished."
+    );
+    assert_eq!(slack[1]["attachments"][0]["color"], "good");
+    let teams = rx.posts("/teams");
+    assert_eq!(teams[0]["@type"], "MessageCard");
+    assert_eq!(
+        teams[0]["sections"][0]["activitySubtitle"],
+        "podinfo.alerts"
+    );
+    // warn and error providers heard nothing of a healthy release.
+    assert_eq!(rx.count("/discord/slack") + rx.count("/pager"), 0);
+
+    // A failing release: halts (warn) and the rollback (error) reach the others too.
+    s.set_image("podinfo:6.0.2").await;
+    s.phase_is(Phase::Progressing, Duration::from_secs(30))
+        .await;
+    windows.set(window(0.5));
+    s.phase_is(Phase::Failed, Duration::from_secs(60)).await;
+    support::eventually(Duration::from_secs(10), "the rollback told", || {
+        rx.count("/pager") == 1 && rx.count("/discord/slack") >= 2
+    })
+    .await;
+    let pager = &rx.posts("/pager")[0];
+    assert_eq!(pager["severity"], "error");
+    assert_eq!(pager["name"], "podinfo");
+    assert_eq!(
+        pager["message"],
+        "Canary analysis failed, Deployment scaled to zero."
+    );
+    assert!(
+        pager["fields"]["Reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("Rolling back podinfo.alerts")),
+        "{pager}"
+    );
+    let discord = rx.posts("/discord/slack");
+    assert_eq!(discord.last().unwrap()["attachments"][0]["color"], "danger");
+    assert!(
+        discord[0]["attachments"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Halt podinfo.alerts advancement")),
+        "{discord:#?}"
+    );
+    let slack = rx.posts("/slack-hook");
+    assert_eq!(slack.last().unwrap()["attachments"][0]["color"], "danger");
+    // The missing provider: one Warning naming it, and the rollout was not held up.
+    support::eventually_async(Duration::from_secs(10), "AlertFailed", || async {
+        canary_events(&s.client, ns, "podinfo")
+            .await
+            .iter()
+            .any(|(r, m)| {
+                r == "AlertFailed"
+                    && m.contains("AlertProvider alerts/no-such-provider does not exist")
+            })
+    })
+    .await;
+    let m = agent.metrics.registry.encode();
+    assert!(
+        support::counter(
+            &m,
+            "meshcanary_alerts_total{severity=\"error\",result=\"ok\"}"
+        ) >= 3.0,
+        "{m}"
+    );
+    assert!(
+        support::counter(
+            &m,
+            "meshcanary_alerts_total{severity=\"error\",result=\"not_found\"}"
+        ) >= 1.0,
+        "{m}"
+    );
     agent.stop().await;
     let _ = canaries.delete("podinfo", &Default::default()).await;
     s.cleanup().await;

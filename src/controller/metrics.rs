@@ -36,6 +36,12 @@ pub struct WebhookLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    pub severity: &'static str,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug)]
 pub struct ControllerMetrics {
     pub rollout_weight: Family<JudgeLabels, Gauge>,
@@ -54,6 +60,7 @@ pub struct ControllerMetrics {
     pub leader: Gauge,
     pub errors: Family<OperationLabels, Counter>,
     pub webhook_calls: Family<WebhookLabels, Counter>,
+    pub alerts: Family<AlertLabels, Counter>,
 }
 
 impl ControllerMetrics {
@@ -77,6 +84,7 @@ impl ControllerMetrics {
             leader: Gauge::default(),
             errors: Family::default(),
             webhook_calls: Family::default(),
+            alerts: Family::default(),
         };
         r.register(
             "meshcanary_rollout_canary_weight",
@@ -153,6 +161,7 @@ impl ControllerMetrics {
             &m.leader,
         );
         r.register("meshcanary_webhook_calls", "Calls of Canaries' webhooks by type (confirm-rollout, pre-rollout, rollout, confirm-traffic-increase, confirm-promotion, post-rollout, rollback, event) and result (ok, status: not HTTP 200-202, timeout, unreachable); each retry is a call.", &["kind", "result"], &m.webhook_calls);
+        r.register("meshcanary_alerts", "Alerts sent to Canaries' AlertProviders by severity (info, warn, error) and result (ok; status, timeout, unreachable from the POST; not_found, invalid, api when the provider or its Secret could not be read).", &["severity", "result"], &m.alerts);
         r.register("meshcanary_controller_errors", "Kubernetes API operations of the controller that failed, by operation and reason; retried at the next tick.", &["operation", "reason"], &m.errors);
         m
     }
