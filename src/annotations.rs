@@ -99,6 +99,11 @@ pub struct RolloutPolicy {
     pub adopt: bool,
     pub judge: Policy,
     pub routing: Routing,
+    /// Promote a ready canary without analysing it (a Canary's `skipAnalysis`).
+    pub skip_analysis: bool,
+    /// Blue/Green: analyse this many intervals at weight 0, then promote (a Canary's
+    /// `iterations`); `None`: step through `step_weights`.
+    pub iterations: Option<u32>,
     /// A Canary's webhooks (none for an annotated Deployment).
     pub webhooks: Vec<crate::webhook::Webhook>,
     /// A Canary's alerts (none for an annotated Deployment).
@@ -370,6 +375,8 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<RolloutPolicy, An
             advance_early,
         },
         routing,
+        skip_analysis: false,
+        iterations: None,
         webhooks: Vec::new(),
         alerts: Vec::new(),
     })

@@ -73,6 +73,32 @@ pub struct CanaryWorkload {
     pub port_name: String,
     /// `spec.suspend`: nothing is done until it is false again.
     pub suspend: bool,
+    /// `spec.autoscalerRef`: the canary's HorizontalPodAutoscaler, copied for the primary.
+    pub autoscaler: Option<AutoscalerRef>,
+}
+
+/// A HorizontalPodAutoscaler of the canary (`spec.autoscalerRef`), in the API version the
+/// Canary names (`autoscaling/v2`, or `v2beta2` on clusters before 1.23).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AutoscalerRef {
+    pub api_version: String,
+    pub name: String,
+}
+
+impl AutoscalerRef {
+    pub fn api_resource(&self) -> kube::discovery::ApiResource {
+        let (group, version) = self
+            .api_version
+            .split_once('/')
+            .unwrap_or(("autoscaling", "v2"));
+        kube::discovery::ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: self.api_version.clone(),
+            kind: "HorizontalPodAutoscaler".into(),
+            plural: "horizontalpodautoscalers".into(),
+        }
+    }
 }
 
 /// A Canary meshcanary does not run as written.
@@ -151,9 +177,14 @@ const FIELDS: &[(&str, Field)] = &[
     ("targetRef.name", Field::Honoured),
     ("progressDeadlineSeconds", Field::Honoured),
     ("suspend", Field::Honoured),
-    ("skipAnalysis", Field::Refused("promoting without analysis is not implemented yet")),
+    ("skipAnalysis", Field::Honoured),
     ("revertOnDeletion", Field::Refused("meshcanary does not revert on deletion")),
-    ("autoscalerRef", Field::Refused("a HorizontalPodAutoscaler for the primary is not created yet")),
+    ("autoscalerRef", Field::Honoured),
+    ("autoscalerRef.apiVersion", Field::Honoured),
+    ("autoscalerRef.kind", Field::Honoured),
+    ("autoscalerRef.name", Field::Honoured),
+    ("autoscalerRef.primaryScalerQueries", Field::Refused("only HorizontalPodAutoscalers are copied")),
+    ("autoscalerRef.primaryScalerReplicas", Field::Refused("the primary's HorizontalPodAutoscaler is a copy of the canary's")),
     ("ingressRef", Field::Refused("meshcanary routes with App Mesh or the Gateway API, not Ingress")),
     ("upstreamRef", Field::Refused("meshcanary routes with App Mesh or the Gateway API only")),
     ("routeRef", Field::Refused("meshcanary routes with App Mesh or the Gateway API only")),
@@ -203,7 +234,7 @@ const FIELDS: &[(&str, Field)] = &[
     ("analysis.metrics[].templateRef", Field::Refused("only the builtin metrics request-success-rate and request-duration, read from Envoy, are judged")),
     ("analysis.metrics[].templateVariables", Field::Refused("only the builtin metrics are judged")),
     ("analysis.metrics[].query", Field::Refused("only the builtin metrics are judged")),
-    ("analysis.iterations", Field::Refused("Blue/Green iterations are not implemented yet")),
+    ("analysis.iterations", Field::Honoured),
     ("analysis.match", Field::Refused("A/B testing by header or cookie is not implemented")),
     ("analysis.mirror", Field::Refused("traffic mirroring is not implemented")),
     ("analysis.mirrorWeight", Field::Refused("traffic mirroring is not implemented")),
@@ -474,30 +505,61 @@ pub fn read(
     // meshcanary keeps 1 % on the primary at the last step, so the two arms can still be
     // compared: a step of 100 runs at 99.
     let capped = |w: u64| w.min(99);
-    let steps: Vec<u64> = match (&analysis["stepWeights"], &analysis["stepWeight"]) {
-        (Value::Array(ws), _) if !ws.is_empty() => ws
-            .iter()
-            .map(|w| weight("spec.analysis.stepWeights", w))
-            .collect::<Result<_, _>>()?,
-        (Value::Null | Value::Array(_), Value::Null) => {
-            return Err(invalid(
+    // Blue/Green: `iterations` intervals at weight 0, no steps.
+    let iterations = match &analysis["iterations"] {
+        Value::Null => None,
+        v => match v.as_u64() {
+            Some(0) => None,
+            Some(n) => Some(
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| *n <= 1000)
+                    .ok_or_else(|| {
+                        invalid(
+                            "spec.analysis.iterations",
+                            v,
+                            "a whole number from 0 to 1000",
+                        )
+                    })?,
+            ),
+            None => return Err(invalid("spec.analysis.iterations", v, "a whole number")),
+        },
+    };
+    let stepped = !analysis["stepWeight"].is_null()
+        || analysis["stepWeights"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty());
+    if iterations.is_some() && stepped {
+        return Err(invalid(
+            "spec.analysis.iterations",
+            &analysis["iterations"],
+            "no iterations beside spec.analysis.stepWeight(s): one is Blue/Green, the other a canary",
+        ));
+    }
+    let steps: Vec<u64> =
+        match (&analysis["stepWeights"], &analysis["stepWeight"]) {
+            _ if iterations.is_some() => vec![50],
+            (Value::Array(ws), _) if !ws.is_empty() => ws
+                .iter()
+                .map(|w| weight("spec.analysis.stepWeights", w))
+                .collect::<Result<_, _>>()?,
+            (Value::Null | Value::Array(_), Value::Null) => return Err(invalid(
                 "spec.analysis.stepWeight",
                 &Value::Null,
-                "spec.analysis.stepWeight or spec.analysis.stepWeights (Blue/Green iterations are not implemented)",
-            ))
-        }
-        (_, sw) => {
-            let step = weight("spec.analysis.stepWeight", sw)?;
-            let max = match &analysis["maxWeight"] {
-                Value::Null => 100,
-                v => weight("spec.analysis.maxWeight", v)?,
-            };
-            // Flagger: step, 2 x step, ... and the last one at maxWeight.
-            let mut out: Vec<u64> = (1..).map(|i| i * step).take_while(|w| *w < max).collect();
-            out.push(max);
-            out
-        }
-    };
+                "spec.analysis.stepWeight, spec.analysis.stepWeights or spec.analysis.iterations",
+            )),
+            (_, sw) => {
+                let step = weight("spec.analysis.stepWeight", sw)?;
+                let max = match &analysis["maxWeight"] {
+                    Value::Null => 100,
+                    v => weight("spec.analysis.maxWeight", v)?,
+                };
+                // Flagger: step, 2 x step, ... and the last one at maxWeight.
+                let mut out: Vec<u64> = (1..).map(|i| i * step).take_while(|w| *w < max).collect();
+                out.push(max);
+                out
+            }
+        };
     let mut steps: Vec<u64> = steps.into_iter().map(capped).collect();
     steps.dedup();
     let max_weight = steps.last().copied().unwrap_or(50);
@@ -644,11 +706,45 @@ pub fn read(
     policy.ready_deadline = ready_deadline;
     policy.webhooks = webhooks;
     policy.alerts = alerts;
+    policy.iterations = iterations;
+    policy.skip_analysis = spec["skipAnalysis"].as_bool().unwrap_or(false);
+    let autoscaler = match &spec["autoscalerRef"] {
+        Value::Null => None,
+        a => {
+            let kind = a["kind"].as_str().unwrap_or("HorizontalPodAutoscaler");
+            if kind != "HorizontalPodAutoscaler" {
+                return Err(unsupported(
+                    "spec.autoscalerRef.kind",
+                    "only HorizontalPodAutoscalers are copied for the primary (not KEDA ScaledObjects)",
+                ));
+            }
+            let api_version = a["apiVersion"].as_str().unwrap_or("autoscaling/v2");
+            if !matches!(
+                api_version,
+                "autoscaling/v2" | "autoscaling/v2beta2" | "autoscaling/v2beta1"
+            ) {
+                return Err(invalid(
+                    "spec.autoscalerRef.apiVersion",
+                    &a["apiVersion"],
+                    "autoscaling/v2 (or v2beta2, v2beta1)",
+                ));
+            }
+            let name = a["name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| invalid("spec.autoscalerRef.name", &a["name"], "a name"))?;
+            Some(AutoscalerRef {
+                api_version: api_version.to_owned(),
+                name: name.to_owned(),
+            })
+        }
+    };
     Ok(CanaryWorkload {
         target,
         policy,
         port_name,
         suspend: spec["suspend"].as_bool().unwrap_or(false),
+        autoscaler,
     })
 }
 
@@ -810,7 +906,7 @@ pub fn flagger_status(s: &Status) -> Value {
         "phase": flagger_phase(s),
         "canaryWeight": s.canary_weight,
         "failedChecks": s.failed_checks,
-        "iterations": 0,
+        "iterations": s.iterations,
         "lastAppliedSpec": s.revision,
         "lastPromotedSpec": s.last_applied,
         "lastTransitionTime": at,
@@ -936,10 +1032,15 @@ mod tests {
                 "spec.analysis.sessionAffinity",
             ),
             ("/service/timeout", json!("15s"), "spec.service.timeout"),
-            ("/skipAnalysis", json!(true), "spec.skipAnalysis"),
+            ("/revertOnDeletion", json!(true), "spec.revertOnDeletion"),
             ("/somethingNew", json!(1), "spec.somethingNew"),
             ("/provider", json!("istio"), "spec.provider"),
             ("/targetRef/kind", json!("DaemonSet"), "spec.targetRef.kind"),
+            (
+                "/autoscalerRef",
+                json!({"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "name": "podinfo"}),
+                "spec.autoscalerRef.kind",
+            ),
         ];
         for (at, value, field) in cases {
             let mut spec = walkthrough();
@@ -1047,6 +1148,22 @@ mod tests {
     }
 
     #[test]
+    fn blue_green_and_skip_analysis_read_as_flagger() {
+        let mut spec = walkthrough();
+        spec["analysis"] = json!({"interval": "1m", "threshold": 2, "iterations": 10,
+            "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}}]});
+        spec["skipAnalysis"] = json!(true);
+        let p = read(&opted_in(), &spec).unwrap().policy;
+        assert_eq!(p.iterations, Some(10));
+        assert!(p.skip_analysis);
+        spec["analysis"]["stepWeight"] = json!(10);
+        let e = read(&opted_in(), &spec).unwrap_err();
+        assert!(e.to_string().contains("spec.analysis.iterations"), "{e}");
+        spec["analysis"]["iterations"] = json!(0);
+        assert_eq!(read(&opted_in(), &spec).unwrap().policy.iterations, None);
+    }
+
+    #[test]
     fn a_bad_value_names_the_canary_field() {
         let mut spec = walkthrough();
         spec["analysis"]["interval"] = json!("soon");
@@ -1111,6 +1228,7 @@ mod tests {
             halted: false,
             last_failed_check_ms: 0,
             not_ready_since_ms: 0,
+            iterations: 0,
             gate: None,
             gate_since_ms: 0,
         };

@@ -900,7 +900,9 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             Plan::new(dep, policy.port, &self.config.envoy_container)
                 .map(|plan| match source {
                     Source::Annotations => plan,
-                    Source::Canary(canary, read) => plan.for_canary(canary, &read.port_name),
+                    Source::Canary(canary, read) => {
+                        plan.for_canary(canary, &read.port_name, read.autoscaler.clone())
+                    }
                 })
                 .map(|plan| (policy, plan.routed(routing)))
                 .map_err(|e| format!("Deployment {namespace}/{name}: {e}"))
@@ -1312,12 +1314,39 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
             .iter()
             .map(|(name, svc)| self.apply::<Service>(&plan.namespace, name, svc));
         let routes = plan.routes();
-        let (services, routes) = futures_util::join!(
+        let (services, routes, autoscaler) = futures_util::join!(
             futures_util::future::try_join_all(applies),
-            self.router.ensure_routes(&routes)
+            self.router.ensure_routes(&routes),
+            self.primary_autoscaler(plan)
         );
         services?;
         routes?;
+        autoscaler
+    }
+
+    /// Copy a Canary's HorizontalPodAutoscaler for `NAME-primary` (server-side apply, so
+    /// the copy follows the canary's at every resync). A missing one is an error retried
+    /// at every tick: the primary is not left without the scaling the Canary asks for.
+    async fn primary_autoscaler(&self, plan: &Plan) -> Result<(), ReconcileError> {
+        let Some(a) = &plan.autoscaler else {
+            return Ok(());
+        };
+        let ns = &plan.namespace;
+        let ar = a.api_resource();
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+        let what = |name: &str| format!("HorizontalPodAutoscaler {ns}/{name}");
+        let source = api
+            .get(&a.name)
+            .await
+            .map_err(api_error("reading the canary's", what(&a.name)))?;
+        let body = plan.primary_autoscaler(&source);
+        api.patch(
+            &plan.primary_name(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(api_error("applying", what(&plan.primary_name())))?;
         Ok(())
     }
 

@@ -96,6 +96,9 @@ pub struct Status {
     /// (0: it is ready).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_ready_since_ms: u64,
+    /// Blue/Green: the intervals of analysis passed at weight 0 (Flagger's `iterations`).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub iterations: u32,
     /// The `confirm-*` webhooks the rollout waits at, and since when (unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<HookKind>,
@@ -104,6 +107,10 @@ pub struct Status {
 }
 
 fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
     *v == 0
 }
 
@@ -281,6 +288,7 @@ impl Transition {
         self.status.canary_weight = 0;
         self.status.failed_checks = 0;
         self.status.analysing = false;
+        self.status.iterations = 0;
         self.status.gate = None;
         self.status.gate_since_ms = 0;
         if has_hooks(policy, HookKind::ConfirmRollout) {
@@ -379,6 +387,7 @@ pub fn step(
                 halted: false,
                 last_failed_check_ms: 0,
                 not_ready_since_ms: 0,
+                iterations: 0,
                 gate: None,
                 gate_since_ms: 0,
             },
@@ -534,6 +543,24 @@ fn progressing(
         return;
     }
     if !status.analysing {
+        if obs.canary.ready && obs.canary.replicas > 0 && policy.skip_analysis {
+            // Flagger's `skipAnalysis`: the ready canary is promoted as it is.
+            let (name, namespace) = t.split_once('.').unwrap_or((t, ""));
+            tr.enter(Phase::Promoting, now_ms);
+            tr.event(
+                Severity::Normal,
+                "Synced",
+                format!("Skipping analysis for {t}"),
+            );
+            tr.event(
+                Severity::Normal,
+                "Synced",
+                format!("Copying {t} template spec to {name}-primary.{namespace}"),
+            );
+            tr.actions.push(Action::Promote);
+            tr.converge(obs, primary_replicas);
+            return;
+        }
         if obs.canary.ready && obs.canary.replicas > 0 {
             // Before any traffic: the `pre-rollout` hooks (an acceptance test).
             let since = status.step_started_ms;
@@ -573,7 +600,7 @@ fn progressing(
                 );
             }
             tr.status.analysing = true;
-            tr.status.canary_weight = policy.step_weights[0];
+            tr.status.iterations = 0;
             tr.status.step_started_ms = now_ms;
             tr.status.halted = false;
             tr.actions.push(Action::ResetJudge);
@@ -582,12 +609,15 @@ fn progressing(
                 "Synced",
                 format!("Starting canary analysis for {t}"),
             );
-            tr.event(
-                Severity::Normal,
-                "Synced",
-                format!("Advance {t} canary weight {}", tr.status.canary_weight),
-            );
-            tr.actions.push(Action::Decision(Decision::Advance));
+            if policy.iterations.is_none() {
+                tr.status.canary_weight = policy.step_weights[0];
+                tr.event(
+                    Severity::Normal,
+                    "Synced",
+                    format!("Advance {t} canary weight {}", tr.status.canary_weight),
+                );
+                tr.actions.push(Action::Decision(Decision::Advance));
+            }
         } else if now_ms.saturating_sub(status.step_started_ms)
             > u64::try_from(policy.ready_deadline.as_millis()).unwrap_or(u64::MAX)
         {
@@ -694,7 +724,28 @@ fn progressing(
             let served = now_ms.saturating_sub(status.step_started_ms);
             let due = served >= policy.interval.as_millis() as u64;
             if (due || (*early && policy.judge.advance_early)) && hooks == Hooks::Passed {
-                let next = next_weight(policy, status.canary_weight);
+                // Blue/Green (`iterations`): the weight stays 0 (the canary has its load
+                // tests' traffic) for that many intervals, then the promotion.
+                if let Some(n) = policy.iterations {
+                    if status.iterations.saturating_add(1) < n {
+                        let k = status.iterations + 1;
+                        tr.status.iterations = k;
+                        tr.status.step_started_ms = now_ms;
+                        tr.status.halted = false;
+                        tr.event(
+                            Severity::Normal,
+                            "Synced",
+                            format!("Advance {t} canary iteration {k}/{n}"),
+                        );
+                        tr.actions.push(Action::Decision(Decision::Advance));
+                        tr.converge(obs, primary_replicas);
+                        return;
+                    }
+                }
+                let next = match policy.iterations {
+                    Some(_) => None,
+                    None => next_weight(policy, status.canary_weight),
+                };
                 // Each advance, and the promotion, may wait at its `confirm-*` gate; the
                 // analysis (and the rollout hooks) go on meanwhile, as in Flagger.
                 let gate = match next {
@@ -1448,6 +1499,54 @@ mod tests {
     }
 
     #[test]
+    fn blue_green_analyses_its_iterations_at_weight_zero_then_promotes() {
+        let mut p = policy();
+        p.iterations = Some(3);
+        let mut w = World::new_revision(&p, judged(Verdict::Pass { early: false }));
+        w.run_until(&p, Phase::Succeeded, 200);
+        assert!(w.weights.iter().all(|x| *x == 0), "{:?}", w.weights);
+        let advances: Vec<&String> = w
+            .events
+            .iter()
+            .filter(|e| e.starts_with("Advance"))
+            .collect();
+        assert_eq!(
+            advances,
+            [
+                "Advance podinfo.test canary iteration 1/3",
+                "Advance podinfo.test canary iteration 2/3"
+            ]
+        );
+        assert_eq!(w.obs.primary.as_ref().unwrap().template_hash, "v2");
+        // A failing window rolls it back as any canary.
+        let mut w = World::new_revision(
+            &p,
+            judged(Verdict::Failed(FailedCheck::SuccessRate {
+                value: 0.5,
+                min: 0.99,
+            })),
+        );
+        w.run_until(&p, Phase::Failed, 60);
+    }
+
+    #[test]
+    fn skip_analysis_promotes_the_ready_canary_without_weights() {
+        let mut p = policy();
+        p.skip_analysis = true;
+        let mut w = World::new_revision(&p, None);
+        w.run_until(&p, Phase::Succeeded, 20);
+        assert!(
+            w.weights.iter().all(|x| *x == 0),
+            "no traffic on the canary: {:?}",
+            w.weights
+        );
+        assert!(w
+            .events
+            .contains(&"Skipping analysis for podinfo.test".to_owned()));
+        assert_eq!(w.obs.primary.as_ref().unwrap().template_hash, "v2");
+    }
+
+    #[test]
     fn a_healthy_revision_walks_every_step_and_promotes() {
         let p = policy();
         let mut w = World::new();
@@ -1888,6 +1987,7 @@ mod tests {
             halted: false,
             last_failed_check_ms: 0,
             not_ready_since_ms: 0,
+            iterations: 0,
             gate: None,
             gate_since_ms: 0,
         };

@@ -640,6 +640,7 @@ fn rbac(cp: &ControlPlane) {
             ("list", "canaries.flagger.app"),
             ("watch", "canaries.flagger.app"),
             ("patch", "canaries.flagger.app/status"),
+            ("patch", "horizontalpodautoscalers.autoscaling"),
         ] {
             assert!(
                 cp.can_i("meshcanary-controller", verb, object, ns),
@@ -1331,6 +1332,24 @@ fn canary(ns: &str, name: &str, opted_in: bool, extra: serde_json::Value) -> Dyn
     .unwrap()
 }
 
+fn hpa_resource() -> kube::discovery::ApiResource {
+    meshcanary::canary::AutoscalerRef {
+        api_version: "autoscaling/v2beta2".into(),
+        name: String::new(),
+    }
+    .api_resource()
+}
+
+/// `canary` with `autoscalerRef` to its target's HorizontalPodAutoscaler (`v2beta2`: this
+/// apiserver is 1.20), which the scenario creates.
+fn autoscaled(mut canary: DynamicObject) -> DynamicObject {
+    let name = canary.metadata.name.clone().unwrap();
+    canary.data["spec"]["autoscalerRef"] = serde_json::json!({
+        "apiVersion": "autoscaling/v2beta2", "kind": "HorizontalPodAutoscaler", "name": name,
+    });
+    canary
+}
+
 /// Events meshcanary published on the Canary `name`, in order.
 async fn canary_events(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
     let api: Api<Event> = Api::namespaced(client.clone(), ns);
@@ -1356,6 +1375,18 @@ async fn flagger_canary(cp: &ControlPlane) {
     let agent = Agent::start(cp, windows, "a", false).await;
     let canaries: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), ns, &meshcanary::canary::api_resource());
+    let hpa: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "autoscaling/v2beta2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "podinfo", "namespace": ns},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "podinfo"},
+                 "minReplicas": 2, "maxReplicas": 4,
+                 "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 99}}}]},
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(s.client.clone(), ns, &hpa_resource())
+        .create(&PostParams::default(), &hpa)
+        .await
+        .unwrap();
     for name in ["podinfo", "quiet", "mirrored"] {
         s.create(&deployment(
             ns,
@@ -1369,7 +1400,7 @@ async fn flagger_canary(cp: &ControlPlane) {
     for c in [
         canary(ns, "quiet", false, serde_json::json!({})),
         canary(ns, "mirrored", true, mirror),
-        canary(ns, "podinfo", true, serde_json::json!({})),
+        autoscaled(canary(ns, "podinfo", true, serde_json::json!({}))),
     ] {
         canaries.create(&PostParams::default(), &c).await.unwrap();
     }
@@ -1394,6 +1425,18 @@ async fn flagger_canary(cp: &ControlPlane) {
     let services: Api<Service> = Api::namespaced(s.client.clone(), ns);
     let svc = services.get("podinfo-canary").await.unwrap();
     assert_eq!(svc.spec.unwrap().ports.unwrap()[0].port, 9898);
+    // The primary has its own copy of the canary's HorizontalPodAutoscaler.
+    let hpas: Api<DynamicObject> = Api::namespaced_with(s.client.clone(), ns, &hpa_resource());
+    let copy = hpas.get("podinfo-primary").await.unwrap();
+    assert_eq!(
+        copy.data["spec"]["scaleTargetRef"]["name"],
+        "podinfo-primary"
+    );
+    assert_eq!(copy.data["spec"]["maxReplicas"], 4);
+    assert_eq!(
+        copy.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "Canary"
+    );
     // The target is marked, so the agents scrape it.
     let dep = s.deployments().get("podinfo").await.unwrap();
     assert_eq!(

@@ -43,6 +43,8 @@ pub struct Plan {
     /// The router that carries the weights, and for the Gateway API which route.
     pub router: RouterKind,
     pub http_route: HttpRouteRef,
+    /// A Canary's `autoscalerRef`: the primary gets its own copy.
+    pub autoscaler: Option<crate::canary::AutoscalerRef>,
 }
 
 /// Why a Deployment cannot be bootstrapped as it is.
@@ -98,6 +100,7 @@ impl Plan {
             owner,
             router: RouterKind::default(),
             http_route: HttpRouteRef::Own { gateway: None },
+            autoscaler: None,
         })
     }
 
@@ -113,7 +116,13 @@ impl Plan {
     /// so what Flagger created for it is already its own), and the Services' port has the
     /// Canary's name.
     #[must_use]
-    pub fn for_canary(mut self, canary: &kube::api::DynamicObject, port_name: &str) -> Self {
+    pub fn for_canary(
+        mut self,
+        canary: &kube::api::DynamicObject,
+        port_name: &str,
+        autoscaler: Option<crate::canary::AutoscalerRef>,
+    ) -> Self {
+        self.autoscaler = autoscaler;
         self.owner = json!({
             "apiVersion": format!("{}/{}", crate::canary::GROUP, crate::canary::VERSION),
             "kind": crate::canary::KIND,
@@ -163,6 +172,27 @@ impl Plan {
                 "selector": {"matchLabels": self.primary_labels},
                 "template": template,
             }
+        })
+    }
+
+    /// `NAME-primary`'s HorizontalPodAutoscaler: the canary's `source` (as read, in its own
+    /// API version) pointed at `NAME-primary`, as Flagger copies it.
+    pub fn primary_autoscaler(&self, source: &kube::api::DynamicObject) -> Value {
+        let mut spec = source.data["spec"].clone();
+        spec["scaleTargetRef"] = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": self.primary_name(),
+        });
+        let api_version = source
+            .types
+            .as_ref()
+            .map_or("autoscaling/v2", |t| t.api_version.as_str());
+        json!({
+            "apiVersion": api_version,
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": self.meta(&self.primary_name()),
+            "spec": spec,
         })
     }
 
