@@ -857,6 +857,16 @@ fn valid_port_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// The status fields every version of Flagger's CRD keeps, which say whether the Canary
+/// shows the rollout as it is.
+pub const SHOWN_FIELDS: [&str; 5] = [
+    "phase",
+    "canaryWeight",
+    "failedChecks",
+    "iterations",
+    "lastTransitionTime",
+];
+
 /// The Canary's `status` as Flagger writes it, derived from meshcanary's rollout status (so
 /// `kubectl get canaries` and dashboards built on Flagger's fields keep working). The
 /// revisions are meshcanary's template hashes: `lastAppliedSpec` the one under analysis (or

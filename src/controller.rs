@@ -646,9 +646,11 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
     ) -> Result<(), ReconcileError> {
         let desired = canary::flagger_status(status);
         let current = &canary.data["status"];
-        let shown = desired
-            .as_object()
-            .is_some_and(|d| d.iter().all(|(k, v)| current.get(k) == Some(v)));
+        // Compared on the fields every version of Flagger's CRD keeps (a CRD that prunes
+        // one of the others must not make this a write at every tick).
+        let shown = canary::SHOWN_FIELDS
+            .iter()
+            .all(|k| current.get(*k) == desired.get(*k));
         if shown {
             return Ok(());
         }
@@ -1115,6 +1117,19 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 _ => {}
             }
         }
+        // Told as soon as decided (the status is written), so a router write that fails
+        // below does not lose a rollback's alert or an Event's webhook.
+        self.ensure_leader(leader)?;
+        for (hook, payload, after_ms) in calls {
+            self.hooks.call(&id, hook, payload, after_ms, now_ms);
+        }
+        for (hook, payload) in notes {
+            self.hooks.notify(hook, payload);
+        }
+        let who = subject.name.clone().unwrap_or_default();
+        for alert in &alerts {
+            self.alerts.send(&id, &who, &policy.alerts, alert);
+        }
         for action in tr.actions {
             self.ensure_leader(leader)?;
             match action {
@@ -1137,7 +1152,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 Action::ResetJudge => {
                     self.analysis.reset(&id, &policy.judge);
                 }
-                // Carried out below, once the leader check has passed for the others.
+                // Carried out above.
                 Action::CallHook { .. } | Action::Alert(_) => {}
                 Action::Decision(d) => {
                     self.metrics
@@ -1161,17 +1176,6 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                     self.event(&subject, severity, reason, message).await;
                 }
             }
-        }
-        self.ensure_leader(leader)?;
-        for (hook, payload, after_ms) in calls {
-            self.hooks.call(&id, hook, payload, after_ms, now_ms);
-        }
-        for (hook, payload) in notes {
-            self.hooks.notify(hook, payload);
-        }
-        let who = subject.name.clone().unwrap_or_default();
-        for alert in &alerts {
-            self.alerts.send(&id, &who, &policy.alerts, alert);
         }
         Ok(())
     }
