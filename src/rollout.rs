@@ -309,6 +309,14 @@ impl Transition {
         }));
     }
 
+    /// A new step (a weight, or a Blue/Green iteration) begins now.
+    fn advance(&mut self, message: String, now_ms: u64) {
+        self.status.step_started_ms = now_ms;
+        self.status.halted = false;
+        self.event(Severity::Normal, "Synced", message);
+        self.actions.push(Action::Decision(Decision::Advance));
+    }
+
     fn wait_at(&mut self, gate: HookKind, now_ms: u64) {
         self.status.gate = Some(gate);
         self.status.gate_since_ms = now_ms;
@@ -730,14 +738,7 @@ fn progressing(
                     if status.iterations.saturating_add(1) < n {
                         let k = status.iterations + 1;
                         tr.status.iterations = k;
-                        tr.status.step_started_ms = now_ms;
-                        tr.status.halted = false;
-                        tr.event(
-                            Severity::Normal,
-                            "Synced",
-                            format!("Advance {t} canary iteration {k}/{n}"),
-                        );
-                        tr.actions.push(Action::Decision(Decision::Advance));
+                        tr.advance(format!("Advance {t} canary iteration {k}/{n}"), now_ms);
                         tr.converge(obs, primary_replicas);
                         return;
                     }
@@ -756,14 +757,7 @@ fn progressing(
                     match next {
                         Some(w) => {
                             tr.status.canary_weight = w;
-                            tr.status.step_started_ms = now_ms;
-                            tr.status.halted = false;
-                            tr.event(
-                                Severity::Normal,
-                                "Synced",
-                                format!("Advance {t} canary weight {w}"),
-                            );
-                            tr.actions.push(Action::Decision(Decision::Advance));
+                            tr.advance(format!("Advance {t} canary weight {w}"), now_ms);
                         }
                         None => {
                             let (name, namespace) = t.split_once('.').unwrap_or((t, ""));

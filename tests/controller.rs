@@ -1350,6 +1350,18 @@ fn autoscaled(mut canary: DynamicObject) -> DynamicObject {
     canary
 }
 
+/// Create the Deployment podinfo and its Canary `c` in `ns`.
+async fn with_canary(s: &Scenario, canaries: &Api<DynamicObject>, c: &DynamicObject) {
+    s.create(&deployment(
+        &s.ns,
+        "podinfo",
+        "podinfo:6.0.0",
+        serde_json::json!({}),
+    ))
+    .await;
+    canaries.create(&PostParams::default(), c).await.unwrap();
+}
+
 /// Events meshcanary published on the Canary `name`, in order.
 async fn canary_events(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
     let api: Api<Event> = Api::namespaced(client.clone(), ns);
@@ -1581,25 +1593,13 @@ async fn flagger_webhooks(cp: &ControlPlane) {
     rx.reply("/rollback", Reply::Status(403));
     let canaries: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), ns, &meshcanary::canary::api_resource());
-    s.create(&deployment(
+    let hooked = canary(
         ns,
         "podinfo",
-        "podinfo:6.0.0",
-        serde_json::json!({}),
-    ))
-    .await;
-    canaries
-        .create(
-            &PostParams::default(),
-            &canary(
-                ns,
-                "podinfo",
-                true,
-                serde_json::json!({"threshold": 2, "webhooks": hooks}),
-            ),
-        )
-        .await
-        .unwrap();
+        true,
+        serde_json::json!({"threshold": 2, "webhooks": hooks}),
+    );
+    with_canary(&s, &canaries, &hooked).await;
     // The Canary in phase `want` for a revision other than `before`'s.
     let revision = |c: &DynamicObject| c.data["status"]["lastAppliedSpec"].clone();
     let phase_after = |want: &'static str, before: serde_json::Value, within: u64| {
@@ -1821,17 +1821,7 @@ async fn flagger_alerts(cp: &ControlPlane) {
     ]});
     let canaries: Api<DynamicObject> =
         Api::namespaced_with(s.client.clone(), ns, &meshcanary::canary::api_resource());
-    s.create(&deployment(
-        ns,
-        "podinfo",
-        "podinfo:6.0.0",
-        serde_json::json!({}),
-    ))
-    .await;
-    canaries
-        .create(&PostParams::default(), &canary(ns, "podinfo", true, alerts))
-        .await
-        .unwrap();
+    with_canary(&s, &canaries, &canary(ns, "podinfo", true, alerts)).await;
     s.phase_is(Phase::Initialized, Duration::from_secs(60))
         .await;
     s.set_image("podinfo:6.0.1").await;
