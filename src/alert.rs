@@ -181,12 +181,19 @@ impl Provider {
 /// the address it names inline (empty when it names a Secret), and the Secret's name.
 ///
 /// ### Errors
-/// A type meshcanary cannot post to, or neither an address nor a Secret.
+/// A type meshcanary cannot post to, a `proxy`, or neither an address nor a Secret.
 pub fn provider_spec(spec: &Value) -> Result<(Provider, Option<String>), String> {
     let kind_name = spec["type"].as_str().unwrap_or_default();
     let kind = ProviderKind::parse(kind_name).ok_or_else(|| {
         format!("type {kind_name:?} is not one meshcanary posts to (slack, msteams, discord, rocket, generic)")
     })?;
+    if spec["proxy"].as_str().is_some_and(|p| !p.is_empty()) {
+        // Posting around a proxy the user asked for could send the alert where it must
+        // not go: refused, said in the AlertFailed Warning.
+        return Err(
+            "proxy is not supported by meshcanary (the alert is not sent around it)".into(),
+        );
+    }
     let secret = spec["secretRef"]["name"].as_str().map(str::to_owned);
     let address = spec["address"].as_str().unwrap_or_default().to_owned();
     if address.is_empty() && secret.is_none() {
@@ -289,6 +296,8 @@ mod tests {
         assert!(provider_spec(&json!({"type": "slack"}))
             .unwrap_err()
             .contains("neither"));
+        let proxied = json!({"type": "slack", "address": "https://h", "proxy": "http://p:3128"});
+        assert!(provider_spec(&proxied).unwrap_err().contains("proxy"));
     }
 
     #[test]
