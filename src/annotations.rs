@@ -93,7 +93,7 @@ pub struct RolloutPolicy {
     /// Longest time at one step without advancing.
     pub progress_deadline: Duration,
     /// Longest wait for a ready canary: `progress_deadline` for an annotated Deployment, a
-    /// Canary's `progressDeadlineSeconds` (see [`crate::canary`]).
+    /// Canary's `progressDeadlineSeconds` (read by the canary module).
     pub ready_deadline: Duration,
     /// Take over existing objects that have no controlling owner.
     pub adopt: bool,

@@ -913,7 +913,7 @@ pub fn flagger_status(s: &Status) -> Value {
         ),
     };
     json!({
-        "phase": flagger_phase(s),
+        "phase": s.flagger_phase(),
         "canaryWeight": s.canary_weight,
         "failedChecks": s.failed_checks,
         "iterations": s.iterations,
@@ -929,18 +929,6 @@ pub fn flagger_status(s: &Status) -> Value {
             "lastTransitionTime": at,
         }],
     })
-}
-
-/// Flagger's phase: meshcanary's, or `Waiting` at the `confirm-rollout` gate and
-/// `WaitingPromotion` at the `confirm-promotion` gate.
-pub fn flagger_phase(s: &Status) -> &'static str {
-    match (s.phase, s.gate) {
-        (Phase::Progressing, Some(crate::webhook::HookKind::ConfirmRollout)) => "Waiting",
-        (Phase::Progressing, Some(crate::webhook::HookKind::ConfirmPromotion)) => {
-            "WaitingPromotion"
-        }
-        (phase, _) => phase.as_str(),
-    }
 }
 
 /// Unix milliseconds as RFC 3339 in UTC, to the second (as Kubernetes writes times).

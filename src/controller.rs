@@ -1079,7 +1079,7 @@ impl<R: Router, W: WindowSource> Controller<R, W> {
                 crate::webhook::Payload {
                     name: subject.name.clone().unwrap_or_default(),
                     namespace: namespace.clone(),
-                    phase: canary::flagger_phase(&tr.status).to_owned(),
+                    phase: tr.status.flagger_phase().to_owned(),
                     checksum: tr.status.revision.clone(),
                     metadata: metadata.unwrap_or_else(|| hook.metadata.clone()),
                 }

@@ -130,6 +130,16 @@ pub enum StatusError {
 }
 
 impl Status {
+    /// Flagger's name of the phase: the phase, or `Waiting` at the `confirm-rollout` gate
+    /// and `WaitingPromotion` at the `confirm-promotion` gate.
+    pub fn flagger_phase(&self) -> &'static str {
+        match (self.phase, self.gate) {
+            (Phase::Progressing, Some(HookKind::ConfirmRollout)) => "Waiting",
+            (Phase::Progressing, Some(HookKind::ConfirmPromotion)) => "WaitingPromotion",
+            (phase, _) => phase.as_str(),
+        }
+    }
+
     /// Reject numbers no step could have written, before any arithmetic on them. Clocks of
     /// two controllers may differ a little; an hour ahead is not skew.
     ///
@@ -1277,7 +1287,7 @@ mod tests {
             (s.phase, s.gate),
             (Phase::Progressing, Some(HookKind::ConfirmRollout))
         );
-        assert_eq!(crate::canary::flagger_phase(&s), "Waiting");
+        assert_eq!(s.flagger_phase(), "Waiting");
         assert_eq!(w.obs.canary.replicas, 0, "not scaled up");
         assert!(w.weights.iter().all(|x| *x == 0), "{:?}", w.weights);
         // Asked again every 5 s (the poll), not every tick; one Event, not one per answer.
@@ -1390,7 +1400,7 @@ mod tests {
             (s.canary_weight, s.gate),
             (50, Some(HookKind::ConfirmPromotion))
         );
-        assert_eq!(crate::canary::flagger_phase(&s), "WaitingPromotion");
+        assert_eq!(s.flagger_phase(), "WaitingPromotion");
         w.answers.insert("promote".into(), None);
         w.run_until(&p, Phase::Succeeded, 60);
         assert!(

@@ -2,7 +2,7 @@
 //! and the one HTTP POST that calls a hook (with its timeout and retries).
 //!
 //! The rollout decides when hooks of each [`HookKind`] are due and what their answers do
-//! ([`crate::rollout`]); the controller runs the calls off its loop, so a hook that hangs
+//! (the rollout stage); the controller runs the calls off its loop, so a hook that hangs
 //! holds up nothing but itself. A call succeeds on HTTP 200 to 202, as Flagger's does;
 //! anything else (another status, a refused connection, no answer within the timeout, a URL
 //! that does not parse) is a failure whose message says which, with the first bytes of the
