@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DynamicObject, PostParams};
 
 /// The field manager of every server-side apply meshcanary makes.
 pub const FIELD_MANAGER: &str = "meshcanary";
@@ -272,6 +273,83 @@ impl RouterError {
             RouterError::Unserved { .. } => "unserved",
             RouterError::NotAccepted { .. } => "not_accepted",
         }
+    }
+}
+
+/// How often a weight write that meets a conflict is tried in all.
+const ATTEMPTS: u32 = 5;
+
+/// Read the routing object `name` (`what` names it in errors); a missing one is
+/// [`RouterError::NotFound`].
+async fn get(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+) -> Result<DynamicObject, RouterError> {
+    match api.get(name).await {
+        Ok(o) => Ok(o),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Err(RouterError::NotFound {
+            what: what.to_owned(),
+        }),
+        Err(source) => Err(RouterError::Api {
+            op: "reading",
+            what: what.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Give the canary `weight` in the routing object `name`, then read it back: the body of
+/// every router's [`Router::set_canary_weight`], which differ only in how they `read` and
+/// `write` the weight in the object.
+///
+/// The object is read, edited in place by `write` (not at all when `read` already shows
+/// `weight`; a weight it cannot read is overwritten) and sent back whole with the
+/// `resourceVersion` it was read at, so a concurrent writer makes the update a conflict:
+/// that re-reads and tries again, [`ATTEMPTS`] times in all. The read-back must show
+/// `weight` ([`RouterError::Unverified`] otherwise).
+async fn replace_weight(
+    api: &Api<DynamicObject>,
+    (name, what): (&str, &str),
+    weight: u8,
+    read: impl Fn(&DynamicObject) -> Result<u8, RouterError>,
+    write: impl Fn(&mut DynamicObject) -> Result<(), RouterError>,
+) -> Result<(), RouterError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut object = get(api, name, what).await?;
+        if read(&object).ok() == Some(weight) {
+            return Ok(());
+        }
+        write(&mut object)?;
+        match api.replace(name, &PostParams::default(), &object).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(s)) if s.is_conflict() && attempt < ATTEMPTS => continue,
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                return Err(RouterError::Conflict {
+                    what: what.to_owned(),
+                    attempts: attempt,
+                })
+            }
+            Err(source) => {
+                return Err(RouterError::Api {
+                    op: "updating",
+                    what: what.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    let got = read(&get(api, name, what).await?)?;
+    if got == weight {
+        Ok(())
+    } else {
+        Err(RouterError::Unverified {
+            what: what.to_owned(),
+            wanted: weight,
+            got,
+        })
     }
 }
 

@@ -30,9 +30,6 @@ pub fn resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, kind))
 }
 
-/// How often a write that meets a conflict is retried.
-const ATTEMPTS: u32 = 5;
-
 /// App Mesh `VirtualRouter` weights through the Kubernetes API.
 #[derive(Clone)]
 pub struct AppMesh {
@@ -87,17 +84,7 @@ impl AppMesh {
     }
 
     async fn get(&self, namespace: &str, name: &str) -> Result<DynamicObject, RouterError> {
-        match self.api(namespace).get(name).await {
-            Ok(o) => Ok(o),
-            Err(kube::Error::Api(s)) if s.is_not_found() => Err(RouterError::NotFound {
-                what: what(namespace, name),
-            }),
-            Err(source) => Err(RouterError::Api {
-                op: "reading",
-                what: what(namespace, name),
-                source,
-            }),
-        }
+        super::get(&self.api(namespace), name, &what(namespace, name)).await
     }
 }
 
@@ -293,55 +280,29 @@ impl Router for AppMesh {
 
     async fn set_canary_weight(&self, target: &Target, weight: u8) -> Result<(), RouterError> {
         let (namespace, name) = (target.namespace.as_str(), target.name.as_str());
-        let api = self.api(namespace);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut router = self.get(namespace, name).await?;
-            if read_weight(&router.data["spec"], name).ok() == Some(weight) {
-                return Ok(());
-            }
-            if !write_weight(&mut router.data["spec"], name, weight) {
-                return Err(RouterError::Malformed {
-                    what: what(namespace, name),
-                    why: format!("no route has weighted targets {name}-canary and {name}-primary"),
-                });
-            }
-            // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
-            match api.replace(name, &PostParams::default(), &router).await {
-                Ok(_) => break,
-                Err(kube::Error::Api(s)) if s.is_conflict() && attempt < ATTEMPTS => continue,
-                Err(kube::Error::Api(s)) if s.is_conflict() => {
-                    return Err(RouterError::Conflict {
-                        what: what(namespace, name),
-                        attempts: attempt,
+        let what = what(namespace, name);
+        let malformed = |why| RouterError::Malformed {
+            what: what.clone(),
+            why,
+        };
+        super::replace_weight(
+            &self.api(namespace),
+            (name, &what),
+            weight,
+            |router| read_weight(&router.data["spec"], name).map_err(malformed),
+            |router| {
+                write_weight(&mut router.data["spec"], name, weight)
+                    .then_some(())
+                    .ok_or_else(|| {
+                        malformed(format!(
+                            "no route has weighted targets {name}-canary and {name}-primary"
+                        ))
                     })
-                }
-                Err(source) => {
-                    return Err(RouterError::Api {
-                        op: "updating",
-                        what: what(namespace, name),
-                        source,
-                    })
-                }
-            }
-        }
-        let router = self.get(namespace, name).await?;
-        let got =
-            read_weight(&router.data["spec"], name).map_err(|why| RouterError::Malformed {
-                what: what(namespace, name),
-                why,
-            })?;
-        if got == weight {
-            Ok(())
-        } else {
-            Err(RouterError::Unverified {
-                what: what(namespace, name),
-                wanted: weight,
-                got,
-            })
-        }
+            },
+        )
+        .await
     }
+
     async fn ensure_routes(&self, routes: &Routes) -> Result<(), RouterError> {
         let ns = &routes.namespace;
         let nodes = virtual_nodes(routes);

@@ -37,9 +37,6 @@ pub const KIND: &str = "HTTPRoute";
 /// The versions meshcanary speaks, preferred first.
 pub const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
-/// How often a write that meets a conflict is retried.
-const ATTEMPTS: u32 = 5;
-
 /// The API resource of `HTTPRoute` at `version`.
 pub fn resource(version: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, version, KIND))
@@ -104,17 +101,7 @@ impl GatewayApi {
     }
 
     async fn get(&self, namespace: &str, route: &str) -> Result<DynamicObject, RouterError> {
-        match self.api(namespace).await?.get(route).await {
-            Ok(o) => Ok(o),
-            Err(kube::Error::Api(s)) if s.is_not_found() => Err(RouterError::NotFound {
-                what: what(namespace, route),
-            }),
-            Err(source) => Err(RouterError::Api {
-                op: "reading",
-                what: what(namespace, route),
-                source,
-            }),
-        }
+        super::get(&self.api(namespace).await?, route, &what(namespace, route)).await
     }
 
     /// The canary weight of a route as read.
@@ -303,59 +290,28 @@ impl Router for GatewayApi {
     }
 
     async fn set_canary_weight(&self, target: &Target, weight: u8) -> Result<(), RouterError> {
-        let (namespace, name, route_name) = (
+        let (namespace, name, route) = (
             target.namespace.as_str(),
             target.name.as_str(),
             target.route.as_str(),
         );
-        let api = self.api(namespace).await?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut route = self.get(namespace, route_name).await?;
-            if Self::weight_in(target, &route)? == weight {
-                return Ok(());
-            }
-            if !write_weight(&mut route.data["spec"], namespace, name, weight) {
-                return Err(RouterError::Malformed {
-                    what: what(namespace, route_name),
-                    why: format!(
-                        "no rule has backendRefs to both {name}-primary and {name}-canary"
-                    ),
-                });
-            }
-            // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
-            match api
-                .replace(route_name, &PostParams::default(), &route)
-                .await
-            {
-                Ok(_) => break,
-                Err(kube::Error::Api(s)) if s.is_conflict() && attempt < ATTEMPTS => continue,
-                Err(kube::Error::Api(s)) if s.is_conflict() => {
-                    return Err(RouterError::Conflict {
-                        what: what(namespace, route_name),
-                        attempts: attempt,
+        super::replace_weight(
+            &self.api(namespace).await?,
+            (route, &what(namespace, route)),
+            weight,
+            |route| Self::weight_in(target, route),
+            |object| {
+                write_weight(&mut object.data["spec"], namespace, name, weight)
+                    .then_some(())
+                    .ok_or_else(|| RouterError::Malformed {
+                        what: what(namespace, route),
+                        why: format!(
+                            "no rule has backendRefs to both {name}-primary and {name}-canary"
+                        ),
                     })
-                }
-                Err(source) => {
-                    return Err(RouterError::Api {
-                        op: "updating",
-                        what: what(namespace, route_name),
-                        source,
-                    })
-                }
-            }
-        }
-        let got = Self::weight_in(target, &self.get(namespace, route_name).await?)?;
-        if got == weight {
-            Ok(())
-        } else {
-            Err(RouterError::Unverified {
-                what: what(namespace, route_name),
-                wanted: weight,
-                got,
-            })
-        }
+            },
+        )
+        .await
     }
 
     async fn ensure_routes(&self, routes: &Routes) -> Result<(), RouterError> {
