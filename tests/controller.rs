@@ -510,6 +510,11 @@ fn main() -> std::process::ExitCode {
         |w| gateway_api_route(&w.cp).await
     );
     scenario!(
+        "a concurrent writer: weight writes retry on conflict and never drop its change",
+        concurrent_writer,
+        |w| concurrent_writer(&w.cp).await
+    );
+    scenario!(
         "Gateway API: meshcanary's own HTTPRoute attaches to the Service NAME",
         gateway_api_own_route,
         |w| gateway_api_own_route(&w.cp).await
@@ -1080,21 +1085,29 @@ async fn route_without_weights(routes: &Api<DynamicObject>) -> (String, serde_js
     (header_rule, spec)
 }
 
+impl Scenario {
+    /// Create the user's route ([`users_route`]) and make it podinfo's weights' home.
+    async fn with_users_route(&mut self) -> Api<DynamicObject> {
+        self.target = Target::new(
+            RouterKind::GatewayApi,
+            &self.ns,
+            "podinfo",
+            &HttpRouteRef::Existing("podinfo-web".into()),
+        );
+        let routes = http_routes(&self.client, &self.ns);
+        let route: DynamicObject = serde_json::from_value(users_route()).unwrap();
+        routes
+            .create(&PostParams::default(), &route)
+            .await
+            .expect("creating the user's HTTPRoute");
+        routes
+    }
+}
+
 async fn gateway_api_route(cp: &ControlPlane) {
     let ns = "gwapi";
     let mut s = Scenario::new(cp, ns).await;
-    s.target = Target::new(
-        RouterKind::GatewayApi,
-        ns,
-        "podinfo",
-        &HttpRouteRef::Existing("podinfo-web".into()),
-    );
-    let routes = http_routes(&s.client, ns);
-    let route: DynamicObject = serde_json::from_value(users_route()).unwrap();
-    routes
-        .create(&PostParams::default(), &route)
-        .await
-        .expect("creating the user's HTTPRoute");
+    let routes = s.with_users_route().await;
     let before = route_without_weights(&routes).await;
     let windows = Script::default();
     windows.set(window(1.0));
@@ -1223,6 +1236,102 @@ async fn gateway_api_route(cp: &ControlPlane) {
         .await;
     agent.stop().await;
     s.cleanup().await;
+}
+
+/// Another writer (a GitOps tool, a person with kubectl) updates the user's route while
+/// the router sets weights: every weight write lands whole or fails as a `Conflict`, never
+/// as a raw 409, and no write of the router's drops the other writer's change (each update
+/// carries the `resourceVersion` it read).
+async fn concurrent_writer(cp: &ControlPlane) {
+    let ns = "race";
+    let mut s = Scenario::new(cp, ns).await;
+    let routes = s.with_users_route().await;
+    let target = s.target.clone();
+    // The other writer: bumps an annotation every 10 ms or so (a write takes about as long
+    // here, so about half of the router's updates meet a conflict; flat out, nearly every
+    // one would, and a write could conflict out 5 times running), and keeps the last value
+    // it saw accepted.
+    let (stop, mut stopped) = watch::channel(false);
+    let writer = {
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let mut last = 0u32;
+            for n in 1.. {
+                if *stopped.borrow_and_update() {
+                    break;
+                }
+                let patch = serde_json::json!({"metadata": {"annotations": {"other-writer": n.to_string()}}});
+                if routes
+                    .patch(
+                        "podinfo-web",
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .is_ok()
+                {
+                    last = n;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            last
+        })
+    };
+    let refused_before = conflicts_on_routes(&s.client).await;
+    let router = GatewayApi::new(s.client.clone());
+    let (mut landed, mut conflicts) = (0, 0);
+    for weight in [5u8, 10, 20, 30, 50, 0, 2, 40, 60, 0]
+        .into_iter()
+        .cycle()
+        .take(40)
+    {
+        match router.set_canary_weight(&target, weight).await {
+            Ok(()) => landed += 1,
+            Err(meshcanary::router::RouterError::Conflict { attempts, .. }) => {
+                assert_eq!(attempts, 5, "a conflict error only after every attempt");
+                conflicts += 1;
+            }
+            Err(e) => panic!("setting weight {weight} beside another writer: {e}"),
+        }
+    }
+    stop.send(true).unwrap();
+    let last = writer.await.expect("the other writer");
+    let refused = conflicts_on_routes(&s.client).await - refused_before;
+    router
+        .set_canary_weight(&target, 7)
+        .await
+        .expect("a last weight write, alone");
+    let route = routes.get("podinfo-web").await.expect("reading the route");
+    assert_eq!(
+        route.annotations().get("other-writer").map(String::as_str),
+        Some(last.to_string().as_str()),
+        "the other writer's last change survives the router's writes"
+    );
+    assert_eq!(router.canary_weight(&target).await.expect("the weight"), 7);
+    assert!(last > 0, "the other writer never wrote");
+    assert!(landed > 0, "no weight write landed ({conflicts} conflicts)");
+    assert!(
+        refused > 0.0,
+        "the API server refused no update as a conflict: the retry was not exercised"
+    );
+    eprintln!("  {landed} weight writes landed, {conflicts} conflicted out, after {refused} updates refused as conflicts; the other writer wrote {last} times");
+}
+
+/// Updates of HTTPRoutes the API server has answered 409 Conflict, from its own metrics.
+async fn conflicts_on_routes(client: &Client) -> f64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client
+        .request_text(request)
+        .await
+        .expect("the API server's metrics");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains(r#"code="409""#)
+                && l.contains(r#"resource="httproutes""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 async fn gateway_api_own_route(cp: &ControlPlane) {
